@@ -1,0 +1,315 @@
+//! Batches: the events whose transactions committed between two snapshots of a master.
+//!
+//! Event ids are not commit order: a transaction may take id 100 and commit after
+//! one that took id 101. A batch is therefore cut by snapshots, not ids: it holds
+//! the events of every transaction visible in the new snapshot and not in the
+//! previous one, so each committed event falls in exactly one batch, and an open
+//! transaction's events simply wait for a later one. Inside a batch events go in id
+//! order, which row locks make consistent with commit order for any one row.
+
+use crate::error::{Context, Error};
+use crate::ident::TableName;
+use crate::record::{self, Fields};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_postgres::{Portal, Statement, Transaction};
+
+/// A master snapshot (`txid_snapshot`): transactions below `xmin` are finished,
+/// those from `xmax` on are not, and `xip` lists those in between still running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Oldest transaction still running.
+    pub xmin: i64,
+    /// First transaction not yet started.
+    pub xmax: i64,
+    /// Transactions between xmin and xmax still running.
+    pub xip: Vec<i64>,
+}
+
+impl Snapshot {
+    /// The position before every event: a new slave starts here.
+    pub fn start() -> Snapshot {
+        Snapshot {
+            xmin: 1,
+            xmax: 1,
+            xip: Vec::new(),
+        }
+    }
+
+    /// Reads `xmin:xmax:xip,xip,…`.
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<_>>()?,
+        };
+        Some(Snapshot { xmin, xmax, xip })
+    }
+
+    /// True when no transaction committed between `self` and the later `next`.
+    pub fn same_as(&self, next: &Snapshot) -> bool {
+        self.xmax == next.xmax && self.xip == next.xip
+    }
+}
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let xip: Vec<String> = self.xip.iter().map(i64::to_string).collect();
+        write!(f, "{}:{}:{}", self.xmin, self.xmax, xip.join(","))
+    }
+}
+
+/// What an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A row was inserted.
+    Insert,
+    /// A row was updated.
+    Update,
+    /// A row was deleted.
+    Delete,
+    /// The table was truncated.
+    Truncate,
+}
+
+/// One change of the master's log, its rows split into fields.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Position in the log.
+    pub id: i64,
+    /// The master table's oid.
+    pub table: u32,
+    /// What was done.
+    pub op: Op,
+    /// The row before the change (update, delete).
+    pub old: Option<Fields>,
+    /// The row after the change (insert, update).
+    pub new: Option<Fields>,
+}
+
+/// A master table as the log describes it: its name, columns in row order, and key.
+#[derive(Debug)]
+pub struct MasterTable {
+    /// Qualified name on the master.
+    pub name: TableName,
+    /// Column names in the order of the row text's fields.
+    pub columns: Vec<String>,
+    /// Positions of the primary key's columns in `columns`.
+    pub key: Vec<usize>,
+}
+
+impl MasterTable {
+    /// The key of a row, as PostgreSQL shows it: `(a, b)=(1, x)`.
+    pub fn key_text(&self, row: &Fields) -> String {
+        let names: Vec<&str> = self.key.iter().map(|&k| self.columns[k].as_str()).collect();
+        let values: Vec<&str> = self
+            .key
+            .iter()
+            .map(|&k| row.get(k).and_then(|v| v.as_deref()).unwrap_or("NULL"))
+            .collect();
+        format!("({})=({})", names.join(", "), values.join(", "))
+    }
+}
+
+const SNAPSHOT_SQL: &str = "SELECT txid_current_snapshot()::text";
+
+// Two index-friendly ranges: the transactions that were running at the previous
+// snapshot, and those that started since. Visibility then keeps exactly the ones
+// that committed in between.
+const EVENTS_SQL: &str = "
+SELECT ev_id, ev_table, ev_op, ev_old, ev_new FROM (
+    SELECT * FROM pgreplica.log WHERE ev_txid = ANY ($3::bigint[])
+    UNION ALL
+    SELECT * FROM pgreplica.log WHERE ev_txid >= $4 AND ev_txid < $5
+) AS l
+WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
+  AND NOT txid_visible_in_snapshot(ev_txid, $1::text::txid_snapshot)
+ORDER BY ev_id";
+
+const TABLE_SQL: &str = "
+SELECT n.nspname, c.relname,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
+                 ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = c.oid AND i.indisprimary)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = $1";
+
+/// How many events are fetched from the master at a time.
+const FETCH: i32 = 2000;
+
+/// An open batch: the new snapshot and a cursor over its events.
+pub struct Batch<'t> {
+    tx: &'t Transaction<'t>,
+    portal: Portal,
+    table_stmt: Statement,
+    tables: HashMap<u32, Arc<MasterTable>>,
+    buffered: std::vec::IntoIter<tokio_postgres::Row>,
+    done: bool,
+    /// The snapshot this batch ends at.
+    pub snapshot: Snapshot,
+}
+
+impl<'t> Batch<'t> {
+    /// Takes a snapshot in `tx` (REPEATABLE READ on the master) and opens the batch
+    /// that follows `prev`; `None` when nothing has committed since.
+    pub async fn open(
+        tx: &'t Transaction<'t>,
+        prev: &Snapshot,
+    ) -> Result<Option<Batch<'t>>, Error> {
+        let doing = "reading the master's log";
+        let row = tx.query_one(SNAPSHOT_SQL, &[]).await.doing(doing)?;
+        let text: String = row.get(0);
+        let snapshot = Snapshot::parse(&text).ok_or_else(|| Error::Query {
+            doing: doing.into(),
+            message: format!("unreadable snapshot '{text}'"),
+        })?;
+        if prev.same_as(&snapshot) {
+            return Ok(None);
+        }
+        let stmt = tx.prepare(EVENTS_SQL).await.doing(doing)?;
+        let portal = tx
+            .bind(
+                &stmt,
+                &[
+                    &prev.to_string(),
+                    &snapshot.to_string(),
+                    &prev.xip,
+                    &prev.xmax,
+                    &snapshot.xmax,
+                ],
+            )
+            .await
+            .doing(doing)?;
+        let table_stmt = tx.prepare(TABLE_SQL).await.doing(doing)?;
+        Ok(Some(Batch {
+            tx,
+            portal,
+            table_stmt,
+            tables: HashMap::new(),
+            buffered: Vec::new().into_iter(),
+            done: false,
+            snapshot,
+        }))
+    }
+
+    /// The next event and its table, or `None` at the end of the batch.
+    pub async fn next(&mut self) -> Result<Option<(Arc<MasterTable>, Event)>, Error> {
+        let doing = "reading the master's log";
+        let row = match self.buffered.next() {
+            Some(row) => row,
+            None if self.done => return Ok(None),
+            None => {
+                let rows = self
+                    .tx
+                    .query_portal(&self.portal, FETCH)
+                    .await
+                    .doing(doing)?;
+                self.done = rows.len() < FETCH as usize;
+                self.buffered = rows.into_iter();
+                match self.buffered.next() {
+                    Some(row) => row,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let id: i64 = row.get(0);
+        let oid: u32 = row.get(1);
+        let op = match row.get::<_, i8>(2) as u8 {
+            b'I' => Op::Insert,
+            b'U' => Op::Update,
+            b'D' => Op::Delete,
+            b'T' => Op::Truncate,
+            other => {
+                return Err(Error::Query {
+                    doing: doing.into(),
+                    message: format!("event {id} has unknown operation '{}'", other as char),
+                });
+            }
+        };
+        let table = self.table(oid, id).await?;
+        let fields = |text: Option<String>| -> Result<Option<Fields>, Error> {
+            let Some(text) = text else { return Ok(None) };
+            let fields = record::parse(&text).map_err(|e| Error::Query {
+                doing: format!("reading event {id}"),
+                message: e.to_string(),
+            })?;
+            if fields.len() != table.columns.len() {
+                return Err(Error::Schema {
+                    table: table.name.clone(),
+                    message: format!(
+                        "event {id} has {} columns but the master's table now has {} ({}): its definition changed after the event was logged",
+                        fields.len(),
+                        table.columns.len(),
+                        table.columns.join(", ")
+                    ),
+                });
+            }
+            Ok(Some(fields))
+        };
+        let event = Event {
+            id,
+            table: oid,
+            op,
+            old: fields(row.get(3))?,
+            new: fields(row.get(4))?,
+        };
+        Ok(Some((table, event)))
+    }
+
+    async fn table(&mut self, oid: u32, event: i64) -> Result<Arc<MasterTable>, Error> {
+        if let Some(t) = self.tables.get(&oid) {
+            return Ok(t.clone());
+        }
+        let row = self
+            .tx
+            .query_opt(&self.table_stmt, &[&oid])
+            .await
+            .doing("reading the master's catalog")?
+            .ok_or_else(|| Error::Query {
+                doing: format!("reading event {event}"),
+                message: format!("its table (oid {oid}) no longer exists on the master"),
+            })?;
+        let columns: Vec<String> = row.get(2);
+        let key_names: Vec<String> = row.get(3);
+        let name = TableName {
+            schema: row.get(0),
+            name: row.get(1),
+        };
+        let key: Vec<usize> = key_names
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .collect();
+        if key.is_empty() {
+            return Err(Error::Schema {
+                table: name,
+                message: "the master's table no longer has a primary key".into(),
+            });
+        }
+        let table = Arc::new(MasterTable { name, columns, key });
+        self.tables.insert(oid, table.clone());
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip() {
+        let s = Snapshot::parse("10:20:12,15").unwrap();
+        assert_eq!(s.xip, vec![12, 15]);
+        assert_eq!(s.to_string(), "10:20:12,15");
+        assert_eq!(Snapshot::parse("5:5:").unwrap().to_string(), "5:5:");
+        assert!(Snapshot::parse("x:1:").is_none());
+        assert!(Snapshot::start().same_as(&Snapshot::parse("1:1:").unwrap()));
+        assert!(!s.same_as(&Snapshot::parse("12:20:15").unwrap()));
+    }
+}

@@ -1,0 +1,77 @@
+//! Capture on a master: installs the log and attaches triggers (runs the `sql/` files).
+
+use crate::error::{Context, Error};
+use tokio_postgres::Client;
+
+/// The capture schema, as shipped in `sql/pgreplica.sql`.
+pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
+/// Removal of everything installed, as shipped in `sql/uninstall.sql`.
+pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
+
+/// What install did with one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableReport {
+    /// The table's name as PostgreSQL prints it.
+    pub table: String,
+    /// Why it is not replicated, or `None` when it is.
+    pub skipped: Option<String>,
+}
+
+/// Installs (or upgrades) capture and attaches every table with a primary key, or
+/// only `tables` when some are named. Safe to run again.
+pub async fn install(client: &mut Client, tables: &[String]) -> Result<Vec<TableReport>, Error> {
+    let tx = client.transaction().await.doing("installing capture")?;
+    tx.batch_execute(INSTALL_SQL)
+        .await
+        .doing("installing capture (sql/pgreplica.sql)")?;
+    let mut reports = Vec::new();
+    if tables.is_empty() {
+        for row in tx
+            .query("SELECT tbl::text, skipped FROM pgreplica.attach_all()", &[])
+            .await
+            .doing("attaching capture to the tables")?
+        {
+            reports.push(TableReport {
+                table: row.get(0),
+                skipped: row.get(1),
+            });
+        }
+    } else {
+        for table in tables {
+            let row = tx
+                .query_one(
+                    "SELECT $1::text::regclass::text, pgreplica.attach($1::text::regclass)",
+                    &[table],
+                )
+                .await
+                .doing(&format!("attaching capture to table {table}"))?;
+            reports.push(TableReport {
+                table: row.get(0),
+                skipped: row.get(1),
+            });
+        }
+    }
+    tx.commit().await.doing("installing capture")?;
+    Ok(reports)
+}
+
+/// Removes capture and returns how many logged events were discarded with it.
+pub async fn uninstall(client: &Client) -> Result<i64, Error> {
+    let doing = "uninstalling capture";
+    let installed = client
+        .query_one("SELECT to_regclass('pgreplica.log') IS NOT NULL", &[])
+        .await
+        .doing(doing)?
+        .get::<_, bool>(0);
+    let pending = if installed {
+        client
+            .query_one("SELECT count(*) FROM pgreplica.log", &[])
+            .await
+            .doing(doing)?
+            .get(0)
+    } else {
+        0
+    };
+    client.batch_execute(UNINSTALL_SQL).await.doing(doing)?;
+    Ok(pending)
+}

@@ -1,0 +1,398 @@
+//! Configuration files: PyReplica's INI format read into a typed, validated `Config`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Heartbeat interval used when `KEEPALIVE=true`.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// One replication set: a master and its slaves, read from one file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The set's name (`NAME`), shown on every log line.
+    pub name: String,
+    /// The master's connection string (`DSN0`).
+    pub master: String,
+    /// The slaves by number (`DSN1`, `DSN2`, …); the number is the slave's identity.
+    pub slaves: BTreeMap<u32, String>,
+    /// `SKIP_USER`: the replication role in a multi-master setup.
+    pub skip_user: Option<String>,
+    /// Heartbeat interval (`KEEPALIVE`); `None` when off.
+    pub keepalive: Option<Duration>,
+    /// `DEBUG_LEVEL`, 0 to 3.
+    pub debug_level: u8,
+    /// The `[SMTP]` section, when present.
+    pub smtp: Option<Smtp>,
+    /// Accepted but noteworthy lines, to be logged by the caller.
+    pub warnings: Vec<String>,
+}
+
+/// PyReplica's `[SMTP]` section.
+#[derive(Debug, Clone, Default)]
+pub struct Smtp {
+    /// `SERVER`: host or host:port.
+    pub server: String,
+    /// `USERNAME`, for login.
+    pub username: Option<String>,
+    /// `PASSWORD`, for login.
+    pub password: Option<String>,
+    /// `FROM_ADDR`.
+    pub from: String,
+    /// `TO_ADDRS`, split on `;`.
+    pub to: Vec<String>,
+    /// Subjects by kind: START, STOP, ERROR, WARNING.
+    pub subjects: BTreeMap<String, String>,
+}
+
+/// A configuration file that cannot be used, with the place that is wrong.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A line or key is wrong.
+    #[error("{path}:{line}: {key}: {message}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The key (or section) concerned.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A required key is absent.
+    #[error("{path}: [MAIN] {key} is missing: {message}")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The missing key.
+        key: String,
+        /// What it is for.
+        message: String,
+    },
+}
+
+const SMTP_KEYS: &[&str] = &[
+    "SERVER",
+    "USERNAME",
+    "PASSWORD",
+    "START_SUBJECT",
+    "STOP_SUBJECT",
+    "ERROR_SUBJECT",
+    "WARNING_SUBJECT",
+    "FROM_ADDR",
+    "TO_ADDRS",
+];
+
+impl Config {
+    /// Reads and validates one file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Reads every `*.conf` file of a directory, in name order.
+    pub fn load_dir(dir: &Path) -> Result<Vec<Config>, ConfigError> {
+        let read_err = |source| ConfigError::Read {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(read_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| Config::load(p)).collect()
+    }
+
+    /// Parses a file's text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let line_err = |line: usize, key: &str, message: String| ConfigError::Line {
+            path: path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            message,
+        };
+        let mut section: Option<String> = None;
+        let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut config = Config {
+            path: path.to_path_buf(),
+            name: String::new(),
+            master: String::new(),
+            slaves: BTreeMap::new(),
+            skip_user: None,
+            keepalive: None,
+            debug_level: 1,
+            smtp: None,
+            warnings: Vec::new(),
+        };
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+                continue;
+            }
+            if let Some(rest) = trimmed.strip_prefix('[') {
+                let name = rest.strip_suffix(']').ok_or_else(|| {
+                    line_err(line, trimmed, "a section header ends with ']'".into())
+                })?;
+                let name = name.trim().to_ascii_uppercase();
+                if name != "MAIN" && name != "SMTP" {
+                    return Err(line_err(
+                        line,
+                        &format!("[{name}]"),
+                        "unknown section; expected [MAIN] or [SMTP]".into(),
+                    ));
+                }
+                if name == "SMTP" && config.smtp.is_none() {
+                    config.smtp = Some(Smtp::default());
+                }
+                section = Some(name);
+                continue;
+            }
+            let split = trimmed
+                .find(['=', ':'])
+                .ok_or_else(|| line_err(line, trimmed, "expected KEY=value".into()))?;
+            let key = trimmed[..split].trim().to_ascii_uppercase();
+            let value = trimmed[split + 1..].trim().to_string();
+            let Some(section) = section.as_deref() else {
+                return Err(line_err(
+                    line,
+                    &key,
+                    "key outside a section; put it under [MAIN]".into(),
+                ));
+            };
+            if let Some(first) = seen.insert((section.to_string(), key.clone()), line) {
+                return Err(line_err(
+                    line,
+                    &key,
+                    format!("given twice (first on line {first})"),
+                ));
+            }
+            if section == "SMTP" {
+                let smtp = config.smtp.get_or_insert_with(Smtp::default);
+                smtp_key(smtp, &key, value).map_err(|m| line_err(line, &key, m))?;
+            } else {
+                main_key(&mut config, &key, value, line).map_err(|m| line_err(line, &key, m))?;
+            }
+        }
+        let missing = |key: &str, message: &str| ConfigError::Missing {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        if config.name.is_empty() {
+            return Err(missing("NAME", "the set's name, shown on every log line"));
+        }
+        if config.master.is_empty() {
+            return Err(missing("DSN0", "the master's connection string"));
+        }
+        if config.slaves.is_empty() {
+            return Err(missing("DSN1", "at least one slave's connection string"));
+        }
+        if let Some(smtp) = &config.smtp
+            && (smtp.server.is_empty() || smtp.from.is_empty() || smtp.to.is_empty())
+        {
+            return Err(ConfigError::Missing {
+                path: path.to_path_buf(),
+                key: "[SMTP] SERVER, FROM_ADDR or TO_ADDRS".into(),
+                message: "e-mail needs a server, a sender and recipients".into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Result<(), String> {
+    match key {
+        "NAME" => {
+            if value.is_empty() {
+                return Err("must not be empty".into());
+            }
+            config.name = value;
+        }
+        "SKIP_USER" => config.skip_user = Some(value),
+        "KEEPALIVE" => config.keepalive = parse_keepalive(&value)?,
+        "DEBUG_LEVEL" => {
+            config.debug_level = match value.parse::<u8>() {
+                Ok(n) if n <= 3 => n,
+                _ => return Err(format!("'{value}' is not a level from 0 to 3")),
+            }
+        }
+        "SLAVE_FIELD" => config.warnings.push(format!(
+            "line {line}: SLAVE_FIELD is not needed: pgreplica keeps each slave's progress on the slave itself; the key is ignored"
+        )),
+        _ => {
+            let number = key
+                .strip_prefix("DSN")
+                .and_then(|n| n.parse::<u32>().ok())
+                .ok_or_else(|| {
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL".to_string()
+                })?;
+            if value.is_empty() {
+                return Err("empty connection string".into());
+            }
+            if number == 0 {
+                config.master = value;
+            } else {
+                config.slaves.insert(number, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
+    match key {
+        "SERVER" => smtp.server = value,
+        "USERNAME" => smtp.username = Some(value),
+        "PASSWORD" => smtp.password = Some(value),
+        "FROM_ADDR" => smtp.from = value,
+        "TO_ADDRS" => {
+            smtp.to = value
+                .split(';')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(String::from)
+                .collect()
+        }
+        _ if SMTP_KEYS.contains(&key) => {
+            let kind = key.trim_end_matches("_SUBJECT").to_string();
+            smtp.subjects.insert(kind, value);
+        }
+        _ => {
+            return Err(format!(
+                "unknown key; [SMTP] takes {}",
+                SMTP_KEYS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_keepalive(value: &str) -> Result<Option<Duration>, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" => Ok(Some(DEFAULT_KEEPALIVE)),
+        "false" | "no" | "off" | "0" => Ok(None),
+        v => match v.parse::<u64>() {
+            Ok(secs) => Ok(Some(Duration::from_secs(secs))),
+            Err(_) => Err(format!(
+                "'{value}' is neither true/false nor a number of seconds"
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "[MAIN]
+# name of replica set (first field of log file entries)
+NAME=mydb
+# master database connection string:
+DSN0=dbname=somedb user=someuser password=secret host=remote
+# slave database connection string:
+DSN1=dbname=somedb user=someuser password=secret 
+# in multimaster setup, set the replication postgres user
+SKIP_USER=pyreplica
+# send a trivial query to keep alive the connection (optional)
+KEEPALIVE=true
+# optional debug level (0: none, 1: normal, 2: verbose, 3: very verbose)
+DEBUG_LEVEL=1
+
+# email notification config (optional):
+[SMTP]
+SERVER=somehost.somewhere.com
+# login is optional:
+USERNAME=no-reply@somewhere.com
+PASSWORD=secret
+START_SUBJECT=[PyReplica] Starting mydb replication
+STOP_SUBJECT=[PyReplica] Stopping mydb replication
+ERROR_SUBJECT=[PyReplica] Starting mydb replication (ERROR)
+FROM_ADDR=no-reply@somewhere.com
+TO_ADDRS=hostmaster@somewhere.com;dbadmin@somewhere.com";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("shop.conf"), text)
+    }
+
+    #[test]
+    fn pyreplica_sample_conf_is_accepted_unchanged() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.name, "mydb");
+        assert_eq!(
+            c.master,
+            "dbname=somedb user=someuser password=secret host=remote"
+        );
+        assert_eq!(c.slaves[&1], "dbname=somedb user=someuser password=secret");
+        assert_eq!(c.keepalive, Some(DEFAULT_KEEPALIVE));
+        assert_eq!(c.skip_user.as_deref(), Some("pyreplica"));
+        let smtp = c.smtp.unwrap();
+        assert_eq!(
+            smtp.to,
+            vec!["hostmaster@somewhere.com", "dbadmin@somewhere.com"]
+        );
+        assert_eq!(
+            smtp.subjects["STOP"],
+            "[PyReplica] Stopping mydb replication"
+        );
+    }
+
+    #[test]
+    fn keys_in_any_case_and_several_slaves() {
+        let c =
+            parse("[main]\nname=x\ndsn0=host=a\nDsn2=host=c\ndsn1=host=b\nkeepalive=5\n").unwrap();
+        assert_eq!(c.slaves.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(c.keepalive, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = parse("[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\nDEBUG_LEVEL=9\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shop.conf:5: DEBUG_LEVEL: '9' is not a level from 0 to 3"
+        );
+        let e = parse("[MAIN]\nNAME=x\nDSNX=a\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("shop.conf:3: DSNX: unknown key"),
+            "{e}"
+        );
+        let e = parse("[MAIN]\nNAME=x\nDSN1=b\n").unwrap_err();
+        assert!(e.to_string().contains("DSN0 is missing"), "{e}");
+        let e = parse("NAME=x\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("shop.conf:1: NAME: key outside a section"),
+            "{e}"
+        );
+        let e = parse("[MAIN]\nNAME=x\nNAME=y\n").unwrap_err();
+        assert!(
+            e.to_string().contains("given twice (first on line 2)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn slave_field_is_accepted_with_a_warning() {
+        let c = parse("[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\nSLAVE_FIELD=replicated\n").unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("SLAVE_FIELD is not needed"));
+    }
+}

@@ -1,0 +1,293 @@
+//! The daemon: one task per slave of each set, woken by NOTIFY, reconnecting with backoff.
+
+use crate::apply::{self, Applied, Applier, Statements};
+use crate::batch::{Batch, Snapshot};
+use crate::config::Config;
+use crate::db::{self, redact};
+use crate::error::{Context, Error};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::{Client, IsolationLevel};
+use tracing::Instrument;
+
+/// How often an idle slave task checks its servers when `KEEPALIVE` is off.
+const IDLE_CHECK: Duration = Duration::from_secs(60);
+/// Minimum time between two cleanups of the master's log by one task.
+const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+/// Longest wait between two attempts after an error.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+const REGISTER_SQL: &str = "
+INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, seen_at)
+VALUES ($1, $2, $3, $4::text::txid_snapshot, now())
+ON CONFLICT (set_name, slave) DO UPDATE SET dsn = EXCLUDED.dsn, seen_at = now()
+RETURNING snapshot::text";
+
+const SYNC_SQL: &str = "UPDATE pgreplica.slave SET snapshot = $3::text::txid_snapshot
+ WHERE set_name = $1 AND slave = $2";
+
+const REPORT_SQL: &str = "
+UPDATE pgreplica.slave
+   SET snapshot = $3::text::txid_snapshot, events = events + $4, conflicts = conflicts + $5,
+       applied_at = CASE WHEN $4 > 0 OR applied_at IS NULL THEN now() ELSE applied_at END,
+       state = 'running', last_error = NULL, error_at = NULL, seen_at = now()
+ WHERE set_name = $1 AND slave = $2";
+
+const ERROR_SQL: &str = "
+UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(), seen_at = now()
+ WHERE set_name = $1 AND slave = $2";
+
+// Every slave of every set reading this master is registered: the log is kept
+// until the one furthest behind has applied it.
+const CLEANUP_SQL: &str = "
+DELETE FROM pgreplica.log
+ WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)";
+
+/// Runs every slave of every set until `shutdown` turns true, or, with `once`,
+/// until each slave has applied everything committed when it started. Returns
+/// false when a slave was stopped by an error (in `once` mode) or a set is invalid.
+pub async fn run(sets: Vec<Config>, once: bool, shutdown: watch::Receiver<bool>) -> bool {
+    let mut names = HashSet::new();
+    for set in &sets {
+        if !names.insert(set.name.clone()) {
+            tracing::error!(
+                "{}: NAME={} is used by another file too; every set needs its own name",
+                set.path.display(),
+                set.name
+            );
+            return false;
+        }
+        for warning in &set.warnings {
+            tracing::warn!("{}: {warning}", set.path.display());
+        }
+    }
+    let mut tasks = Vec::new();
+    for set in sets {
+        let set = Arc::new(set);
+        for &slave in set.slaves.keys() {
+            let span = tracing::info_span!("set", name = %set.name, slave);
+            let task = slave_task(set.clone(), slave, once, shutdown.clone()).instrument(span);
+            tasks.push(tokio::spawn(task));
+        }
+    }
+    let mut ok = true;
+    for task in tasks {
+        ok &= task.await.unwrap_or(false);
+    }
+    ok
+}
+
+/// Replicates one slave, retrying with backoff after any error.
+async fn slave_task(
+    set: Arc<Config>,
+    slave: u32,
+    once: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_secs(1);
+    tracing::info!(
+        "starting: master {}, slave {}",
+        redact(&set.master),
+        redact(&set.slaves[&slave])
+    );
+    loop {
+        let error = match session(&set, slave, once, &mut shutdown, &mut backoff).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                return true;
+            }
+            Err(e) => e,
+        };
+        record_error(&set, slave, &error).await;
+        if once {
+            tracing::error!("{error}");
+            return false;
+        }
+        tracing::error!("{error}; retrying in {}s", backoff.as_secs());
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return true,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connected stretch: connect both sides, then apply batches as NOTIFYs come.
+async fn session(
+    set: &Config,
+    slave: u32,
+    once: bool,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<(), Error> {
+    let slave_dsn = &set.slaves[&slave];
+    let (mut master, mut notifications) = db::connect_listening(&set.master, set.keepalive).await?;
+    master
+        .batch_execute("LISTEN pgreplica")
+        .await
+        .doing("listening on the master (is pgreplica installed there? run pgreplica install)")?;
+    let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
+    apply::prepare_slave(&slave_client).await?;
+    let mut prev = register(&master, &slave_client, set, slave).await?;
+    let mut statements = Statements::default();
+    let mut last_cleanup: Option<Instant> = None;
+    let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
+    loop {
+        while notifications.try_recv().is_ok() {}
+        let outcome = apply_batch(
+            &mut master,
+            &mut slave_client,
+            &mut statements,
+            &set.name,
+            &prev,
+        )
+        .await?;
+        let applied = match outcome {
+            Some((snapshot, applied)) => {
+                if applied.events > 0 {
+                    tracing::info!(
+                        "applied {} events ({} conflicts) up to {snapshot}",
+                        applied.events,
+                        applied.conflicts
+                    );
+                }
+                prev = snapshot;
+                applied
+            }
+            None => Applied::default(),
+        };
+        *backoff = Duration::from_secs(1);
+        master
+            .execute(
+                REPORT_SQL,
+                &[
+                    &set.name,
+                    &(slave as i32),
+                    &prev.to_string(),
+                    &(applied.events as i64),
+                    &(applied.conflicts as i64),
+                ],
+            )
+            .await
+            .doing("reporting progress to the master")?;
+        if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
+            let removed = master
+                .execute(CLEANUP_SQL, &[])
+                .await
+                .doing("cleaning the master's log")?;
+            if removed > 0 {
+                tracing::debug!("removed {removed} applied events from the master's log");
+            }
+            last_cleanup = Some(Instant::now());
+        }
+        if once {
+            return Ok(());
+        }
+        tokio::select! {
+            note = notifications.recv() => {
+                if note.is_none() {
+                    return Err(Error::Lost("master"));
+                }
+            }
+            _ = tokio::time::sleep(heartbeat) => {
+                slave_client.simple_query("SELECT 1").await.doing("checking the slave")?;
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Registers the slave on the master and returns where it resumes. The slave's
+/// own progress row is the truth; the master's copy only protects the log from
+/// being cleaned past this slave.
+async fn register(
+    master: &Client,
+    slave_client: &Client,
+    set: &Config,
+    slave: u32,
+) -> Result<Snapshot, Error> {
+    let doing = "registering the slave on the master";
+    let progress = apply::read_progress(slave_client, &set.name).await?;
+    let start = progress.clone().unwrap_or_else(Snapshot::start);
+    let row = master
+        .query_one(
+            REGISTER_SQL,
+            &[
+                &set.name,
+                &(slave as i32),
+                &redact(&set.slaves[&slave]),
+                &start.to_string(),
+            ],
+        )
+        .await
+        .doing(doing)?;
+    let registered: String = row.get(0);
+    match progress {
+        Some(progress) => {
+            master
+                .execute(
+                    SYNC_SQL,
+                    &[&set.name, &(slave as i32), &progress.to_string()],
+                )
+                .await
+                .doing(doing)?;
+            Ok(progress)
+        }
+        None => Snapshot::parse(&registered).ok_or_else(|| Error::Query {
+            doing: doing.into(),
+            message: format!("pgreplica.slave holds an unreadable snapshot '{registered}'"),
+        }),
+    }
+}
+
+/// Applies the batch that follows `prev`, if anything committed since.
+async fn apply_batch(
+    master: &mut Client,
+    slave: &mut Client,
+    statements: &mut Statements,
+    set: &str,
+    prev: &Snapshot,
+) -> Result<Option<(Snapshot, Applied)>, Error> {
+    let master_tx = master
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .doing("starting a read on the master")?;
+    let Some(mut batch) = Batch::open(&master_tx, prev).await? else {
+        return Ok(None);
+    };
+    let slave_tx = slave
+        .transaction()
+        .await
+        .doing("starting the slave's transaction")?;
+    let mut applier = Applier::new(&slave_tx, statements);
+    while let Some((table, event)) = batch.next().await? {
+        applier.apply(&table, event).await?;
+    }
+    let snapshot = batch.snapshot.clone();
+    let applied = applier.finish(set, &snapshot).await?;
+    slave_tx
+        .commit()
+        .await
+        .doing("committing the batch on the slave")?;
+    Ok(Some((snapshot, applied)))
+}
+
+/// Records a slave's error on the master for `status`, if the master answers.
+async fn record_error(set: &Config, slave: u32, error: &Error) {
+    let result = async {
+        let master = db::connect(&set.master, None).await?;
+        master
+            .execute(ERROR_SQL, &[&set.name, &(slave as i32), &error.to_string()])
+            .await
+            .doing("recording the error on the master")
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!("could not record the error on the master: {e}");
+    }
+}

@@ -1,0 +1,22 @@
+//! pgreplica: trigger-based asynchronous replication for PostgreSQL.
+//!
+//! The data flow reads from the modules: `capture` installs the log on a master,
+//! `batch` cuts it into snapshot-consistent batches, `apply` applies a batch on a
+//! slave together with its progress, `daemon` runs it all; `config` and `db` read
+//! the files and connection strings, `status` reports.
+
+pub mod apply;
+pub mod batch;
+pub mod capture;
+pub mod cluster;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod demo;
+pub mod error;
+pub mod ident;
+pub mod record;
+pub mod status;
+
+pub use config::Config;
+pub use error::Error;

@@ -1,0 +1,93 @@
+//! Status: per slave, what waits, the lag, the last apply and the last error.
+
+use crate::config::Config;
+use crate::db::{self, redact};
+use crate::error::{Context, Error};
+use serde::Serialize;
+
+/// One slave's state as the master sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlaveStatus {
+    /// The set's name.
+    pub set: String,
+    /// The slave's number (`DSN<n>`).
+    pub slave: u32,
+    /// The slave's connection string, password removed.
+    pub dsn: String,
+    /// `running`, `stopped` (by an error, retrying), `not started` or `unknown`.
+    pub state: String,
+    /// Events in the master's log that this slave has not applied yet.
+    pub events_waiting: i64,
+    /// Age in seconds of the oldest committed event not applied yet (0 when none).
+    pub lag_seconds: f64,
+    /// When the slave last applied events.
+    pub last_apply: Option<String>,
+    /// When the daemon last reported on this slave.
+    pub last_seen: Option<String>,
+    /// Events applied since the slave was registered.
+    pub events_applied: i64,
+    /// Conflicts detected since the slave was registered.
+    pub conflicts: i64,
+    /// The error that stopped the slave, with its time.
+    pub last_error: Option<String>,
+}
+
+const STATUS_SQL: &str = "
+SELECT s.state, s.applied_at::text, s.seen_at::text, s.events, s.conflicts,
+       CASE WHEN s.last_error IS NOT NULL THEN s.error_at::text || ': ' || s.last_error END,
+       (SELECT count(*) FROM pgreplica.log l
+         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
+           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)),
+       coalesce((SELECT extract(epoch FROM now() - min(l.ev_time))::float8 FROM pgreplica.log l
+         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
+           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)
+           AND txid_visible_in_snapshot(l.ev_txid, txid_current_snapshot())), 0)
+  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
+
+/// Reads every slave's status of a set from its master. A slave the daemon has
+/// never started shows as `not started`; an unreachable master as `unknown`.
+pub async fn status(set: &Config) -> Vec<SlaveStatus> {
+    let master = db::connect(&set.master, None).await;
+    let mut out = Vec::new();
+    for (&slave, dsn) in &set.slaves {
+        let mut s = SlaveStatus {
+            set: set.name.clone(),
+            slave,
+            dsn: redact(dsn),
+            state: "unknown".into(),
+            events_waiting: 0,
+            lag_seconds: 0.0,
+            last_apply: None,
+            last_seen: None,
+            events_applied: 0,
+            conflicts: 0,
+            last_error: None,
+        };
+        let row = match &master {
+            Ok(client) => client
+                .query_opt(STATUS_SQL, &[&set.name, &(slave as i32)])
+                .await
+                .doing("reading status on the master"),
+            Err(e) => Err(Error::Query {
+                doing: "reading status".into(),
+                message: e.to_string(),
+            }),
+        };
+        match row {
+            Ok(Some(r)) => {
+                s.state = r.get(0);
+                s.last_apply = r.get(1);
+                s.last_seen = r.get(2);
+                s.events_applied = r.get(3);
+                s.conflicts = r.get(4);
+                s.last_error = r.get(5);
+                s.events_waiting = r.get(6);
+                s.lag_seconds = r.get(7);
+            }
+            Ok(None) => s.state = "not started".into(),
+            Err(e) => s.last_error = Some(e.to_string()),
+        }
+        out.push(s);
+    }
+    out
+}
