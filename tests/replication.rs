@@ -1,0 +1,370 @@
+//! Replication as a DBA sees it: changes arrive once, in order, through errors and conflicts.
+
+mod support;
+
+use std::time::Duration;
+use support::{Setup, count, text};
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, data bytea)";
+const ALL: &str = "SELECT * FROM items ORDER BY id";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inserts_updates_and_deletes_arrive() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute(
+        "INSERT INTO items VALUES (1, 'one', 1), (2, 'two', 2), (3, 'three', 3);
+         UPDATE items SET qty = 20, name = 'TWO' WHERE id = 2;
+         DELETE FROM items WHERE id = 3;",
+    )
+    .await
+    .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    assert_eq!(count(&s.slave(0).await, "items").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thousand_row_statements_arrive() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    m.batch_execute("UPDATE items SET qty = qty * 2, name = name || '!'")
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    m.batch_execute("DELETE FROM items WHERE id % 3 = 0")
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    m.batch_execute("DELETE FROM items").await.unwrap();
+    s.sync();
+    assert_eq!(count(&s.slave(0).await, "items").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytea_with_every_byte_value_arrives_exactly() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    let all: Vec<u8> = (0..=255).collect();
+    m.execute("INSERT INTO items (id, data) VALUES (1, $1)", &[&all])
+        .await
+        .unwrap();
+    let reversed: Vec<u8> = (0..=255).rev().collect();
+    m.execute("INSERT INTO items (id, data) VALUES (2, $1)", &[&reversed])
+        .await
+        .unwrap();
+    m.execute("UPDATE items SET data = $1 WHERE id = 2", &[&all])
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    let row = s
+        .slave(0)
+        .await
+        .query_one("SELECT data FROM items WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<u8>>(0), all);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_transaction_committed_last_still_arrives() {
+    let s = Setup::new(1, ITEMS).await;
+    let mut long = s.master().await;
+    let short = s.master().await;
+    // The long transaction takes its log positions first…
+    let tx = long.transaction().await.unwrap();
+    tx.execute("INSERT INTO items VALUES (1, 'long', 1)", &[])
+        .await
+        .unwrap();
+    // …a shorter one writes after it and commits first, and is applied meanwhile.
+    short
+        .execute("INSERT INTO items VALUES (2, 'short', 2)", &[])
+        .await
+        .unwrap();
+    s.sync();
+    let slave = s.slave(0).await;
+    let ids: Vec<i32> = slave
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![2],
+        "the short transaction is not held back by the open one"
+    );
+    tx.execute("UPDATE items SET qty = 10 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    s.sync();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    let applied: i64 = slave
+        .query_one("SELECT events FROM pgreplica.progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 3, "each event applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rolled_back_work_leaves_nothing() {
+    let s = Setup::new(1, ITEMS).await;
+    let mut m = s.master().await;
+    let tx = m.transaction().await.unwrap();
+    tx.execute("INSERT INTO items VALUES (1, 'gone', 1)", &[])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    m.batch_execute(
+        "BEGIN; INSERT INTO items VALUES (2, 'kept', 2); SAVEPOINT a;
+         INSERT INTO items VALUES (3, 'gone', 3); UPDATE items SET qty = 99 WHERE id = 2;
+         ROLLBACK TO a; INSERT INTO items VALUES (4, 'kept', 4); COMMIT;",
+    )
+    .await
+    .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    assert_eq!(count(&s.slave(0).await, "items").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_replicates() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items SELECT g FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    s.sync();
+    m.batch_execute("TRUNCATE items; INSERT INTO items VALUES (42, 'after')")
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insert_conflict_stops_the_slave_until_fixed() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    let slave = s.slave(0).await;
+    slave
+        .batch_execute("INSERT INTO items VALUES (7, 'already here', 0)")
+        .await
+        .unwrap();
+    m.batch_execute(
+        "INSERT INTO items VALUES (6, 'six', 6); INSERT INTO items VALUES (7, 'seven', 7)",
+    )
+    .await
+    .unwrap();
+    m.batch_execute("INSERT INTO items VALUES (8, 'eight', 8)")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(
+        !out.status.success(),
+        "a stopped slave makes run --once fail"
+    );
+    let log = text(&out);
+    for part in [
+        "set{name=app slave=1}",
+        "items",
+        "(id)=(7)",
+        "event",
+        "duplicate key",
+    ] {
+        assert!(log.contains(part), "the error names {part}:\n{log}");
+    }
+    assert_eq!(
+        count(&slave, "items").await,
+        1,
+        "nothing of the failed batch is applied"
+    );
+    let status = text(&support::pgreplica(&[
+        "status",
+        "--json",
+        s.conf.to_str().unwrap(),
+    ]));
+    assert!(
+        status.contains("\"state\": \"stopped\"") && status.contains("duplicate key"),
+        "{status}"
+    );
+
+    // The running daemon retries with backoff and resumes once the DBA fixes the slave.
+    let _daemon = s.spawn();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(&slave, "items").await, 1);
+    slave
+        .batch_execute("DELETE FROM items WHERE id = 7")
+        .await
+        .unwrap();
+    s.wait_same(0, ALL, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_or_delete_of_a_missing_or_changed_row_is_a_conflict_warning() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)")
+        .await
+        .unwrap();
+    s.sync();
+    let slave = s.slave(0).await;
+    slave
+        .batch_execute("DELETE FROM items WHERE id = 1; UPDATE items SET qty = 200 WHERE id = 2")
+        .await
+        .unwrap();
+    m.batch_execute("UPDATE items SET qty = 10 WHERE id = 1; UPDATE items SET qty = 20 WHERE id = 2; DELETE FROM items WHERE id = 3")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(
+        out.status.success(),
+        "conflicts do not stop the slave:\n{}",
+        text(&out)
+    );
+    let log = text(&out);
+    assert!(
+        log.contains("conflict: update of a row that is missing on the slave"),
+        "{log}"
+    );
+    assert!(
+        log.contains("conflict: update of a row that had changed on the slave"),
+        "{log}"
+    );
+    assert!(
+        log.contains("local=qty=200") && log.contains("remote_old=qty=2"),
+        "{log}"
+    );
+    let rows: Vec<(i32, i32)> = slave
+        .query("SELECT id, qty FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(2, 20)], "applied as far as it could be");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_sends_only_the_changed_columns() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items VALUES (1, 'a', 1)")
+        .await
+        .unwrap();
+    s.sync();
+    // A slave-side value in a column the master does not touch survives the update.
+    s.slave(0)
+        .await
+        .batch_execute("UPDATE items SET name = 'slave' WHERE id = 1")
+        .await
+        .unwrap();
+    m.batch_execute("UPDATE items SET qty = 5 WHERE id = 1")
+        .await
+        .unwrap();
+    s.sync();
+    let row = s
+        .slave(0)
+        .await
+        .query_one("SELECT name, qty FROM items", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("slave".to_string(), 5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_slaves_keep_their_own_positions_while_one_is_stopped() {
+    let s = Setup::new(2, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items VALUES (1, 'one', 1)")
+        .await
+        .unwrap();
+    s.sync();
+    s.slaves[1].stop("fast").unwrap();
+    m.batch_execute(
+        "INSERT INTO items VALUES (2, 'two', 2); UPDATE items SET qty = 11 WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let out = s.run_once();
+    assert!(!out.status.success(), "slave 2 is down");
+    s.assert_same(0, ALL).await;
+    let status = text(&support::pgreplica(&[
+        "status",
+        "--json",
+        s.conf.to_str().unwrap(),
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
+        &support::pgreplica(&["status", "--json", s.conf.to_str().unwrap()]).stdout,
+    ))
+    .unwrap();
+    assert_eq!(json[0]["events_waiting"], 0, "{status}");
+    assert_eq!(json[1]["events_waiting"], 2, "{status}");
+    assert_eq!(json[1]["state"], "stopped", "{status}");
+    // The log is kept for the slave that is away…
+    for _ in 0..2 {
+        assert!(!s.run_once().status.success());
+    }
+    let kept = count(&m, "pgreplica.log").await;
+    assert!(
+        kept >= 2,
+        "events slave 2 has not applied are kept ({kept})"
+    );
+    s.slaves[1].restart().unwrap();
+    s.sync();
+    s.assert_same(1, ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn applied_events_are_cleaned_from_the_master_log() {
+    let s = Setup::new(1, ITEMS).await;
+    let m = s.master().await;
+    for round in 0..3 {
+        m.execute(
+            "INSERT INTO items SELECT g + $1 * 100 FROM generate_series(1, 100) g",
+            &[&round],
+        )
+        .await
+        .unwrap();
+        s.sync();
+    }
+    // The last batch's own transactions are below the next snapshot's xmin only
+    // after one more pass; cleanup then leaves nothing behind.
+    s.sync();
+    assert_eq!(count(&m, "pgreplica.log").await, 0);
+    s.assert_same(0, ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_daemon_applies_a_change_within_milliseconds() {
+    let s = Setup::new(1, ITEMS).await;
+    let _daemon = s.spawn();
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items VALUES (0, 'warm up')")
+        .await
+        .unwrap();
+    s.wait_same(0, ALL, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.batch_execute("INSERT INTO items VALUES (1, 'notified')")
+        .await
+        .unwrap();
+    let took = s.wait_same(0, ALL, Duration::from_secs(10)).await;
+    // Not a timing assertion: the figure is printed for the record. It arrived
+    // well before the 2 s heartbeat would have picked it up.
+    println!("idle change arrived on the slave after {took:?}");
+}

@@ -1,0 +1,203 @@
+//! Test harness: a master and its slaves on throwaway servers, a config file, and
+//! the pgreplica binary run the way a DBA runs it.
+#![allow(dead_code)]
+
+use pgreplica::cluster::Cluster;
+use pgreplica::demo::copy_out;
+use pgreplica::{capture, db};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// A master with slaves, all holding database `app` with the same schema.
+pub struct Setup {
+    pub master: Cluster,
+    pub slaves: Vec<Cluster>,
+    pub conf: PathBuf,
+    dir: PathBuf,
+}
+
+pub fn cluster(timezone: &str) -> Cluster {
+    Cluster::start(timezone)
+        .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
+}
+
+impl Setup {
+    /// Starts the servers, creates `schema` everywhere, installs capture on the master.
+    pub async fn new(slaves: usize, schema: &str) -> Setup {
+        Setup::with_schemas(slaves, schema, schema).await
+    }
+
+    /// Like `new`, with a different schema script on the slaves.
+    pub async fn with_schemas(slaves: usize, master_schema: &str, slave_schema: &str) -> Setup {
+        let master = cluster("Europe/Madrid");
+        let slaves: Vec<Cluster> = (0..slaves).map(|_| cluster("Pacific/Auckland")).collect();
+        for (pg, schema) in std::iter::once((&master, master_schema))
+            .chain(slaves.iter().map(|s| (s, slave_schema)))
+        {
+            let admin = connect(&pg.dsn("postgres")).await;
+            admin.batch_execute("CREATE DATABASE app").await.unwrap();
+            connect(&pg.dsn("app"))
+                .await
+                .batch_execute(schema)
+                .await
+                .unwrap();
+        }
+        let mut client = connect(&master.dsn("app")).await;
+        capture::install(&mut client, &[]).await.unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "pgreplica-test-{}-{}",
+            std::process::id(),
+            master.port
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("app.conf");
+        let mut text = format!(
+            "[MAIN]\nNAME=app\nDSN0={}\nKEEPALIVE=2\nDEBUG_LEVEL=2\n",
+            master.dsn("app")
+        );
+        for (i, s) in slaves.iter().enumerate() {
+            text.push_str(&format!("DSN{}={}\n", i + 1, s.dsn("app")));
+        }
+        std::fs::write(&conf, text).unwrap();
+        Setup {
+            master,
+            slaves,
+            conf,
+            dir,
+        }
+    }
+
+    pub async fn master(&self) -> Client {
+        connect(&self.master.dsn("app")).await
+    }
+
+    pub async fn slave(&self, n: usize) -> Client {
+        connect(&self.slaves[n].dsn("app")).await
+    }
+
+    /// `pgreplica run --once` on this set; its output.
+    pub fn run_once(&self) -> Output {
+        pgreplica(&["run", "--once", self.conf.to_str().unwrap()])
+    }
+
+    /// `pgreplica run --once`, which must succeed.
+    pub fn sync(&self) {
+        let out = self.run_once();
+        assert!(
+            out.status.success(),
+            "pgreplica run --once failed:\n{}",
+            text(&out)
+        );
+    }
+
+    /// `pgreplica run` in the background.
+    pub fn spawn(&self) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+            .args(["run", self.conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.join("daemon.log")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        Daemon(child)
+    }
+
+    /// What the background daemons logged so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Asserts that `query` gives the same bytes on the master and slave `n`.
+    pub async fn assert_same(&self, n: usize, query: &str) {
+        let (m, s) = (
+            self.text(None, query).await,
+            self.text(Some(n), query).await,
+        );
+        assert!(
+            m == s,
+            "master and slave {n} differ for {query}\nmaster:\n{}\nslave:\n{}",
+            String::from_utf8_lossy(&m),
+            String::from_utf8_lossy(&s)
+        );
+    }
+
+    /// Waits (up to `limit`) until `query` gives the same bytes on master and slave `n`.
+    pub async fn wait_same(&self, n: usize, query: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.text(None, query).await == self.text(Some(n), query).await {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.assert_same(n, query).await;
+        start.elapsed()
+    }
+
+    /// `query`'s rows as COPY text, with the client in UTC.
+    pub async fn text(&self, slave: Option<usize>, query: &str) -> Vec<u8> {
+        let client = match slave {
+            Some(n) => self.slave(n).await,
+            None => self.master().await,
+        };
+        client.batch_execute("SET timezone = 'UTC'").await.unwrap();
+        copy_out(&client, query).await.unwrap()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A background `pgreplica run`, killed when dropped.
+pub struct Daemon(pub Child);
+
+impl Daemon {
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn connect(dsn: &str) -> Client {
+    db::connect(dsn, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub async fn count(client: &Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Runs the pgreplica binary.
+pub fn pgreplica(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout and stderr together.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
