@@ -72,6 +72,11 @@ fn free_port() -> Result<u16, ClusterError> {
 impl Cluster {
     /// Creates and starts a server whose `timezone` setting is `timezone`.
     pub fn start(timezone: &str) -> Result<Cluster, ClusterError> {
+        Cluster::start_with(timezone, "")
+    }
+
+    /// Like `start`, with extra `postgresql.conf` lines.
+    pub fn start_with(timezone: &str, settings: &str) -> Result<Cluster, ClusterError> {
         let bin = find_bin()?;
         let dir = std::env::temp_dir().join(format!(
             "pgreplica-{}-{}",
@@ -107,7 +112,7 @@ impl Cluster {
         )?;
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
-             full_page_writes = off\ntimezone = '{timezone}'\nmax_connections = 200\nshared_buffers = 64MB\n",
+             full_page_writes = off\ntimezone = '{timezone}'\nmax_connections = 200\nshared_buffers = 64MB\n{settings}\n",
             cluster.dir.display()
         );
         append(&Path::new(&data).join("postgresql.conf"), &conf)?;

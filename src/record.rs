@@ -25,6 +25,11 @@ pub fn parse(text: &str) -> Result<Fields, RecordError> {
     if bytes.first() != Some(&b'(') {
         return Err(err(0, "expected '('"));
     }
+    // A backslash stands for the byte after it, inside quotes or not.
+    let escaped = |value: &mut Vec<u8>, i: usize| -> Result<usize, RecordError> {
+        value.push(*bytes.get(i + 1).ok_or(err(i, "dangling backslash"))?);
+        Ok(i + 2)
+    };
     let mut fields = Vec::new();
     let mut i = 1;
     if bytes.get(1) == Some(&b')') && bytes.len() == 2 {
@@ -51,11 +56,7 @@ pub fn parse(text: &str) -> Result<Fields, RecordError> {
                                 i += 1;
                                 break;
                             }
-                            Some(b'\\') => {
-                                let c = *bytes.get(i + 1).ok_or(err(i, "dangling backslash"))?;
-                                value.push(c);
-                                i += 2;
-                            }
+                            Some(b'\\') => i = escaped(&mut value, i)?,
                             Some(&c) => {
                                 value.push(c);
                                 i += 1;
@@ -63,11 +64,7 @@ pub fn parse(text: &str) -> Result<Fields, RecordError> {
                         }
                     }
                 }
-                Some(b'\\') => {
-                    let c = *bytes.get(i + 1).ok_or(err(i, "dangling backslash"))?;
-                    value.push(c);
-                    i += 2;
-                }
+                Some(b'\\') => i = escaped(&mut value, i)?,
                 Some(&c) => {
                     value.push(c);
                     i += 1;

@@ -7,7 +7,11 @@ use support::{Setup, cluster, connect, pgreplica, text};
 #[tokio::test(flavor = "multi_thread")]
 async fn install_reports_each_table_is_idempotent_and_uninstall_removes_everything() {
     let pg = cluster("UTC");
-    connect(&pg.dsn("postgres")).await.batch_execute("CREATE DATABASE shop").await.unwrap();
+    connect(&pg.dsn("postgres"))
+        .await
+        .batch_execute("CREATE DATABASE shop")
+        .await
+        .unwrap();
     let shop = connect(&pg.dsn("shop")).await;
     shop.batch_execute(
         "CREATE SCHEMA sales; CREATE TABLE sales.orders (id int PRIMARY KEY);
@@ -20,15 +24,24 @@ async fn install_reports_each_table_is_idempotent_and_uninstall_removes_everythi
     assert!(out.status.success(), "{}", text(&out));
     let report = text(&out);
     assert!(report.contains("sales.orders: replicated"), "{report}");
-    assert!(report.contains("notes: skipped: no primary key"), "{report}");
+    assert!(
+        report.contains("notes: skipped: no primary key"),
+        "{report}"
+    );
 
     // Again, after a new table appears: safe, and the new table is picked up.
-    shop.batch_execute("INSERT INTO sales.orders VALUES (1); CREATE TABLE later (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    shop.batch_execute(
+        "INSERT INTO sales.orders VALUES (1); CREATE TABLE later (id int PRIMARY KEY)",
+    )
+    .await
+    .unwrap();
     let out = pgreplica(&["install", "--dsn", &dsn]);
     assert!(text(&out).contains("later: replicated"), "{}", text(&out));
-    let logged: i64 = shop.query_one("SELECT count(*) FROM pgreplica.log", &[]).await.unwrap().get(0);
+    let logged: i64 = shop
+        .query_one("SELECT count(*) FROM pgreplica.log", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(logged, 1, "the log survives a second install");
 
     let out = pgreplica(&["install", "--dsn", &dsn, "--table", "no_such_table"]);
@@ -37,7 +50,11 @@ async fn install_reports_each_table_is_idempotent_and_uninstall_removes_everythi
 
     let out = pgreplica(&["uninstall", "--dsn", &dsn]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("1 logged events discarded"), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 logged events discarded"),
+        "{}",
+        text(&out)
+    );
     let left: i64 = shop
         .query_one(
             "SELECT (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgreplica%')
@@ -48,17 +65,31 @@ async fn install_reports_each_table_is_idempotent_and_uninstall_removes_everythi
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
-    shop.batch_execute("INSERT INTO sales.orders VALUES (2)").await.unwrap();
+    shop.batch_execute("INSERT INTO sales.orders VALUES (2)")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn install_with_named_tables_attaches_only_those() {
     let pg = cluster("UTC");
     let client = connect(&pg.dsn("postgres")).await;
-    client.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)").await.unwrap();
-    let out = pgreplica(&["install", "--dsn", &pg.dsn("postgres"), "--table", "public.a"]);
+    client
+        .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let out = pgreplica(&[
+        "install",
+        "--dsn",
+        &pg.dsn("postgres"),
+        "--table",
+        "public.a",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "a: replicated\n1 of 1 tables replicated\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a: replicated\n1 of 1 tables replicated\n"
+    );
 }
 
 #[test]
@@ -66,12 +97,18 @@ fn a_bad_config_names_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("pgreplica-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.conf");
-    std::fs::write(&path, "[MAIN]\nNAME=x\nDSN0=host=a\nDSN1=host=b\nKEEPALIVE=maybe\n").unwrap();
+    std::fs::write(
+        &path,
+        "[MAIN]\nNAME=x\nDSN0=host=a\nDSN1=host=b\nKEEPALIVE=maybe\n",
+    )
+    .unwrap();
     let out = pgreplica(&["run", "--once", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let message = text(&out);
     assert!(
-        message.contains("bad.conf:5: KEEPALIVE: 'maybe' is neither true/false nor a number of seconds"),
+        message.contains(
+            "bad.conf:5: KEEPALIVE: 'maybe' is neither true/false nor a number of seconds"
+        ),
         "{message}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -83,10 +120,19 @@ async fn status_shows_waiting_events_then_caught_up() {
     let conf = s.conf.to_str().unwrap();
     let out = pgreplica(&["status", conf]);
     assert!(text(&out).contains("not started"), "{}", text(&out));
-    s.master().await.batch_execute("INSERT INTO t SELECT generate_series(1, 5)").await.unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 5)")
+        .await
+        .unwrap();
     s.sync();
-    s.master().await.batch_execute("INSERT INTO t VALUES (6)").await.unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&pgreplica(&["status", "--json", conf]).stdout).unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO t VALUES (6)")
+        .await
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&pgreplica(&["status", "--json", conf]).stdout).unwrap();
     assert_eq!(json[0]["state"], "running");
     assert_eq!(json[0]["events_waiting"], 1);
     assert_eq!(json[0]["events_applied"], 5);
@@ -94,7 +140,8 @@ async fn status_shows_waiting_events_then_caught_up() {
     s.sync();
     let out = pgreplica(&["status", conf]);
     assert!(out.status.success(), "{}", text(&out));
-    let json: serde_json::Value = serde_json::from_slice(&pgreplica(&["status", "--json", conf]).stdout).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&pgreplica(&["status", "--json", conf]).stdout).unwrap();
     assert_eq!(json[0]["events_waiting"], 0);
     assert_eq!(json[0]["lag_seconds"], 0.0);
 }

@@ -11,16 +11,13 @@ const ALL: &str = "SELECT * FROM items ORDER BY id";
 #[tokio::test(flavor = "multi_thread")]
 async fn inserts_updates_and_deletes_arrive() {
     let s = Setup::new(1, ITEMS).await;
-    let m = s.master().await;
-    m.batch_execute(
+    s.replicate(
         "INSERT INTO items VALUES (1, 'one', 1), (2, 'two', 2), (3, 'three', 3);
          UPDATE items SET qty = 20, name = 'TWO' WHERE id = 2;
          DELETE FROM items WHERE id = 3;",
+        ALL,
     )
-    .await
-    .unwrap();
-    s.sync();
-    s.assert_same(0, ALL).await;
+    .await;
     assert_eq!(count(&s.slave(0).await, "items").await, 2);
 }
 
@@ -28,21 +25,14 @@ async fn inserts_updates_and_deletes_arrive() {
 async fn thousand_row_statements_arrive() {
     let s = Setup::new(1, ITEMS).await;
     let m = s.master().await;
-    m.batch_execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 1000) g")
-        .await
-        .unwrap();
-    s.sync();
-    s.assert_same(0, ALL).await;
-    m.batch_execute("UPDATE items SET qty = qty * 2, name = name || '!'")
-        .await
-        .unwrap();
-    s.sync();
-    s.assert_same(0, ALL).await;
-    m.batch_execute("DELETE FROM items WHERE id % 3 = 0")
-        .await
-        .unwrap();
-    s.sync();
-    s.assert_same(0, ALL).await;
+    s.replicate(
+        "INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 1000) g",
+        ALL,
+    )
+    .await;
+    s.replicate("UPDATE items SET qty = qty * 2, name = name || '!'", ALL)
+        .await;
+    s.replicate("DELETE FROM items WHERE id % 3 = 0", ALL).await;
     m.batch_execute("DELETE FROM items").await.unwrap();
     s.sync();
     assert_eq!(count(&s.slave(0).await, "items").await, 0);
@@ -127,15 +117,13 @@ async fn rolled_back_work_leaves_nothing() {
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    m.batch_execute(
+    s.replicate(
         "BEGIN; INSERT INTO items VALUES (2, 'kept', 2); SAVEPOINT a;
          INSERT INTO items VALUES (3, 'gone', 3); UPDATE items SET qty = 99 WHERE id = 2;
          ROLLBACK TO a; INSERT INTO items VALUES (4, 'kept', 4); COMMIT;",
+        ALL,
     )
-    .await
-    .unwrap();
-    s.sync();
-    s.assert_same(0, ALL).await;
+    .await;
     assert_eq!(count(&s.slave(0).await, "items").await, 2);
 }
 
@@ -147,11 +135,11 @@ async fn truncate_replicates() {
         .await
         .unwrap();
     s.sync();
-    m.batch_execute("TRUNCATE items; INSERT INTO items VALUES (42, 'after')")
-        .await
-        .unwrap();
-    s.sync();
-    s.assert_same(0, ALL).await;
+    s.replicate(
+        "TRUNCATE items; INSERT INTO items VALUES (42, 'after')",
+        ALL,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

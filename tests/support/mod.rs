@@ -110,6 +110,14 @@ impl Setup {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Runs `sql` on the master, applies it with `run --once`, and compares `query`
+    /// on the master and the first slave.
+    pub async fn replicate(&self, sql: &str, query: &str) {
+        self.master().await.batch_execute(sql).await.unwrap();
+        self.sync();
+        self.assert_same(0, query).await;
+    }
+
     /// Asserts that `query` gives the same bytes on the master and slave `n`.
     pub async fn assert_same(&self, n: usize, query: &str) {
         let (m, s) = (

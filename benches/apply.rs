@@ -1,0 +1,223 @@
+//! Apply throughput against PostgreSQL's built-in logical replication, and the
+//! daemon's memory while draining a backlog. Prints medians of RUNS runs (default
+//! 5) as ratios to the built-in replication measured in the same run.
+//!
+//!     cargo bench --bench apply                       # ROWS=1000000 RUNS=5 BACKLOGS=1000000,5000000
+//!     ROWS=200000 RUNS=3 BACKLOGS=1000000 cargo bench --bench apply
+//!
+//! Each phase is timed from the start of the master's first statement until a
+//! marker row, committed right after the workload, has arrived on the slave.
+
+use pgreplica::cluster::Cluster;
+use pgreplica::{capture, db};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const SCHEMA: &str = "CREATE TABLE t (id int PRIMARY KEY, payload text, n int);
+                      CREATE TABLE marker (id int PRIMARY KEY);";
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn fresh(pg: &Cluster, name: &str) -> Client {
+    let admin = db::connect(&pg.dsn("postgres"), None).await.unwrap();
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let client = db::connect(&pg.dsn(name), None).await.unwrap();
+    client.batch_execute(SCHEMA).await.unwrap();
+    client
+}
+
+/// Runs `work` on the master, commits a marker, and waits for it on the slave.
+async fn phase(master: &Client, slave: &Client, marker: i32, work: &[String]) -> f64 {
+    let start = Instant::now();
+    for sql in work {
+        master.batch_execute(sql).await.unwrap();
+    }
+    master
+        .execute("INSERT INTO marker VALUES ($1)", &[&marker])
+        .await
+        .unwrap();
+    let query = "SELECT count(*) FROM marker WHERE id = $1";
+    while slave
+        .query_one(query, &[&marker])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn workloads(rows: usize) -> Vec<(&'static str, Vec<String>)> {
+    let batches = 1000.min(rows);
+    let per = rows / batches;
+    vec![
+        (
+            "insert, 1 transaction",
+            vec![format!(
+                "INSERT INTO t SELECT g, md5(g::text), 0 FROM generate_series(1, {rows}) g"
+            )],
+        ),
+        (
+            "update, 1 transaction",
+            vec!["UPDATE t SET n = n + 1".into()],
+        ),
+        ("delete, 1 transaction", vec!["DELETE FROM t".into()]),
+        (
+            "insert, 1,000 transactions",
+            (0..batches)
+                .map(|b| {
+                    format!(
+                        "INSERT INTO t SELECT g, md5(g::text), 0 FROM generate_series({}, {}) g",
+                        b * per + 1,
+                        (b + 1) * per
+                    )
+                })
+                .collect(),
+        ),
+    ]
+}
+
+fn daemon(conf: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["run", conf.to_str().unwrap()])
+        .env("RUST_LOG", "pgreplica=warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn peak_rss_mb(child: &Child) -> f64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn write_conf(master: &Cluster, slave: &Cluster, db: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("pgreplica-bench-{}.conf", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "[MAIN]\nNAME=bench\nDSN0={}\nDSN1={}\n",
+            master.dsn(db),
+            slave.dsn(db)
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = env_number("ROWS", 1_000_000);
+    let runs = env_number("RUNS", 5);
+    let backlogs: Vec<usize> = std::env::var("BACKLOGS")
+        .unwrap_or_else(|_| "1000000,5000000".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let master = Cluster::start_with("UTC", "wal_level = logical\nmax_wal_size = 4GB").unwrap();
+    let slave = Cluster::start_with("UTC", "max_wal_size = 4GB").unwrap();
+    let phases = workloads(rows);
+    let mut builtin = vec![Vec::new(); phases.len()];
+    let mut ours = vec![Vec::new(); phases.len()];
+    for run in 0..runs {
+        // Built-in logical replication.
+        let m = fresh(&master, "bi").await;
+        let s = fresh(&slave, "bi").await;
+        m.batch_execute("CREATE PUBLICATION p FOR TABLE t, marker")
+            .await
+            .unwrap();
+        s.batch_execute(&format!(
+            "CREATE SUBSCRIPTION s CONNECTION '{}' PUBLICATION p WITH (copy_data = false)",
+            master.dsn("bi")
+        ))
+        .await
+        .unwrap();
+        phase(&m, &s, -1, &[]).await;
+        for (i, (_, work)) in phases.iter().enumerate() {
+            builtin[i].push(phase(&m, &s, i as i32, work).await);
+        }
+        s.batch_execute("DROP SUBSCRIPTION s").await.unwrap();
+        drop(m);
+
+        // pgreplica.
+        let mut m = fresh(&master, "pr").await;
+        let s = fresh(&slave, "pr").await;
+        capture::install(&mut m, &[]).await.unwrap();
+        let conf = write_conf(&master, &slave, "pr");
+        let mut child = daemon(&conf);
+        phase(&m, &s, -1, &[]).await;
+        for (i, (_, work)) in phases.iter().enumerate() {
+            ours[i].push(phase(&m, &s, i as i32, work).await);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("run {} of {runs} done", run + 1);
+    }
+    println!(
+        "\nApply throughput, {rows} rows, medians of {runs} runs (end to end, master statement to slave)\n"
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>16} {:>10}",
+        "workload", "built-in (s)", "pgreplica (s)", "pgreplica rows/s", "ratio"
+    );
+    for (i, (name, _)) in phases.iter().enumerate() {
+        let (b, o) = (median(builtin[i].clone()), median(ours[i].clone()));
+        println!(
+            "{name:<28} {b:>14.2} {o:>14.2} {:>16.0} {:>9.2}x",
+            rows as f64 / o,
+            b / o
+        );
+    }
+    println!("(ratio: pgreplica's throughput over the built-in one; above 1 is faster)\n");
+
+    for backlog in backlogs {
+        let mut m = fresh(&master, "mem").await;
+        let s = fresh(&slave, "mem").await;
+        capture::install(&mut m, &[]).await.unwrap();
+        let conf = write_conf(&master, &slave, "mem");
+        let mut chunk = 0;
+        while chunk < backlog {
+            let end = (chunk + 500_000).min(backlog);
+            m.batch_execute(&format!(
+                "INSERT INTO t SELECT g, md5(g::text), 0 FROM generate_series({}, {end}) g",
+                chunk + 1
+            ))
+            .await
+            .unwrap();
+            chunk = end;
+        }
+        let mut child = daemon(&conf);
+        let took = phase(&m, &s, 1, &[]).await;
+        println!(
+            "daemon peak RSS draining a backlog of {backlog} events: {:.1} MB ({took:.1} s)",
+            peak_rss_mb(&child)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
