@@ -15,8 +15,7 @@ const ALL: &str = "SELECT * FROM accounts ORDER BY id";
 
 /// One writer's random mix: inserts, updates (of the key too), deletes,
 /// rolled-back transactions and rolled-back savepoints.
-async fn write_randomly(client: Client, writer: i32, stop: Arc<AtomicBool>) -> u64 {
-    let mut client = client;
+async fn write_randomly(mut client: Client, writer: i32, stop: Arc<AtomicBool>) -> u64 {
     let mut done = 0;
     while !stop.load(Ordering::Relaxed) {
         let (op, id, other, roll, save) = {

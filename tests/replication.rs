@@ -292,15 +292,9 @@ async fn two_slaves_keep_their_own_positions_while_one_is_stopped() {
     let out = s.run_once();
     assert!(!out.status.success(), "slave 2 is down");
     s.assert_same(0, ALL).await;
-    let status = text(&support::pgreplica(&[
-        "status",
-        "--json",
-        s.conf.to_str().unwrap(),
-    ]));
-    let json: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(
-        &support::pgreplica(&["status", "--json", s.conf.to_str().unwrap()]).stdout,
-    ))
-    .unwrap();
+    let out = support::pgreplica(&["status", "--json", s.conf.to_str().unwrap()]);
+    let status = text(&out);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["events_waiting"], 0, "{status}");
     assert_eq!(json[1]["events_waiting"], 2, "{status}");
     assert_eq!(json[1]["state"], "stopped", "{status}");
