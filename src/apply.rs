@@ -1,7 +1,9 @@
 //! Applying a batch on a slave: statements from the slave's catalog, conflicts, progress.
 //!
-//! Columns are matched by name. Runs of inserts into one table go through COPY;
-//! updates and deletes are prepared statements kept in flight many at a time
+//! Columns are matched by name. Runs of inserts into one table go through COPY.
+//! Runs of updates (of the same columns) or deletes of one table go out as one
+//! set-based statement over arrays of keys and values, as long as no key repeats
+//! within the run; these statements are kept in flight many at a time
 //! (pipelining), each sent in event order on the one connection, so the slave
 //! executes them in exactly the log's order. The batch's events and the slave's
 //! progress row commit in one transaction: a crash anywhere loses nothing and
@@ -12,15 +14,15 @@ use crate::db::pg_message;
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
 use crate::record::Fields;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, TryStreamExt};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Row, Statement, Transaction};
+use tokio_postgres::{Client, CopyInSink, Row, Statement, Transaction};
 
 /// Session settings under which a value's text form is the same as the capture
 /// trigger's, so that texts read back from the slave compare equal.
@@ -47,11 +49,14 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> 
   FROM pg_attribute a
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
-/// Updates and deletes kept in flight before the oldest is awaited.
+/// Statements, and events in them, kept in flight before the oldest is awaited.
 const WINDOW: usize = 256;
-/// Rows or bytes after which a COPY run is sent.
-const COPY_ROWS: usize = 5000;
-const COPY_BYTES: usize = 1 << 20;
+const WINDOW_EVENTS: usize = 4 * RUN_ROWS;
+/// Rows or bytes after which a run (COPY or set-based statement) is sent.
+const RUN_ROWS: usize = 5000;
+const RUN_BYTES: usize = 1 << 20;
+/// Bytes of COPY data sent at a time while a COPY streams.
+const COPY_CHUNK: usize = 64 << 10;
 
 /// Prepares a slave connection: session settings and the progress table.
 pub async fn prepare_slave(client: &Client) -> Result<(), Error> {
@@ -98,21 +103,38 @@ struct Plan {
 type RowsFuture<'t> =
     Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 't>>;
 
-/// A statement sent to the slave whose result is not read yet.
+/// A set-based statement sent to the slave whose result is not read yet.
 struct Pending<'t> {
     future: RowsFuture<'t>,
     ready: Option<Result<Vec<Row>, tokio_postgres::Error>>,
-    plan: Arc<Plan>,
-    event: Event,
-    /// Master columns whose slave values came back, to compare with the old row.
-    compared: Vec<usize>,
+    run: SetRun,
 }
 
-/// Inserts waiting to go out as one COPY.
+/// Updates of the same columns, or deletes, of one table, waiting to go out as
+/// one statement. No key appears twice, so the statement's effect is the
+/// events' effect in log order.
+struct SetRun {
+    plan: Arc<Plan>,
+    op: Op,
+    /// Master columns the updates set, or all of them for deletes: the slave's
+    /// values of these come back to be compared with the master's old row.
+    compared: Vec<usize>,
+    events: Vec<Event>,
+    /// Keys (old and new) the run touches.
+    keys: HashSet<String>,
+    bytes: usize,
+}
+
+/// Inserts into one table, streaming to the slave through one COPY.
 struct CopyRun {
     plan: Arc<Plan>,
+    sink: Pin<Box<CopyInSink<Bytes>>>,
+    /// Rows not sent yet.
     data: BytesMut,
-    /// Event id and key of each line, to name the row of a COPY error.
+    rows: usize,
+    /// The first event's id.
+    first: i64,
+    /// In exact mode, event id and key of each line, to name the row of an error.
     lines: Vec<(i64, String)>,
 }
 
@@ -131,19 +153,33 @@ pub struct Applier<'t> {
     statements: &'t mut Statements,
     plans: HashMap<u32, Arc<Plan>>,
     pending: VecDeque<Pending<'t>>,
+    pending_events: usize,
     copy: Option<CopyRun>,
+    run: Option<SetRun>,
+    /// One event per statement and COPYs with their lines kept, so that an
+    /// error names its event.
+    exact: bool,
     counts: Applied,
 }
 
 impl<'t> Applier<'t> {
     /// Starts applying in `tx`, reusing the connection's prepared statements.
-    pub fn new(tx: &'t Transaction<'t>, statements: &'t mut Statements) -> Applier<'t> {
+    /// With `exact`, updates and deletes go one per statement, so that an error
+    /// names its event (see [`Error::ApplyRun`]).
+    pub fn new(
+        tx: &'t Transaction<'t>,
+        statements: &'t mut Statements,
+        exact: bool,
+    ) -> Applier<'t> {
         Applier {
             tx,
             statements,
             plans: HashMap::new(),
             pending: VecDeque::new(),
+            pending_events: 0,
             copy: None,
+            run: None,
+            exact,
             counts: Applied::default(),
         }
     }
@@ -154,8 +190,7 @@ impl<'t> Applier<'t> {
         self.counts.events += 1;
         match event.op {
             Op::Insert => self.insert(plan, event).await,
-            Op::Update => self.update(plan, event).await,
-            Op::Delete => self.delete(plan, event).await,
+            Op::Update | Op::Delete => self.change(plan, event).await,
             Op::Truncate => {
                 self.flush().await?;
                 let sql = format!("TRUNCATE ONLY {}", plan.slave);
@@ -185,6 +220,8 @@ impl<'t> Applier<'t> {
         if let Some(plan) = self.plans.get(&oid) {
             return Ok(plan.clone());
         }
+        // The catalog query cannot pass a COPY in progress on the connection.
+        self.flush().await?;
         let slave = table.name.clone();
         let rows = self
             .tx
@@ -234,18 +271,35 @@ impl<'t> Applier<'t> {
         let Some(new) = &event.new else {
             return Err(malformed(&event, "an insert without a row"));
         };
+        self.flush_run().await?;
         if self
             .copy
             .as_ref()
             .is_some_and(|c| !Arc::ptr_eq(&c.plan, &plan))
         {
-            self.flush().await?;
+            self.flush_copy().await?;
         }
-        let run = self.copy.get_or_insert_with(|| CopyRun {
-            plan: plan.clone(),
-            data: BytesMut::new(),
-            lines: Vec::new(),
-        });
+        if self.copy.is_none() {
+            self.drain().await?;
+            let sql = copy_statement(&plan);
+            let statement = self.statement(&sql, 0).await?;
+            let sink = self
+                .tx
+                .copy_in(&statement)
+                .await
+                .map_err(|e| apply_error(&plan, plan.master.key_text(new), event.id, &e))?;
+            self.copy = Some(CopyRun {
+                plan: plan.clone(),
+                sink: Box::pin(sink),
+                data: BytesMut::new(),
+                rows: 0,
+                first: event.id,
+                lines: Vec::new(),
+            });
+        }
+        let Some(run) = self.copy.as_mut() else {
+            return Ok(());
+        };
         let mut first = true;
         for (value, generated) in new.iter().zip(&plan.generated) {
             if *generated {
@@ -258,80 +312,79 @@ impl<'t> Applier<'t> {
             copy_escape(&mut run.data, value.as_deref());
         }
         run.data.extend_from_slice(b"\n");
-        run.lines.push((event.id, plan.master.key_text(new)));
-        if run.lines.len() >= COPY_ROWS || run.data.len() >= COPY_BYTES {
-            self.flush().await?;
+        run.rows += 1;
+        if self.exact {
+            run.lines.push((event.id, plan.master.key_text(new)));
+            if run.rows >= RUN_ROWS || run.data.len() >= RUN_BYTES {
+                self.flush_copy().await?;
+            }
+        } else if run.data.len() >= COPY_CHUNK {
+            let chunk = run.data.split().freeze();
+            if let Err(e) = run.sink.send(chunk).await {
+                let run = self.copy.take();
+                return Err(run.map_or_else(|| Error::Lost("slave"), |r| copy_error(&r, &e)));
+            }
         }
         Ok(())
     }
 
-    async fn update(&mut self, plan: Arc<Plan>, event: Event) -> Result<(), Error> {
-        let (Some(old), Some(new)) = (&event.old, &event.new) else {
-            return Err(malformed(&event, "an update without both rows"));
+    /// Adds an update or delete to the current set-based run, or starts a new one.
+    async fn change(&mut self, plan: Arc<Plan>, event: Event) -> Result<(), Error> {
+        let Some(old) = &event.old else {
+            return Err(malformed(&event, "an update or delete without its old row"));
         };
-        let changed: Vec<usize> = (0..new.len())
-            .filter(|&i| old[i] != new[i] && !plan.generated[i])
-            .collect();
-        if changed.is_empty() {
+        let (compared, new_key) = match (&event.op, &event.new) {
+            (Op::Delete, _) => ((0..old.len()).collect(), None),
+            (_, Some(new)) => {
+                let changed: Vec<usize> = (0..new.len())
+                    .filter(|&i| old[i] != new[i] && !plan.generated[i])
+                    .collect();
+                (changed, Some(plan.master.key_text(new)))
+            }
+            _ => return Err(malformed(&event, "an update without its new row")),
+        };
+        if compared.is_empty() {
             return Ok(());
         }
-        let master = &plan.master;
-        let mut sets = Vec::new();
-        let mut olds = Vec::new();
-        for (n, &i) in changed.iter().enumerate() {
-            let column = quote_ident(&master.columns[i]);
-            sets.push(format!("{column} = ${}::{}", n + 1, plan.types[i]));
-            olds.push(format!("{column}::text AS o{n}"));
+        let old_key = plan.master.key_text(old);
+        let fits = self.run.as_ref().is_some_and(|run| {
+            Arc::ptr_eq(&run.plan, &plan)
+                && run.op == event.op
+                && run.compared == compared
+                && run.events.len() < if self.exact { 1 } else { RUN_ROWS }
+                && run.bytes < RUN_BYTES
+                && !run.keys.contains(&old_key)
+                && new_key.as_ref().is_none_or(|k| !run.keys.contains(k))
+        });
+        if !fits {
+            self.flush_copy().await?;
+            self.flush_run().await?;
         }
-        let returned: Vec<String> = (0..changed.len())
-            .map(|n| format!("pgreplica_o.o{n}"))
-            .collect();
-        let sql = format!(
-            "UPDATE ONLY {t} AS pgreplica_t SET {sets} FROM (SELECT ctid AS pgreplica_ctid, {olds} \
-             FROM ONLY {t} WHERE {key} FOR UPDATE) AS pgreplica_o \
-             WHERE pgreplica_t.ctid = pgreplica_o.pgreplica_ctid RETURNING {returned}",
-            t = plan.slave,
-            sets = sets.join(", "),
-            olds = olds.join(", "),
-            key = key_condition(&plan, changed.len()),
-            returned = returned.join(", "),
-        );
-        let mut params: Vec<Option<String>> = changed.iter().map(|&i| new[i].clone()).collect();
-        params.extend(master.key.iter().map(|&k| old[k].clone()));
-        self.send(sql, params, plan, event, changed).await
-    }
-
-    async fn delete(&mut self, plan: Arc<Plan>, event: Event) -> Result<(), Error> {
-        let Some(old) = &event.old else {
-            return Err(malformed(&event, "a delete without a row"));
-        };
-        let master = &plan.master;
-        let returned: Vec<String> = master
-            .columns
+        let run = self.run.get_or_insert_with(|| SetRun {
+            plan,
+            op: event.op,
+            compared,
+            events: Vec::new(),
+            keys: HashSet::new(),
+            bytes: 0,
+        });
+        run.bytes += [&event.old, &event.new]
             .iter()
-            .map(|c| format!("{}::text", quote_ident(c)))
-            .collect();
-        let sql = format!(
-            "DELETE FROM ONLY {} WHERE {} RETURNING {}",
-            plan.slave,
-            key_condition(&plan, 0),
-            returned.join(", ")
-        );
-        let params: Vec<Option<String>> = master.key.iter().map(|&k| old[k].clone()).collect();
-        let compared = (0..master.columns.len()).collect();
-        self.send(sql, params, plan, event, compared).await
+            .flat_map(|row| row.iter().flatten())
+            .map(|v| v.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+        run.keys.insert(old_key);
+        run.keys.extend(new_key);
+        run.events.push(event);
+        Ok(())
     }
 
-    /// Sends one statement now, in order, and queues its result for checking.
-    async fn send(
-        &mut self,
-        sql: String,
-        params: Vec<Option<String>>,
-        plan: Arc<Plan>,
-        event: Event,
-        compared: Vec<usize>,
-    ) -> Result<(), Error> {
-        self.flush_copy().await?;
+    /// Sends the current set-based run, in order, and queues its result for checking.
+    async fn flush_run(&mut self) -> Result<(), Error> {
+        let Some(run) = self.run.take() else {
+            return Ok(());
+        };
+        let (sql, params) = run_statement(&run);
         let statement = self.statement(&sql, params.len()).await?;
         let tx = self.tx;
         let mut future: RowsFuture<'t> = Box::pin(async move {
@@ -344,14 +397,9 @@ impl<'t> Applier<'t> {
             Poll::Ready(result) => Some(result),
             Poll::Pending => None,
         };
-        self.pending.push_back(Pending {
-            future,
-            ready,
-            plan,
-            event,
-            compared,
-        });
-        if self.pending.len() >= WINDOW {
+        self.pending_events += run.events.len();
+        self.pending.push_back(Pending { future, ready, run });
+        while self.pending.len() >= WINDOW || self.pending_events >= WINDOW_EVENTS {
             self.check_oldest().await?;
         }
         Ok(())
@@ -364,7 +412,7 @@ impl<'t> Applier<'t> {
         // Rare (once per statement shape): settle what is in flight first, so that
         // no earlier result waits unread behind this one.
         self.drain().await?;
-        let types = vec![Type::TEXT; params];
+        let types = vec![Type::TEXT_ARRAY; params];
         let statement = self
             .tx
             .prepare_typed(sql, &types)
@@ -378,49 +426,18 @@ impl<'t> Applier<'t> {
         let Some(p) = self.pending.pop_front() else {
             return Ok(());
         };
+        self.pending_events -= p.run.events.len();
         let result = match p.ready {
             Some(result) => result,
             None => p.future.await,
         };
-        let master = &p.plan.master;
-        let Some(old) = &p.event.old else {
-            return Err(malformed(&p.event, "a change without its old row"));
-        };
-        let key = master.key_text(old);
-        let rows = result.map_err(|e| apply_error(&p.plan, key.clone(), p.event.id, &e))?;
-        let what = if p.event.op == Op::Update {
-            "update"
-        } else {
-            "delete"
-        };
-        let Some(row) = rows.first() else {
-            self.counts.conflicts += 1;
-            tracing::warn!(
-                table = %p.plan.slave, key = %key, event = p.event.id,
-                remote_old = %columns_text(master, old, &p.compared),
-                remote_new = %p.event.new.as_ref().map(|n| columns_text(master, n, &p.compared)).unwrap_or_default(),
-                "conflict: {what} of a row that is missing on the slave; nothing to apply"
-            );
-            return Ok(());
-        };
-        let local: Fields = (0..p.compared.len()).map(|n| row.get(n)).collect();
-        let expected: Fields = p.compared.iter().map(|&i| old[i].clone()).collect();
-        if local != expected {
-            self.counts.conflicts += 1;
-            let local_text = p
-                .compared
-                .iter()
-                .zip(&local)
-                .map(|(&i, v)| format!("{}={}", master.columns[i], v.as_deref().unwrap_or("NULL")))
-                .collect::<Vec<_>>()
-                .join(", ");
-            tracing::warn!(
-                table = %p.plan.slave, key = %key, event = p.event.id,
-                local = %local_text,
-                remote_old = %columns_text(master, old, &p.compared),
-                remote_new = %p.event.new.as_ref().map(|n| columns_text(master, n, &p.compared)).unwrap_or_default(),
-                "conflict: {what} of a row that had changed on the slave; the master's change was applied"
-            );
+        let run = &p.run;
+        let rows = result.map_err(|e| run_error(run, &e))?;
+        // Each returned row starts with the event's position in the run (1-based).
+        let found: HashMap<i64, &Row> = rows.iter().map(|r| (r.get(0), r)).collect();
+        for (n, event) in run.events.iter().enumerate() {
+            let row = found.get(&(n as i64 + 1)).copied();
+            self.counts.conflicts += u64::from(check_conflict(run, event, row));
         }
         Ok(())
     }
@@ -433,62 +450,205 @@ impl<'t> Applier<'t> {
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
+        self.flush_run().await?;
         self.drain().await?;
         self.flush_copy().await
     }
 
+    /// Sends the rest of the current COPY and ends it.
     async fn flush_copy(&mut self) -> Result<(), Error> {
-        let Some(run) = self.copy.take() else {
+        let Some(mut run) = self.copy.take() else {
             return Ok(());
         };
-        self.drain().await?;
-        let plan = &run.plan;
-        let columns: Vec<String> = plan
-            .master
-            .columns
-            .iter()
-            .zip(&plan.generated)
-            .filter(|(_, g)| !**g)
-            .map(|(c, _)| quote_ident(c))
-            .collect();
-        let sql = format!("COPY {} ({}) FROM STDIN", plan.slave, columns.join(", "));
-        let statement = self.statement(&sql, 0).await?;
+        let chunk = run.data.split().freeze();
         let result = async {
-            let sink = self.tx.copy_in(&statement).await?;
-            futures_util::pin_mut!(sink);
-            sink.send(run.data.freeze()).await?;
-            sink.finish().await
+            run.sink.send(chunk).await?;
+            run.sink.as_mut().finish().await
         }
         .await;
-        result.map(|_| ()).map_err(|e| {
-            let line = copy_error_line(&e).unwrap_or(1);
-            let (event, key) = run
-                .lines
-                .get(line - 1)
-                .or(run.lines.first())
-                .cloned()
-                .unwrap_or_default();
-            apply_error(plan, key, event, &e)
-        })
+        result.map(|_| ()).map_err(|e| copy_error(&run, &e))
     }
 }
 
-/// `k1 = $n::type AND …` for the key columns, numbering parameters after `offset`.
-fn key_condition(plan: &Plan, offset: usize) -> String {
-    plan.master
-        .key
+/// `COPY t (columns) FROM STDIN` for the master's columns the slave does not compute.
+fn copy_statement(plan: &Plan) -> String {
+    let columns: Vec<String> = plan
+        .master
+        .columns
         .iter()
-        .enumerate()
-        .map(|(n, &k)| {
-            format!(
-                "{} = ${}::{}",
-                quote_ident(&plan.master.columns[k]),
-                offset + n + 1,
-                plan.types[k]
-            )
-        })
+        .zip(&plan.generated)
+        .filter(|(_, g)| !**g)
+        .map(|(c, _)| quote_ident(c))
+        .collect();
+    format!("COPY {} ({}) FROM STDIN", plan.slave, columns.join(", "))
+}
+
+/// The error of a failed COPY: exact when its lines were kept, else an
+/// [`Error::ApplyRun`] that makes the daemon retry the batch in exact mode.
+fn copy_error(run: &CopyRun, e: &tokio_postgres::Error) -> Error {
+    if run.lines.is_empty() {
+        return Error::ApplyRun {
+            table: run.plan.slave.clone(),
+            events: run.rows,
+            first: run.first,
+            message: pg_message(e),
+        };
+    }
+    let line = copy_error_line(e).unwrap_or(1);
+    let (event, key) = run
+        .lines
+        .get(line - 1)
+        .or(run.lines.first())
+        .cloned()
+        .unwrap_or_default();
+    apply_error(&run.plan, key, event, e)
+}
+
+/// The set-based statement of a run and its parameters (one text array per
+/// key column, then one per set column). Every row it returns starts with the
+/// event's position in the run, followed by the slave's values of the compared
+/// columns before the change.
+fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) {
+    let plan = &run.plan;
+    let master = &plan.master;
+    let column = |i: usize| quote_ident(&master.columns[i]);
+    let mut params: Vec<Vec<Option<String>>> = Vec::new();
+    let mut names = Vec::new();
+    let mut matches = Vec::new();
+    for (n, &k) in master.key.iter().enumerate() {
+        params.push(run.events.iter().map(|e| field(&e.old, k)).collect());
+        names.push(format!("pgreplica_k{n}"));
+        matches.push(format!(
+            "pgreplica_l.{} = s.pgreplica_k{n}::{}",
+            column(k),
+            plan.types[k]
+        ));
+    }
+    let list = |f: &dyn Fn(usize, usize) -> String| -> String {
+        let items: Vec<String> = run
+            .compared
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| f(n, i))
+            .collect();
+        items.join(", ")
+    };
+    let sql = if run.op == Op::Update {
+        for (n, &i) in run.compared.iter().enumerate() {
+            params.push(run.events.iter().map(|e| field(&e.new, i)).collect());
+            names.push(format!("pgreplica_n{n}"));
+        }
+        let arrays: Vec<String> = (1..=params.len())
+            .map(|p| format!("${p}::text[]"))
+            .collect();
+        format!(
+            "UPDATE ONLY {t} AS pgreplica_t SET {sets} \
+             FROM (SELECT pgreplica_l.ctid AS pgreplica_ctid, s.*, {olds} \
+                     FROM unnest({arrays}) WITH ORDINALITY AS s({names}, pgreplica_seq) \
+                     JOIN ONLY {t} AS pgreplica_l ON {matches} \
+                      FOR UPDATE OF pgreplica_l) AS pgreplica_o \
+             WHERE pgreplica_t.ctid = pgreplica_o.pgreplica_ctid \
+             RETURNING pgreplica_o.pgreplica_seq, {returned}",
+            t = plan.slave,
+            sets = list(&|n, i| format!(
+                "{} = pgreplica_o.pgreplica_n{n}::{}",
+                column(i),
+                plan.types[i]
+            )),
+            olds = list(&|n, i| format!("pgreplica_l.{}::text AS pgreplica_o{n}", column(i))),
+            arrays = arrays.join(", "),
+            names = names.join(", "),
+            matches = matches.join(" AND "),
+            returned = list(&|n, _| format!("pgreplica_o.pgreplica_o{n}")),
+        )
+    } else {
+        let arrays: Vec<String> = (1..=params.len())
+            .map(|p| format!("${p}::text[]"))
+            .collect();
+        format!(
+            "DELETE FROM ONLY {t} AS pgreplica_l \
+             USING unnest({arrays}) WITH ORDINALITY AS s({names}, pgreplica_seq) \
+             WHERE {matches} RETURNING s.pgreplica_seq, {returned}",
+            t = plan.slave,
+            arrays = arrays.join(", "),
+            names = names.join(", "),
+            matches = matches.join(" AND "),
+            returned = list(&|_, i| format!("pgreplica_l.{}::text", column(i))),
+        )
+    };
+    (sql, params)
+}
+
+fn field(row: &Option<Fields>, i: usize) -> Option<String> {
+    row.as_ref().and_then(|r| r[i].clone())
+}
+
+/// Logs a conflict when the slave's row (`local`: position, then the compared
+/// columns' values before the change) was missing or differed from the master's
+/// old row. Returns whether there was one.
+fn check_conflict(run: &SetRun, event: &Event, local: Option<&Row>) -> bool {
+    let master = &run.plan.master;
+    let Some(old) = &event.old else {
+        return false;
+    };
+    let key = master.key_text(old);
+    let what = if run.op == Op::Update {
+        "update"
+    } else {
+        "delete"
+    };
+    let remote_old = columns_text(master, old, &run.compared);
+    let remote_new = event
+        .new
+        .as_ref()
+        .map(|n| columns_text(master, n, &run.compared))
+        .unwrap_or_default();
+    let Some(row) = local else {
+        tracing::warn!(
+            table = %run.plan.slave, key = %key, event = event.id, remote_old = %remote_old,
+            remote_new = %remote_new,
+            "conflict: {what} of a row that is missing on the slave; nothing to apply"
+        );
+        return true;
+    };
+    let local: Fields = (1..=run.compared.len()).map(|n| row.get(n)).collect();
+    let expected: Fields = run.compared.iter().map(|&i| old[i].clone()).collect();
+    if local == expected {
+        return false;
+    }
+    let local_text = run
+        .compared
+        .iter()
+        .zip(&local)
+        .map(|(&i, v)| format!("{}={}", master.columns[i], v.as_deref().unwrap_or("NULL")))
         .collect::<Vec<_>>()
-        .join(" AND ")
+        .join(", ");
+    tracing::warn!(
+        table = %run.plan.slave, key = %key, event = event.id, local = %local_text,
+        remote_old = %remote_old, remote_new = %remote_new,
+        "conflict: {what} of a row that had changed on the slave; the master's change was applied"
+    );
+    true
+}
+
+/// The error of a failed run: exact for a single event; for a longer run, an
+/// [`Error::ApplyRun`] that makes the daemon retry the batch one event at a time.
+fn run_error(run: &SetRun, e: &tokio_postgres::Error) -> Error {
+    let first = &run.events[0];
+    if run.events.len() > 1 {
+        return Error::ApplyRun {
+            table: run.plan.slave.clone(),
+            events: run.events.len(),
+            first: first.id,
+            message: pg_message(e),
+        };
+    }
+    let key = first
+        .old
+        .as_ref()
+        .map(|old| run.plan.master.key_text(old))
+        .unwrap_or_default();
+    apply_error(&run.plan, key, first.id, e)
 }
 
 /// Writes a value in COPY's text format.

@@ -87,16 +87,23 @@ async fn slave_task(
     mut shutdown: watch::Receiver<bool>,
 ) -> bool {
     let mut backoff = Duration::from_secs(1);
+    let mut exact = false;
     tracing::info!(
         "starting: master {}, slave {}",
         redact(&set.master),
         redact(&set.slaves[&slave])
     );
     loop {
-        let error = match session(&set, slave, once, &mut shutdown, &mut backoff).await {
+        let outcome = session(&set, slave, once, &mut shutdown, &mut backoff, &mut exact).await;
+        let error = match outcome {
             Ok(()) => {
                 tracing::info!("stopped");
                 return true;
+            }
+            Err(e @ Error::ApplyRun { .. }) if !exact => {
+                tracing::info!("{e}; applying the batch again one event at a time to find it");
+                exact = true;
+                continue;
             }
             Err(e) => e,
         };
@@ -121,6 +128,7 @@ async fn session(
     once: bool,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
+    exact: &mut bool,
 ) -> Result<(), Error> {
     let slave_dsn = &set.slaves[&slave];
     let (mut master, mut notifications) = db::connect_listening(&set.master, set.keepalive).await?;
@@ -142,8 +150,10 @@ async fn session(
             &mut statements,
             &set.name,
             &prev,
+            *exact,
         )
         .await?;
+        *exact = false;
         let applied = match outcome {
             Some((snapshot, applied)) => {
                 if applied.events > 0 {
@@ -249,6 +259,7 @@ async fn apply_batch(
     statements: &mut Statements,
     set: &str,
     prev: &Snapshot,
+    exact: bool,
 ) -> Result<Option<(Snapshot, Applied)>, Error> {
     let master_tx = master
         .build_transaction()
@@ -264,7 +275,7 @@ async fn apply_batch(
         .transaction()
         .await
         .doing("starting the slave's transaction")?;
-    let mut applier = Applier::new(&slave_tx, statements);
+    let mut applier = Applier::new(&slave_tx, statements, exact);
     while let Some((table, event)) = batch.next().await? {
         applier.apply(&table, event).await?;
     }

@@ -30,6 +30,19 @@ pub enum Error {
         /// PostgreSQL's message.
         message: String,
     },
+    /// A set-based statement applying several events failed; which event it was
+    /// is found by applying the batch again one event per statement.
+    #[error("table {table}, one of {events} events from event {first}: {message}")]
+    ApplyRun {
+        /// The slave's table.
+        table: TableName,
+        /// Events in the statement.
+        events: usize,
+        /// The first event's id.
+        first: i64,
+        /// PostgreSQL's message.
+        message: String,
+    },
     /// Master and slave disagree on a table's definition.
     #[error("table {table}: {message}")]
     Schema {

@@ -201,6 +201,42 @@ async fn insert_conflict_stops_the_slave_until_fixed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_error_inside_a_bulk_update_names_the_exact_row() {
+    let s = Setup::with_schemas(
+        1,
+        ITEMS,
+        &format!("{ITEMS}; ALTER TABLE items ADD CHECK (qty <> 700)"),
+    )
+    .await;
+    let m = s.master().await;
+    let slave = s.slave(0).await;
+    s.replicate(
+        "INSERT INTO items SELECT g, 'row ' || g, 0 FROM generate_series(1, 1000) g",
+        ALL,
+    )
+    .await;
+    m.batch_execute("UPDATE items SET qty = id").await.unwrap();
+    let out = s.run_once();
+    assert!(!out.status.success(), "the failed update stops the slave");
+    let log = text(&out);
+    for part in ["(id)=(700)", "event", "items_qty_check"] {
+        assert!(log.contains(part), "the error names {part}:\n{log}");
+    }
+    let updated: i64 = slave
+        .query_one("SELECT count(*) FROM items WHERE qty <> 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(updated, 0, "nothing of the failed batch is applied");
+    slave
+        .batch_execute("ALTER TABLE items DROP CONSTRAINT items_qty_check")
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn update_or_delete_of_a_missing_or_changed_row_is_a_conflict_warning() {
     let s = Setup::new(1, ITEMS).await;
     let m = s.master().await;
