@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, CopyInSink, Row, Statement, Transaction};
+use tokio_postgres::{Client, CopyInSink, GenericClient, Row, Statement, Transaction};
 
 /// Session settings under which a value's text form is the same as the capture
 /// trigger's, so that texts read back from the slave compare equal.
@@ -38,6 +38,23 @@ CREATE TABLE IF NOT EXISTS pgreplica.progress (
 )";
 
 const PROGRESS_READ_SQL: &str = "SELECT snapshot FROM pgreplica.progress WHERE set_name = $1";
+
+// Tables that `clone` is copying or has copied but not yet handed over: their
+// events are the clone's business, not the batches'.
+const CLONING_SETUP_SQL: &str = "
+CREATE TABLE IF NOT EXISTS pgreplica.cloning (
+    set_name  text NOT NULL,
+    tbl       text NOT NULL,   -- the master's table, quoted schema.name
+    snapshot  text,            -- master snapshot the copy reflects; NULL until copied
+    copied_at timestamptz,
+    PRIMARY KEY (set_name, tbl)
+)";
+
+const CLONING_READ_SQL: &str = "SELECT tbl FROM pgreplica.cloning WHERE set_name = $1";
+
+// Serializes everything that moves a set's progress on a slave: the daemon's
+// batches and the clone's handover.
+const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('pgreplica'), hashtext($1))";
 
 const PROGRESS_WRITE_SQL: &str = "
 INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events) VALUES ($1, $2, now(), $3)
@@ -64,13 +81,39 @@ pub async fn prepare_slave(client: &Client) -> Result<(), Error> {
         .batch_execute(SESSION_SQL)
         .await
         .doing("setting up the slave session")?;
-    client.batch_execute(PROGRESS_SETUP_SQL).await.doing(
-        "creating pgreplica.progress on the slave (the slave's role needs CREATE on the database)",
-    )
+    client
+        .batch_execute(&format!("{PROGRESS_SETUP_SQL}; {CLONING_SETUP_SQL}"))
+        .await
+        .doing(
+            "creating pgreplica.progress on the slave (the slave's role needs CREATE on the database)",
+        )
+}
+
+/// Locks `set`'s progress on the slave for the rest of `tx` and reads it, with
+/// the tables being cloned (quoted master names), whose events batches skip.
+pub async fn lock_set(
+    tx: &Transaction<'_>,
+    set: &str,
+) -> Result<(Option<Snapshot>, HashSet<String>), Error> {
+    tx.execute(LOCK_SQL, &[&set])
+        .await
+        .doing("locking the set's progress on the slave")?;
+    let progress = read_progress(tx, set).await?;
+    let cloning = tx
+        .query(CLONING_READ_SQL, &[&set])
+        .await
+        .doing("reading the tables being cloned")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((progress, cloning))
 }
 
 /// The snapshot the slave has applied up to for `set`, if it has started.
-pub async fn read_progress(client: &Client, set: &str) -> Result<Option<Snapshot>, Error> {
+pub async fn read_progress(
+    client: &impl GenericClient,
+    set: &str,
+) -> Result<Option<Snapshot>, Error> {
     let doing = "reading the slave's progress";
     let row = client
         .query_opt(PROGRESS_READ_SQL, &[&set])
@@ -202,17 +245,19 @@ impl<'t> Applier<'t> {
         }
     }
 
-    /// Sends what is queued, checks every result, and records `snapshot` as the
-    /// slave's progress for `set` in the same transaction.
-    pub async fn finish(mut self, set: &str, snapshot: &Snapshot) -> Result<Applied, Error> {
+    /// Sends what is queued, checks every result, and records `progress` (set,
+    /// snapshot) as the slave's progress in the same transaction when given.
+    pub async fn finish(mut self, progress: Option<(&str, &Snapshot)>) -> Result<Applied, Error> {
         self.flush().await?;
-        self.tx
-            .execute(
-                PROGRESS_WRITE_SQL,
-                &[&set, &snapshot.to_string(), &(self.counts.events as i64)],
-            )
-            .await
-            .doing("writing the slave's progress")?;
+        if let Some((set, snapshot)) = progress {
+            self.tx
+                .execute(
+                    PROGRESS_WRITE_SQL,
+                    &[&set, &snapshot.to_string(), &(self.counts.events as i64)],
+                )
+                .await
+                .doing("writing the slave's progress")?;
+        }
         Ok(self.counts)
     }
 

@@ -51,6 +51,16 @@ impl Snapshot {
         Some(Snapshot { xmin, xmax, xip })
     }
 
+    /// True when every transaction visible in `earlier` is visible in `self`,
+    /// that is, when `self` was taken after `earlier`.
+    pub fn includes(&self, earlier: &Snapshot) -> bool {
+        self.xmax >= earlier.xmax
+            && self
+                .xip
+                .iter()
+                .all(|x| *x >= earlier.xmax || earlier.xip.contains(x))
+    }
+
     /// True when no transaction committed between `self` and the later `next`.
     pub fn same_as(&self, next: &Snapshot) -> bool {
         self.xmax == next.xmax && self.xip == next.xip
@@ -129,6 +139,7 @@ SELECT ev_id, ev_table, ev_op, ev_old, ev_new FROM (
 ) AS l
 WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND NOT txid_visible_in_snapshot(ev_txid, $1::text::txid_snapshot)
+  AND ($6::oid IS NULL OR ev_table = $6)
 ORDER BY ev_id";
 
 const TABLE_SQL: &str = "
@@ -140,6 +151,17 @@ SELECT n.nspname, c.relname,
               WHERE i.indrelid = c.oid AND i.indisprimary)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = $1";
+
+/// The master's current snapshot, read in `tx`.
+pub async fn current_snapshot(tx: &Transaction<'_>) -> Result<Snapshot, Error> {
+    let doing = "taking a snapshot of the master";
+    let row = tx.query_one(SNAPSHOT_SQL, &[]).await.doing(doing)?;
+    let text: String = row.get(0);
+    Snapshot::parse(&text).ok_or_else(|| Error::Query {
+        doing: doing.into(),
+        message: format!("unreadable snapshot '{text}'"),
+    })
+}
 
 /// How many events are fetched from the master at a time.
 const FETCH: i32 = 2000;
@@ -163,16 +185,22 @@ impl<'t> Batch<'t> {
         tx: &'t Transaction<'t>,
         prev: &Snapshot,
     ) -> Result<Option<Batch<'t>>, Error> {
-        let doing = "reading the master's log";
-        let row = tx.query_one(SNAPSHOT_SQL, &[]).await.doing(doing)?;
-        let text: String = row.get(0);
-        let snapshot = Snapshot::parse(&text).ok_or_else(|| Error::Query {
-            doing: doing.into(),
-            message: format!("unreadable snapshot '{text}'"),
-        })?;
+        let snapshot = current_snapshot(tx).await?;
         if prev.same_as(&snapshot) {
             return Ok(None);
         }
+        Batch::between(tx, prev, snapshot, None).await.map(Some)
+    }
+
+    /// Opens the events of transactions visible in `snapshot` and not in `prev`,
+    /// only those of the master table `table` when one is given.
+    pub async fn between(
+        tx: &'t Transaction<'t>,
+        prev: &Snapshot,
+        snapshot: Snapshot,
+        table: Option<u32>,
+    ) -> Result<Batch<'t>, Error> {
+        let doing = "reading the master's log";
         let stmt = tx.prepare(EVENTS_SQL).await.doing(doing)?;
         let portal = tx
             .bind(
@@ -183,12 +211,13 @@ impl<'t> Batch<'t> {
                     &prev.xip,
                     &prev.xmax,
                     &snapshot.xmax,
+                    &table,
                 ],
             )
             .await
             .doing(doing)?;
         let table_stmt = tx.prepare(TABLE_SQL).await.doing(doing)?;
-        Ok(Some(Batch {
+        Ok(Batch {
             tx,
             portal,
             table_stmt,
@@ -196,7 +225,7 @@ impl<'t> Batch<'t> {
             buffered: Vec::new().into_iter(),
             done: false,
             snapshot,
-        }))
+        })
     }
 
     /// The next event and its table, or `None` at the end of the batch.
@@ -311,5 +340,17 @@ mod tests {
         assert!(Snapshot::parse("x:1:").is_none());
         assert!(Snapshot::start().same_as(&Snapshot::parse("1:1:").unwrap()));
         assert!(!s.same_as(&Snapshot::parse("12:20:15").unwrap()));
+    }
+
+    #[test]
+    fn a_later_snapshot_includes_an_earlier_one() {
+        let earlier = Snapshot::parse("10:20:12,15").unwrap();
+        let later = Snapshot::parse("15:30:15,25").unwrap();
+        assert!(later.includes(&earlier));
+        assert!(earlier.includes(&earlier));
+        // 12 committed after `earlier` was taken, and 18 was visible in it.
+        assert!(!earlier.includes(&later));
+        assert!(!Snapshot::parse("10:30:18").unwrap().includes(&earlier));
+        assert!(!Snapshot::parse("10:19:").unwrap().includes(&earlier));
     }
 }

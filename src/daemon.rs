@@ -144,7 +144,7 @@ async fn session(
     let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
     loop {
         while notifications.try_recv().is_ok() {}
-        let outcome = apply_batch(
+        let (snapshot, applied) = apply_batch(
             &mut master,
             &mut slave_client,
             &mut statements,
@@ -154,20 +154,14 @@ async fn session(
         )
         .await?;
         *exact = false;
-        let applied = match outcome {
-            Some((snapshot, applied)) => {
-                if applied.events > 0 {
-                    tracing::info!(
-                        "applied {} events ({} conflicts) up to {snapshot}",
-                        applied.events,
-                        applied.conflicts
-                    );
-                }
-                prev = snapshot;
-                applied
-            }
-            None => Applied::default(),
-        };
+        if applied.events > 0 {
+            tracing::info!(
+                "applied {} events ({} conflicts) up to {snapshot}",
+                applied.events,
+                applied.conflicts
+            );
+        }
+        prev = snapshot;
         *backoff = Duration::from_secs(1);
         master
             .execute(
@@ -212,7 +206,7 @@ async fn session(
 /// Registers the slave on the master and returns where it resumes. The slave's
 /// own progress row is the truth; the master's copy only protects the log from
 /// being cleaned past this slave.
-async fn register(
+pub(crate) async fn register(
     master: &Client,
     slave_client: &Client,
     set: &Config,
@@ -252,15 +246,22 @@ async fn register(
     }
 }
 
-/// Applies the batch that follows `prev`, if anything committed since.
-async fn apply_batch(
+/// Applies the batch that follows the slave's progress (or `prev`, where the
+/// slave has none yet), if anything committed since. Returns where the slave now is.
+pub(crate) async fn apply_batch(
     master: &mut Client,
     slave: &mut Client,
     statements: &mut Statements,
     set: &str,
     prev: &Snapshot,
     exact: bool,
-) -> Result<Option<(Snapshot, Applied)>, Error> {
+) -> Result<(Snapshot, Applied), Error> {
+    let slave_tx = slave
+        .transaction()
+        .await
+        .doing("starting the slave's transaction")?;
+    let (progress, cloning) = apply::lock_set(&slave_tx, set).await?;
+    let prev = progress.unwrap_or_else(|| prev.clone());
     let master_tx = master
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -268,24 +269,22 @@ async fn apply_batch(
         .start()
         .await
         .doing("starting a read on the master")?;
-    let Some(mut batch) = Batch::open(&master_tx, prev).await? else {
-        return Ok(None);
+    let Some(mut batch) = Batch::open(&master_tx, &prev).await? else {
+        return Ok((prev, Applied::default()));
     };
-    let slave_tx = slave
-        .transaction()
-        .await
-        .doing("starting the slave's transaction")?;
     let mut applier = Applier::new(&slave_tx, statements, exact);
     while let Some((table, event)) = batch.next().await? {
-        applier.apply(&table, event).await?;
+        if !cloning.contains(&table.name.quoted()) {
+            applier.apply(&table, event).await?;
+        }
     }
     let snapshot = batch.snapshot.clone();
-    let applied = applier.finish(set, &snapshot).await?;
+    let applied = applier.finish(Some((set, &snapshot))).await?;
     slave_tx
         .commit()
         .await
         .doing("committing the batch on the slave")?;
-    Ok(Some((snapshot, applied)))
+    Ok((snapshot, applied))
 }
 
 /// Records a slave's error on the master for `status`, if the master answers.

@@ -8,6 +8,8 @@
 pub mod apply;
 pub mod batch;
 pub mod capture;
+pub mod check;
+pub mod clone;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
@@ -15,6 +17,7 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod ident;
+pub mod progress;
 pub mod record;
 pub mod status;
 

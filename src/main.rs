@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use pgreplica::{Config, capture, daemon, db, demo, status};
+use pgreplica::{Config, capture, clone, daemon, db, demo, status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +51,24 @@ enum Command {
         json: bool,
         #[command(flatten)]
         sets: Sets,
+    },
+    /// Copy the replicated tables into the slaves while the master keeps taking
+    /// writes, then hand them over to replication (safe to run again)
+    Clone {
+        /// The set's config file
+        config: PathBuf,
+        /// Only this slave (the n of DSNn)
+        #[arg(long)]
+        slave: Option<u32>,
+        /// Tables copied at a time
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Only this table (schema.name); repeatable. Default: every replicated table
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Empty slave tables that already hold rows (default: refuse them)
+        #[arg(long)]
+        truncate: bool,
     },
     /// Start two throwaway local servers and replicate between them
     Demo,
@@ -167,6 +185,24 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 print_status(&all);
             }
             Ok(all.iter().all(|s| s.state == "running"))
+        }
+        Command::Clone {
+            config,
+            slave,
+            jobs,
+            tables,
+            truncate,
+        } => {
+            let set = Config::load(&config)?;
+            init_logging(set.debug_level.max(1));
+            let options = clone::Options {
+                slave,
+                jobs,
+                tables,
+                truncate,
+            };
+            clone::clone(&set, &options).await?;
+            Ok(true)
         }
         Command::Demo => {
             init_logging(1);

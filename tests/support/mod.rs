@@ -2,6 +2,8 @@
 //! the pgreplica binary run the way a DBA runs it.
 #![allow(dead_code)]
 
+pub mod writers;
+
 use pgreplica::cluster::Cluster;
 use pgreplica::demo::copy_out;
 use pgreplica::{capture, db};

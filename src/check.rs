@@ -1,0 +1,1 @@
+//! `check`: compares master and slave.

@@ -1,0 +1,190 @@
+//! `clone`: an online initial copy under writers, restart after kill -9, tables
+//! added to a running set.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::writers::{ACCOUNTS, ALL, start_writers, stop_writers};
+use support::{Setup, count, text};
+
+const LEDGER: &str = "CREATE TABLE ledger (id bigint PRIMARY KEY, account int, amount numeric(12,2), at timestamptz DEFAULT now())";
+const LEDGER_ALL: &str = "SELECT * FROM ledger ORDER BY id";
+
+/// `pgreplica clone` with these arguments, off the async runtime.
+async fn clone(s: &Setup, args: &[&str]) -> Output {
+    let mut all = vec!["clone".to_string(), s.conf.to_str().unwrap().to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        support::pgreplica(&args)
+    })
+    .await
+    .unwrap()
+}
+
+async fn master_with_rows(s: &Setup, ledger_rows: i64) {
+    s.master()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO accounts SELECT g, 'owner ' || g, g * 1.5, 'note' FROM generate_series(0, 399) g;
+             INSERT INTO ledger SELECT g, g % 400, g / 100.0 FROM generate_series(1, {ledger_rows}) g;"
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_under_four_writers_then_replication_carries_on() {
+    let s = Setup::with_schemas(1, &format!("{ACCOUNTS}; {LEDGER}"), "").await;
+    master_with_rows(&s, 100_000).await;
+    let (stop, handles) = start_writers(&s, 4).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = clone(&s, &["--jobs", "2"]).await;
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains("handed over"), "{log}");
+    let _daemon = s.spawn();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let written = stop_writers(stop, handles).await;
+    assert!(
+        written > 100,
+        "the writers wrote during the clone ({written})"
+    );
+    s.wait_same(0, ALL, Duration::from_secs(60)).await;
+    s.wait_same(0, LEDGER_ALL, Duration::from_secs(60)).await;
+    // The slave's tables were created with the master's definition.
+    let slave = s.slave(0).await;
+    let keys: i64 = slave
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indisprimary AND indrelid IN ('accounts'::regclass, 'ledger'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 2, "both tables have their primary key on the slave");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_killed_halfway_starts_again_without_recopying() {
+    let s = Setup::with_schemas(1, &format!("{ACCOUNTS}; {LEDGER}"), "").await;
+    master_with_rows(&s, 1_000_000).await;
+    let (stop, handles) = start_writers(&s, 2).await;
+    // One table at a time, biggest first: kill -9 once the ledger is copied.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["clone", s.conf.to_str().unwrap(), "--jobs", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let slave = s.slave(0).await;
+    let started = Instant::now();
+    loop {
+        let copied = slave
+            .query_opt(
+                "SELECT 1 FROM pgreplica.cloning WHERE snapshot IS NOT NULL",
+                &[],
+            )
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false);
+        if copied {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the ledger was never copied"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "clone ended before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        count(&slave, "ledger").await,
+        1_000_000,
+        "the ledger's copy committed"
+    );
+
+    let out = clone(&s, &[]).await;
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    let log = text(&out);
+    assert!(
+        log.contains("1 tables were copied by an earlier run") && log.contains("copying 1 tables"),
+        "only the rest is copied:\n{log}"
+    );
+    stop_writers(stop, handles).await;
+    s.sync();
+    s.assert_same(0, ALL).await;
+    s.assert_same(0, LEDGER_ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_added_to_a_running_set_joins_without_stopping_the_others() {
+    let s = Setup::new(1, ACCOUNTS).await;
+    let _daemon = s.spawn();
+    let (stop, handles) = start_writers(&s, 2).await;
+    let m = s.master().await;
+    m.batch_execute(&format!(
+        "{LEDGER}; INSERT INTO ledger SELECT g, g % 400, g FROM generate_series(1, 20000) g"
+    ))
+    .await
+    .unwrap();
+    // The master keeps writing the new table during the clone.
+    let writer = tokio::spawn(async move {
+        for i in 0..200 {
+            m.batch_execute(&format!(
+                "UPDATE ledger SET amount = amount + 1 WHERE id = {}; INSERT INTO ledger VALUES ({}, 1, 1)",
+                i * 7 + 1,
+                100_000 + i
+            ))
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let out = clone(&s, &["--table", "public.ledger"]).await;
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    writer.await.unwrap();
+    stop_writers(stop, handles).await;
+    s.wait_same(0, ALL, Duration::from_secs(60)).await;
+    s.wait_same(0, LEDGER_ALL, Duration::from_secs(60)).await;
+    let log = s.daemon_log();
+    assert!(
+        !log.contains("ERROR"),
+        "the running set was never stopped:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_refuses_a_slave_table_with_rows_unless_truncate() {
+    let s = Setup::new(1, ACCOUNTS).await;
+    master_with_rows_accounts_only(&s).await;
+    s.slave(0)
+        .await
+        .batch_execute("INSERT INTO accounts VALUES (-1, 'stale', 0, '')")
+        .await
+        .unwrap();
+    let out = clone(&s, &[]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("already hold rows") && text(&out).contains("--truncate"),
+        "{}",
+        text(&out)
+    );
+    let out = clone(&s, &["--truncate"]).await;
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    s.assert_same(0, ALL).await;
+}
+
+async fn master_with_rows_accounts_only(s: &Setup) {
+    s.master()
+        .await
+        .batch_execute("INSERT INTO accounts SELECT g, 'o', g, 'n' FROM generate_series(1, 500) g")
+        .await
+        .unwrap();
+}
