@@ -1,1 +1,455 @@
-//! `check`: compares master and slave.
+//! `check`: compares master and slave, table by table, at one point of the log.
+//!
+//! The slave is read in one transaction at its progress P (taken under the set's
+//! lock, so no batch is half seen); the master in one transaction at a later
+//! snapshot S. Rows whose key changed between P and S (the events in flight) are
+//! left out and counted. Each table is compared by row counts and checksums
+//! over primary-key ranges of the master's key order, narrowed down by halves
+//! until a range is small enough to compare row by row, so memory stays bounded
+//! whatever the table's size.
+
+use crate::apply::{self, SESSION_SQL};
+use crate::batch::{Batch, Snapshot, current_snapshot};
+use crate::config::Config;
+use crate::db::{self, redact};
+use crate::error::{Context, Error};
+use crate::ident::{TableName, quote_ident};
+use crate::record;
+use std::collections::{HashMap, HashSet};
+use tokio_postgres::Transaction;
+
+/// Rows per range whose checksums are compared first.
+const CHUNK: i64 = 10_000;
+/// Ranges at most this big (on both sides) are compared row by row.
+const LEAF: i64 = 1_000;
+
+/// One difference between master and slave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// A master row the slave lacks.
+    Missing(String),
+    /// A slave row the master lacks.
+    Extra(String),
+    /// A row whose values differ: its key and `column: master …, slave …` parts.
+    Changed(String, Vec<String>),
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::Missing(key) => write!(f, "missing on the slave: {key}"),
+            Difference::Extra(key) => write!(f, "extra on the slave: {key}"),
+            Difference::Changed(key, columns) => {
+                write!(f, "different: {key}: {}", columns.join("; "))
+            }
+        }
+    }
+}
+
+const TABLES_SQL: &str = "
+SELECT c.oid, n.nspname, c.relname,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum ORDER BY k.n)
+  FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+ ORDER BY n.nspname, c.relname";
+
+const LOCK_SQL: &str = "SELECT pg_advisory_lock(hashtext('pgreplica'), hashtext($1))";
+const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock(hashtext('pgreplica'), hashtext($1))";
+
+/// A replicated table as compared: names on the master, key positions.
+struct Table {
+    oid: u32,
+    name: TableName,
+    columns: Vec<String>,
+    key: Vec<usize>,
+}
+
+/// Checks every slave of `set`; prints what it finds and returns the number of
+/// differences (an `Err` when a side cannot be read).
+pub async fn check(set: &Config, tables: &[String]) -> Result<usize, Error> {
+    let mut total = 0;
+    for (&n, dsn) in &set.slaves {
+        println!("set {}, slave {n} ({})", set.name, redact(dsn));
+        total += check_slave(set, dsn, tables).await?;
+    }
+    Ok(total)
+}
+
+async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, Error> {
+    let mut master = db::connect(&set.master, None).await?;
+    let mut slave = db::connect(dsn, None).await?;
+    for client in [&master, &slave] {
+        client
+            .batch_execute(&format!(
+                "{SESSION_SQL}; SET standard_conforming_strings = on"
+            ))
+            .await
+            .doing("setting up the session")?;
+    }
+    apply::prepare_slave(&slave).await?;
+
+    // The slave at its progress, with no batch half applied.
+    slave
+        .execute(LOCK_SQL, &[&set.name])
+        .await
+        .doing("locking the set's progress on the slave")?;
+    let slave_tx = db::read_snapshot(&mut slave, "reading the slave").await?;
+    let progress = apply::read_progress(&slave_tx, &set.name).await;
+    let cloning: HashSet<String> = slave_tx
+        .query(
+            "SELECT tbl FROM pgreplica.cloning WHERE set_name = $1",
+            &[&set.name],
+        )
+        .await
+        .doing("reading the tables being cloned")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    slave_tx
+        .execute(UNLOCK_SQL, &[&set.name])
+        .await
+        .doing("unlocking the set's progress on the slave")?;
+    let Some(position) = progress? else {
+        return Err(Error::Query {
+            doing: "checking".into(),
+            message: "the slave has not replicated this set yet (run pgreplica clone or run)"
+                .into(),
+        });
+    };
+
+    let master_tx = db::read_snapshot(&mut master, "reading the master").await?;
+    let snapshot = current_snapshot(&master_tx).await?;
+    let tables = replicated(&master_tx, only).await?;
+    let mut in_flight = in_flight(&master_tx, &position, &snapshot).await?;
+    let flying: usize = in_flight.values().map(HashSet::len).sum();
+    println!(
+        "compared at the slave's position {position} and master snapshot {snapshot}; \
+         {flying} row(s) changing in between are left out"
+    );
+    let mut total = 0;
+    for table in &tables {
+        let name = table.name.quoted();
+        if cloning.contains(&name) {
+            println!("{name}: being cloned, not compared");
+            continue;
+        }
+        let skip = in_flight.remove(&table.oid).unwrap_or_default();
+        let mut compare = Compare {
+            master: &master_tx,
+            slave: &slave_tx,
+            table,
+            skip: &skip,
+            differences: 0,
+        };
+        let rows = compare.table().await?;
+        total += compare.differences;
+        match compare.differences {
+            0 => println!("{name}: {rows} rows, equal"),
+            n => println!("{name}: {rows} rows on the master, {n} difference(s)"),
+        }
+    }
+    Ok(total)
+}
+
+/// The replicated tables with their columns and keys: all, or those named.
+async fn replicated(master: &Transaction<'_>, only: &[String]) -> Result<Vec<Table>, Error> {
+    let mut wanted = HashSet::new();
+    for name in only {
+        let oid: Option<u32> = master
+            .query_one("SELECT to_regclass($1)::oid", &[name])
+            .await
+            .doing("reading the master's catalog")?
+            .get(0);
+        wanted.insert(oid.ok_or_else(|| Error::Query {
+            doing: format!("checking table {name}"),
+            message: "no such table on the master".into(),
+        })?);
+    }
+    let rows = master
+        .query(TABLES_SQL, &[])
+        .await
+        .doing("listing the replicated tables (is pgreplica installed on the master?)")?;
+    let mut tables = Vec::new();
+    for r in rows {
+        let oid: u32 = r.get(0);
+        if !wanted.is_empty() && !wanted.contains(&oid) {
+            continue;
+        }
+        let columns: Vec<String> = r.get(3);
+        let keys: Vec<String> = r.get(4);
+        let key = keys
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .collect();
+        tables.push(Table {
+            oid,
+            name: TableName {
+                schema: r.get(1),
+                name: r.get(2),
+            },
+            columns,
+            key,
+        });
+    }
+    Ok(tables)
+}
+
+/// Keys (as `(k)=(v)`) of the rows changed between the two positions, by table.
+async fn in_flight(
+    master: &Transaction<'_>,
+    position: &Snapshot,
+    snapshot: &Snapshot,
+) -> Result<HashMap<u32, HashSet<String>>, Error> {
+    let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
+    let mut events = Batch::between(master, position, snapshot.clone(), None).await?;
+    while let Some((table, event)) = events.next().await? {
+        let entry = keys.entry(event.table).or_default();
+        for row in [&event.old, &event.new].into_iter().flatten() {
+            entry.insert(table.key_text(row));
+        }
+    }
+    Ok(keys)
+}
+
+/// A key range `(lo, hi]` in the master's key order; `None` is unbounded.
+#[derive(Clone)]
+struct Range {
+    lo: Option<Vec<String>>,
+    hi: Option<Vec<String>>,
+}
+
+struct Compare<'a> {
+    master: &'a Transaction<'a>,
+    slave: &'a Transaction<'a>,
+    table: &'a Table,
+    skip: &'a HashSet<String>,
+    differences: usize,
+}
+
+impl Compare<'_> {
+    /// Compares the whole table, a chunk of master rows at a time; returns the
+    /// master's row count.
+    async fn table(&mut self) -> Result<i64, Error> {
+        let mut lo = None;
+        let mut rows = 0;
+        loop {
+            let hi = self.boundary(self.master, &lo, CHUNK).await?;
+            let range = Range {
+                lo: lo.clone(),
+                hi: hi.clone(),
+            };
+            rows += self.range(range).await?;
+            match hi {
+                Some(hi) => lo = Some(hi),
+                None => return Ok(rows),
+            }
+        }
+    }
+
+    /// Compares one range, narrowing it where the checksums differ; returns the
+    /// master's row count in it.
+    async fn range(&mut self, range: Range) -> Result<i64, Error> {
+        let mut stack = vec![range];
+        let mut master_rows = None;
+        while let Some(range) = stack.pop() {
+            let (m_count, m_sum) = self.checksum(self.master, &range).await?;
+            let (s_count, s_sum) = self.checksum(self.slave, &range).await?;
+            master_rows.get_or_insert(m_count);
+            if (m_count, &m_sum) == (s_count, &s_sum) {
+                continue;
+            }
+            if m_count.max(s_count) <= LEAF {
+                self.rows(&range).await?;
+                continue;
+            }
+            // Split at the middle key of the side with more rows.
+            let (side, count) = if m_count >= s_count {
+                (self.master, m_count)
+            } else {
+                (self.slave, s_count)
+            };
+            let Some(mid) = self.boundary(side, &range.lo, count / 2).await? else {
+                self.rows(&range).await?;
+                continue;
+            };
+            stack.push(Range {
+                lo: Some(mid.clone()),
+                hi: range.hi.clone(),
+            });
+            stack.push(Range {
+                lo: range.lo,
+                hi: Some(mid),
+            });
+        }
+        Ok(master_rows.unwrap_or(0))
+    }
+
+    /// The key `n` rows after `lo` on one side (the last key of a chunk of `n`),
+    /// or `None` when fewer rows follow.
+    async fn boundary(
+        &self,
+        side: &Transaction<'_>,
+        lo: &Option<Vec<String>>,
+        n: i64,
+    ) -> Result<Option<Vec<String>>, Error> {
+        let range = Range {
+            lo: lo.clone(),
+            hi: None,
+        };
+        let condition = self.condition(&range);
+        let keys = self.key_list("::text");
+        let sql = format!(
+            "SELECT {keys} FROM ONLY {t} WHERE {condition} ORDER BY {order} OFFSET {offset} LIMIT 1",
+            t = self.table.name,
+            order = self.key_list(""),
+            offset = (n - 1).max(0),
+        );
+        let row = side
+            .query_opt(&sql, &[])
+            .await
+            .doing(&format!("reading {}'s keys", self.table.name))?;
+        Ok(row.map(|r| (0..self.table.key.len()).map(|i| r.get(i)).collect()))
+    }
+
+    /// Row count and checksum of a range on one side.
+    async fn checksum(
+        &self,
+        side: &Transaction<'_>,
+        range: &Range,
+    ) -> Result<(i64, String), Error> {
+        let condition = self.condition(range);
+        let sql = format!(
+            "SELECT count(*), coalesce(sum(hashtextextended({row}::text, 0)), 0)::text \
+             FROM ONLY {t} WHERE {condition}",
+            row = self.row(),
+            t = self.table.name,
+        );
+        let r = side
+            .query_one(&sql, &[])
+            .await
+            .doing(&format!("checksumming {}", self.table.name))?;
+        Ok((r.get(0), r.get(1)))
+    }
+
+    /// Compares a small range row by row and prints the differences.
+    async fn rows(&mut self, range: &Range) -> Result<(), Error> {
+        let master = self.fetch(self.master, range).await?;
+        let slave = self.fetch(self.slave, range).await?;
+        let mut found = Vec::new();
+        for (key, m) in &master {
+            match slave.get(key) {
+                None => found.push(Difference::Missing(key.clone())),
+                Some(s) if s != m => {
+                    found.push(Difference::Changed(key.clone(), self.columns(m, s)))
+                }
+                Some(_) => {}
+            }
+        }
+        for key in slave.keys().filter(|k| !master.contains_key(*k)) {
+            found.push(Difference::Extra(key.clone()));
+        }
+        for difference in found {
+            let key = match &difference {
+                Difference::Missing(k) | Difference::Extra(k) | Difference::Changed(k, _) => k,
+            };
+            if self.skip.contains(key) {
+                continue;
+            }
+            self.differences += 1;
+            println!("{}: {difference}", self.table.name);
+        }
+        Ok(())
+    }
+
+    /// A range's rows on one side: key text → row text.
+    async fn fetch(
+        &self,
+        side: &Transaction<'_>,
+        range: &Range,
+    ) -> Result<HashMap<String, String>, Error> {
+        let condition = self.condition(range);
+        let sql = format!(
+            "SELECT {keys}, {row}::text FROM ONLY {t} WHERE {condition}",
+            keys = self.key_list("::text"),
+            row = self.row(),
+            t = self.table.name,
+        );
+        let rows = side
+            .query(&sql, &[])
+            .await
+            .doing(&format!("reading {}", self.table.name))?;
+        let width = self.table.key.len();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let values: Vec<String> = (0..width).map(|i| r.get(i)).collect();
+                (self.key_text(&values), r.get(width))
+            })
+            .collect())
+    }
+
+    /// `col: master …, slave …` for each column that differs.
+    fn columns(&self, master: &str, slave: &str) -> Vec<String> {
+        let (Ok(m), Ok(s)) = (record::parse(master), record::parse(slave)) else {
+            return vec![format!("master {master}, slave {slave}")];
+        };
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
+        self.table
+            .columns
+            .iter()
+            .zip(m.iter().zip(&s))
+            .filter(|(_, (a, b))| a != b)
+            .map(|(c, (a, b))| format!("{c}: master {}, slave {}", show(a), show(b)))
+            .collect()
+    }
+
+    /// `(k1, k2)=(v1, v2)`, as the log's events name keys.
+    fn key_text(&self, values: &[String]) -> String {
+        let names: Vec<&str> = self
+            .table
+            .key
+            .iter()
+            .map(|&k| self.table.columns[k].as_str())
+            .collect();
+        format!("({})=({})", names.join(", "), values.join(", "))
+    }
+
+    /// The row of the master's columns, in the master's order.
+    fn row(&self) -> String {
+        let columns: Vec<String> = self.table.columns.iter().map(|c| quote_ident(c)).collect();
+        format!("ROW({})", columns.join(", "))
+    }
+
+    fn key_list(&self, suffix: &str) -> String {
+        let keys: Vec<String> = self
+            .table
+            .key
+            .iter()
+            .map(|&k| format!("{}{suffix}", quote_ident(&self.table.columns[k])))
+            .collect();
+        keys.join(", ")
+    }
+
+    /// `(k) > (lo) AND (k) <= (hi)`, the bounds as literals that take the key
+    /// columns' own types on each side.
+    fn condition(&self, range: &Range) -> String {
+        let key = format!("({})", self.key_list(""));
+        let mut parts = vec!["true".to_string()];
+        for (bound, op) in [(&range.lo, ">"), (&range.hi, "<=")] {
+            if let Some(values) = bound {
+                let literals: Vec<String> = values.iter().map(|v| literal(v)).collect();
+                parts.push(format!("{key} {op} ({})", literals.join(", ")));
+            }
+        }
+        parts.join(" AND ")
+    }
+}
+
+/// A string literal (the sessions have standard_conforming_strings on).
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}

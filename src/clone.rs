@@ -27,7 +27,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::Client;
 
 /// What to clone.
 #[derive(Debug, Clone, Default)]
@@ -705,13 +705,7 @@ async fn handover(
             .await?;
             continue;
         }
-        let master_tx = master
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .doing("reading the master's log")?;
+        let master_tx = db::read_snapshot(&mut master, "reading the master's log").await?;
         let mut applier = Applier::new(&tx, &mut statements, false);
         for (table, since) in &copied {
             let oid: Option<u32> = master_tx

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::Client;
 use tracing::Instrument;
 
 /// How often an idle slave task checks its servers when `KEEPALIVE` is off.
@@ -262,13 +262,7 @@ pub(crate) async fn apply_batch(
         .doing("starting the slave's transaction")?;
     let (progress, cloning) = apply::lock_set(&slave_tx, set).await?;
     let prev = progress.unwrap_or_else(|| prev.clone());
-    let master_tx = master
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .doing("starting a read on the master")?;
+    let master_tx = db::read_snapshot(master, "starting a read on the master").await?;
     let Some(mut batch) = Batch::open(&master_tx, &prev).await? else {
         return Ok((prev, Applied::default()));
     };

@@ -260,6 +260,21 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A read-only REPEATABLE READ transaction: every read in it sees one snapshot.
+pub async fn read_snapshot<'c>(
+    client: &'c mut Client,
+    doing: &str,
+) -> Result<tokio_postgres::Transaction<'c>, crate::Error> {
+    use crate::error::Context;
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .doing(doing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

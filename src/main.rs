@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use pgreplica::{Config, capture, clone, daemon, db, demo, status};
+use pgreplica::{Config, capture, check, clone, daemon, db, demo, status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +69,15 @@ enum Command {
         /// Empty slave tables that already hold rows (default: refuse them)
         #[arg(long)]
         truncate: bool,
+    },
+    /// Compare the master and the slaves table by table at one point of the log;
+    /// exits 1 when anything differs
+    Check {
+        /// The set's config file
+        config: PathBuf,
+        /// Only this table (schema.name); repeatable. Default: every replicated table
+        #[arg(long = "table")]
+        tables: Vec<String>,
     },
     /// Start two throwaway local servers and replicate between them
     Demo,
@@ -203,6 +212,13 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             };
             clone::clone(&set, &options).await?;
             Ok(true)
+        }
+        Command::Check { config, tables } => {
+            let set = Config::load(&config)?;
+            init_logging(0);
+            let differences = check::check(&set, &tables).await?;
+            println!("{differences} difference(s)");
+            Ok(differences == 0)
         }
         Command::Demo => {
             init_logging(1);

@@ -46,6 +46,13 @@ async fn clone_under_four_writers_then_replication_carries_on() {
     assert!(log.contains("handed over"), "{log}");
     let _daemon = s.spawn();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // While the writers write and the daemon applies, check sees equal sides.
+    let conf = s.conf.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || support::pgreplica(&["check", &conf]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "check under load:\n{}", text(&out));
+    assert!(text(&out).contains("0 difference(s)"), "{}", text(&out));
     let written = stop_writers(stop, handles).await;
     assert!(
         written > 100,
