@@ -23,7 +23,7 @@ use crate::db::{self, pg_message, redact};
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
 use crate::progress::Progress;
-use bytes::Bytes;
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,9 @@ pub struct Options {
     /// Empty slave tables that hold rows instead of refusing them.
     pub truncate: bool,
 }
+
+/// Bytes of COPY data sent to the slave at a time.
+const COPY_PIECE: usize = 256 << 10;
 
 /// A replicated table of the master.
 #[derive(Debug, Clone)]
@@ -385,28 +388,16 @@ impl Job {
             .await
             .doing("reading the slave's catalog")?
             .get(0);
-        let mut deferred = String::new();
-        if exists {
+        let ddl = if exists {
             tx.batch_execute(&format!("TRUNCATE ONLY {name}"))
                 .await
                 .doing(&format!("emptying {name} on the slave"))?;
+            None
         } else {
             let ddl = table_ddl(&self.master_dsn, &t.name)?;
-            tx.batch_execute(&ddl.now)
-                .await
-                .map_err(|e| Error::Schema {
-                    table: t.name.clone(),
-                    message: format!(
-                        "creating it on the slave from the master's definition failed: {} \
-                         (create the types and schemas it needs on the slave first)",
-                        pg_message(&e)
-                    ),
-                })?;
-            tx.batch_execute(apply::SESSION_SQL)
-                .await
-                .doing("setting up the slave session")?;
-            deferred = ddl.deferred;
-        }
+            self.create(&tx, &t.name, &ddl.before).await?;
+            Some(ddl)
+        };
         let (columns, binary) = copy_columns(master, &tx, &t.name).await?;
         let list = columns.join(", ");
         let format = if binary { "binary" } else { "text" };
@@ -424,32 +415,66 @@ impl Job {
             .doing(&format!("writing {name} on the slave"))?;
         futures_util::pin_mut!(out);
         futures_util::pin_mut!(sink);
+        // The master sends a message per row: they go on in pieces of COPY_PIECE.
         let mut rows = RowCounter::new(binary);
-        while let Some(chunk) = out.next().await {
-            let chunk: Bytes = chunk.doing(&format!("reading {name} on the master"))?;
-            self.progress
-                .add(&name, rows.count(&chunk), chunk.len() as u64);
-            sink.send(chunk)
-                .await
-                .doing(&format!("writing {name} on the slave"))?;
+        let mut piece = BytesMut::with_capacity(COPY_PIECE);
+        let mut ended = false;
+        while !ended {
+            match out.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.doing(&format!("reading {name} on the master"))?;
+                    piece.extend_from_slice(&chunk);
+                }
+                None => ended = true,
+            }
+            if piece.len() >= COPY_PIECE || (ended && !piece.is_empty()) {
+                self.progress
+                    .add(&name, rows.count(&piece), piece.len() as u64);
+                sink.send(piece.split().freeze())
+                    .await
+                    .doing(&format!("writing {name} on the slave"))?;
+            }
         }
         sink.as_mut()
             .finish()
             .await
             .doing(&format!("writing {name} on the slave"))?;
-        tx.execute(COPIED_SQL, &[&self.set, &name, &self.snapshot])
-            .await
-            .doing("recording the copy on the slave")?;
-        if !deferred.is_empty() {
-            tx.execute(DEFER_SQL, &[&self.set, &name, &deferred])
+        if let Some(ddl) = &ddl {
+            self.create(&tx, &t.name, &ddl.after).await?;
+            tx.execute(DEFER_SQL, &[&self.set, &name, &ddl.deferred])
                 .await
                 .doing("recording the copy on the slave")?;
         }
+        tx.execute(COPIED_SQL, &[&self.set, &name, &self.snapshot])
+            .await
+            .doing("recording the copy on the slave")?;
         tx.commit()
             .await
             .doing(&format!("committing the copy of {name}"))?;
         self.progress.done(&name);
         Ok(())
+    }
+}
+
+impl Job {
+    /// Runs part of a table's definition from the master on the slave.
+    async fn create(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        table: &TableName,
+        sql: &str,
+    ) -> Result<(), Error> {
+        tx.batch_execute(sql).await.map_err(|e| Error::Schema {
+            table: table.clone(),
+            message: format!(
+                "creating it on the slave from the master's definition failed: {} \
+                 (create the types and schemas it needs on the slave first)",
+                pg_message(&e)
+            ),
+        })?;
+        tx.batch_execute(apply::SESSION_SQL)
+            .await
+            .doing("setting up the slave session")
     }
 }
 
@@ -506,11 +531,13 @@ async fn copy_columns(
     ))
 }
 
-/// A table's definition from `pg_dump --schema-only`, split into what is run
-/// with the copy and what waits for the handover (foreign keys, which need the
-/// tables they reference).
+/// A table's definition from `pg_dump --schema-only`, split as `pg_restore`
+/// does: the table before its rows, its keys and indexes after them (building an
+/// index once is faster than maintaining it row by row), and its foreign keys
+/// at the handover, when the tables they reference are there.
 struct Ddl {
-    now: String,
+    before: String,
+    after: String,
     deferred: String,
 }
 
@@ -548,11 +575,14 @@ fn table_ddl(master_dsn: &str, table: &TableName) -> Result<Ddl, Error> {
 }
 
 /// Splits `pg_dump` output at its `-- Name: …; Type: …;` headers: drops
-/// pgreplica's own capture triggers and psql meta-commands, defers foreign keys.
+/// pgreplica's own capture triggers and psql meta-commands.
 fn split_dump(schema: &str, dump: &str) -> Ddl {
-    let mut now = format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema));
-    let mut deferred = String::new();
-    let mut target = &mut now;
+    let mut ddl = Ddl {
+        before: format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)),
+        after: String::new(),
+        deferred: String::new(),
+    };
+    let mut target = &mut ddl.before;
     let mut skip = false;
     for line in dump.lines() {
         if let Some(header) = line.strip_prefix("-- Name: ") {
@@ -566,10 +596,10 @@ fn split_dump(schema: &str, dump: &str) -> Ddl {
                 && object
                     .split_whitespace()
                     .any(|w| w.starts_with("pgreplica_"));
-            target = if kind == "FK CONSTRAINT" {
-                &mut deferred
-            } else {
-                &mut now
+            target = match kind {
+                "FK CONSTRAINT" => &mut ddl.deferred,
+                "CONSTRAINT" | "INDEX" | "TRIGGER" | "RULE" => &mut ddl.after,
+                _ => &mut ddl.before,
             };
             continue;
         }
@@ -579,7 +609,7 @@ fn split_dump(schema: &str, dump: &str) -> Ddl {
         target.push_str(line);
         target.push('\n');
     }
-    Ddl { now, deferred }
+    ddl
 }
 
 /// Counts rows in a COPY stream, text (lines) or binary (tuples).
@@ -766,12 +796,14 @@ mod tests {
             -- Name: t t_fk; Type: FK CONSTRAINT; Schema: s; Owner: -\n\nALTER TABLE ONLY s.t ADD CONSTRAINT t_fk FOREIGN KEY (id) REFERENCES s.u(id);\n\
             \\unrestrict abc\n";
         let ddl = split_dump("s", dump);
-        assert!(ddl.now.contains("CREATE SCHEMA IF NOT EXISTS \"s\";"));
-        assert!(ddl.now.contains("CREATE TABLE s.t (id int);"));
-        assert!(ddl.now.contains("PRIMARY KEY (id)"));
-        assert!(!ddl.now.contains("pgreplica_insert"));
-        assert!(!ddl.now.contains("restrict"));
-        assert!(!ddl.now.contains("FOREIGN KEY"));
+        assert!(ddl.before.contains("CREATE SCHEMA IF NOT EXISTS \"s\";"));
+        assert!(ddl.before.contains("CREATE TABLE s.t (id int);"));
+        assert!(!ddl.before.contains("PRIMARY KEY"));
+        assert!(ddl.after.contains("PRIMARY KEY (id)"));
+        let all = format!("{}{}", ddl.before, ddl.after);
+        assert!(!all.contains("pgreplica_insert"));
+        assert!(!all.contains("restrict"));
+        assert!(!all.contains("FOREIGN KEY"));
         assert!(ddl.deferred.contains("FOREIGN KEY"));
     }
 
