@@ -182,13 +182,18 @@ struct CopyRun {
 }
 
 /// Counts of one applied batch.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Applied {
     /// Events applied.
     pub events: u64,
     /// Conflicts detected (and logged).
     pub conflicts: u64,
+    /// The first conflicts described, for the warning mail.
+    pub notes: Vec<String>,
 }
+
+/// Conflicts described in full per batch; the rest are counted.
+const NOTES: usize = 20;
 
 /// Applies one batch's events inside a slave transaction.
 pub struct Applier<'t> {
@@ -482,7 +487,12 @@ impl<'t> Applier<'t> {
         let found: HashMap<i64, &Row> = rows.iter().map(|r| (r.get(0), r)).collect();
         for (n, event) in run.events.iter().enumerate() {
             let row = found.get(&(n as i64 + 1)).copied();
-            self.counts.conflicts += u64::from(check_conflict(run, event, row));
+            if let Some(note) = check_conflict(run, event, row) {
+                self.counts.conflicts += 1;
+                if self.counts.notes.len() < NOTES {
+                    self.counts.notes.push(note);
+                }
+            }
         }
         Ok(())
     }
@@ -630,12 +640,10 @@ fn field(row: &Option<Fields>, i: usize) -> Option<String> {
 
 /// Logs a conflict when the slave's row (`local`: position, then the compared
 /// columns' values before the change) was missing or differed from the master's
-/// old row. Returns whether there was one.
-fn check_conflict(run: &SetRun, event: &Event, local: Option<&Row>) -> bool {
+/// old row. Returns its description.
+fn check_conflict(run: &SetRun, event: &Event, local: Option<&Row>) -> Option<String> {
     let master = &run.plan.master;
-    let Some(old) = &event.old else {
-        return false;
-    };
+    let old = event.old.as_ref()?;
     let key = master.key_text(old);
     let what = if run.op == Op::Update {
         "update"
@@ -648,18 +656,23 @@ fn check_conflict(run: &SetRun, event: &Event, local: Option<&Row>) -> bool {
         .as_ref()
         .map(|n| columns_text(master, n, &run.compared))
         .unwrap_or_default();
+    let table = &run.plan.slave;
     let Some(row) = local else {
         tracing::warn!(
-            table = %run.plan.slave, key = %key, event = event.id, remote_old = %remote_old,
+            table = %table, key = %key, event = event.id, remote_old = %remote_old,
             remote_new = %remote_new,
             "conflict: {what} of a row that is missing on the slave; nothing to apply"
         );
-        return true;
+        return Some(format!(
+            "{what} of a row missing on the slave, nothing applied: table {table}, key {key}, \
+             event {}, master before: {remote_old}, master after: {remote_new}",
+            event.id
+        ));
     };
     let local: Fields = (1..=run.compared.len()).map(|n| row.get(n)).collect();
     let expected: Fields = run.compared.iter().map(|&i| old[i].clone()).collect();
     if local == expected {
-        return false;
+        return None;
     }
     let local_text = run
         .compared
@@ -673,7 +686,12 @@ fn check_conflict(run: &SetRun, event: &Event, local: Option<&Row>) -> bool {
         remote_old = %remote_old, remote_new = %remote_new,
         "conflict: {what} of a row that had changed on the slave; the master's change was applied"
     );
-    true
+    Some(format!(
+        "{what} of a row changed on the slave, the master's change applied: table {table}, \
+         key {key}, event {}, slave had: {local_text}, master before: {remote_old}, \
+         master after: {remote_new}",
+        event.id
+    ))
 }
 
 /// The error of a failed run: exact for a single event; for a longer run, an

@@ -32,7 +32,7 @@ pub struct Config {
 }
 
 /// PyReplica's `[SMTP]` section.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Smtp {
     /// `SERVER`: host or host:port.
     pub server: String,
@@ -46,6 +46,43 @@ pub struct Smtp {
     pub to: Vec<String>,
     /// Subjects by kind: START, STOP, ERROR, WARNING.
     pub subjects: BTreeMap<String, String>,
+    /// `TLS`: how the connection is secured.
+    pub tls: SmtpTls,
+    /// `DIGEST_INTERVAL` (seconds): after a mail of one kind, further ones
+    /// within this time go out together as one digest at its end.
+    pub digest: Duration,
+}
+
+/// How mail connections are secured (`[SMTP] TLS=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// STARTTLS when the server offers it (the default).
+    #[default]
+    Opportunistic,
+    /// STARTTLS, required.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// Plain text.
+    Off,
+}
+
+/// Default `[SMTP] DIGEST_INTERVAL`.
+pub const DEFAULT_DIGEST: Duration = Duration::from_secs(600);
+
+impl Default for Smtp {
+    fn default() -> Smtp {
+        Smtp {
+            server: String::new(),
+            username: None,
+            password: None,
+            from: String::new(),
+            to: Vec::new(),
+            subjects: BTreeMap::new(),
+            tls: SmtpTls::default(),
+            digest: DEFAULT_DIGEST,
+        }
+    }
 }
 
 /// A configuration file that cannot be used, with the place that is wrong.
@@ -93,6 +130,8 @@ const SMTP_KEYS: &[&str] = &[
     "WARNING_SUBJECT",
     "FROM_ADDR",
     "TO_ADDRS",
+    "TLS",
+    "DIGEST_INTERVAL",
 ];
 
 impl Config {
@@ -263,6 +302,27 @@ fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
         "USERNAME" => smtp.username = Some(value),
         "PASSWORD" => smtp.password = Some(value),
         "FROM_ADDR" => smtp.from = value,
+        "TLS" => {
+            smtp.tls = match value.to_ascii_lowercase().as_str() {
+                "opportunistic" | "" => SmtpTls::Opportunistic,
+                "starttls" => SmtpTls::StartTls,
+                "tls" | "ssl" => SmtpTls::Tls,
+                "off" | "none" | "false" => SmtpTls::Off,
+                _ => {
+                    return Err(format!(
+                        "'{value}' is not one of opportunistic, starttls, tls, off"
+                    ));
+                }
+            }
+        }
+        "DIGEST_INTERVAL" => {
+            let seconds: f64 = value
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| format!("'{value}' is not a number of seconds"))?;
+            smtp.digest = Duration::from_secs_f64(seconds);
+        }
         "TO_ADDRS" => {
             smtp.to = value
                 .split(';')
@@ -271,7 +331,7 @@ fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
                 .map(String::from)
                 .collect()
         }
-        _ if SMTP_KEYS.contains(&key) => {
+        _ if key.ends_with("_SUBJECT") && SMTP_KEYS.contains(&key) => {
             let kind = key.trim_end_matches("_SUBJECT").to_string();
             smtp.subjects.insert(kind, value);
         }

@@ -5,6 +5,7 @@ use crate::batch::{Batch, Snapshot};
 use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
+use crate::mail::{Kind, Mailer};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ use tracing::Instrument;
 const IDLE_CHECK: Duration = Duration::from_secs(60);
 /// Minimum time between two cleanups of the master's log by one task.
 const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+/// Longest wait for the last mails at shutdown.
+const MAIL_FLUSH: Duration = Duration::from_secs(40);
 /// Longest wait between two attempts after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -64,141 +67,229 @@ pub async fn run(sets: Vec<Config>, once: bool, shutdown: watch::Receiver<bool>)
         }
     }
     let mut tasks = Vec::new();
+    let mut mailers = Vec::new();
     for set in sets {
         let set = Arc::new(set);
+        let (mailer, sender) = Mailer::start(&set.name, set.smtp.clone());
+        if !once {
+            mailer.send(Kind::Start, describe(&set, "pgreplica started replicating"));
+        }
         for &slave in set.slaves.keys() {
             let span = tracing::info_span!("set", name = %set.name, slave);
-            let task = slave_task(set.clone(), slave, once, shutdown.clone()).instrument(span);
-            tasks.push(tokio::spawn(task));
+            let state = Slave {
+                set: set.clone(),
+                number: slave,
+                once,
+                mailer: mailer.clone(),
+                backoff: Duration::from_secs(1),
+                exact: false,
+                failing: None,
+            };
+            tasks.push(tokio::spawn(state.run(shutdown.clone()).instrument(span)));
         }
+        mailers.push((set, mailer, sender));
     }
     let mut ok = true;
     for task in tasks {
         ok &= task.await.unwrap_or(false);
     }
+    for (set, mailer, sender) in mailers {
+        if !once {
+            mailer.send(Kind::Stop, describe(&set, "pgreplica stopped replicating"));
+        }
+        drop(mailer);
+        if let Some(sender) = sender
+            && tokio::time::timeout(MAIL_FLUSH, sender).await.is_err()
+        {
+            tracing::warn!("the mail server did not take the last mails in time");
+        }
+    }
     ok
 }
 
-/// Replicates one slave, retrying with backoff after any error.
-async fn slave_task(
-    set: Arc<Config>,
-    slave: u32,
-    once: bool,
-    mut shutdown: watch::Receiver<bool>,
-) -> bool {
-    let mut backoff = Duration::from_secs(1);
-    let mut exact = false;
-    tracing::info!(
-        "starting: master {}, slave {}",
+/// `what` set NAME from the master to its slaves, DSNs without passwords.
+fn describe(set: &Config, what: &str) -> String {
+    let slaves: Vec<String> = set
+        .slaves
+        .iter()
+        .map(|(n, dsn)| format!("  slave {n}: {}", redact(dsn)))
+        .collect();
+    format!(
+        "{what} set {} ({}).\n  master: {}\n{}",
+        set.name,
+        set.path.display(),
         redact(&set.master),
-        redact(&set.slaves[&slave])
-    );
-    loop {
-        let outcome = session(&set, slave, once, &mut shutdown, &mut backoff, &mut exact).await;
-        let error = match outcome {
-            Ok(()) => {
-                tracing::info!("stopped");
-                return true;
-            }
-            Err(e @ Error::ApplyRun { .. }) if !exact => {
-                tracing::info!("{e}; applying the batch again one event at a time to find it");
-                exact = true;
-                continue;
-            }
-            Err(e) => e,
-        };
-        record_error(&set, slave, &error).await;
-        if once {
-            tracing::error!("{error}");
-            return false;
-        }
-        tracing::error!("{error}; retrying in {}s", backoff.as_secs());
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return true,
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+        slaves.join("\n")
+    )
 }
 
-/// One connected stretch: connect both sides, then apply batches as NOTIFYs come.
-async fn session(
-    set: &Config,
-    slave: u32,
+/// One slave of a set, and what its task keeps across sessions.
+struct Slave {
+    set: Arc<Config>,
+    number: u32,
     once: bool,
-    shutdown: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
-    exact: &mut bool,
-) -> Result<(), Error> {
-    let slave_dsn = &set.slaves[&slave];
-    let (mut master, mut notifications) = db::connect_listening(&set.master, set.keepalive).await?;
-    master
-        .batch_execute("LISTEN pgreplica")
-        .await
-        .doing("listening on the master (is pgreplica installed there? run pgreplica install)")?;
-    let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
-    apply::prepare_slave(&slave_client).await?;
-    let mut prev = register(&master, &slave_client, set, slave).await?;
-    let mut statements = Statements::default();
-    let mut last_cleanup: Option<Instant> = None;
-    let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
-    loop {
-        while notifications.try_recv().is_ok() {}
-        let (snapshot, applied) = apply_batch(
-            &mut master,
-            &mut slave_client,
-            &mut statements,
-            &set.name,
-            &prev,
-            *exact,
-        )
-        .await?;
-        *exact = false;
-        if applied.events > 0 {
-            tracing::info!(
-                "applied {} events ({} conflicts) up to {snapshot}",
-                applied.events,
-                applied.conflicts
-            );
-        }
-        prev = snapshot;
-        *backoff = Duration::from_secs(1);
-        master
-            .execute(
-                REPORT_SQL,
-                &[
-                    &set.name,
-                    &(slave as i32),
-                    &prev.to_string(),
-                    &(applied.events as i64),
-                    &(applied.conflicts as i64),
-                ],
-            )
-            .await
-            .doing("reporting progress to the master")?;
-        if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
-            let removed = master
-                .execute(CLEANUP_SQL, &[])
-                .await
-                .doing("cleaning the master's log")?;
-            if removed > 0 {
-                tracing::debug!("removed {removed} applied events from the master's log");
-            }
-            last_cleanup = Some(Instant::now());
-        }
-        if once {
-            return Ok(());
-        }
-        tokio::select! {
-            note = notifications.recv() => {
-                if note.is_none() {
-                    return Err(Error::Lost("master"));
+    mailer: Mailer,
+    backoff: Duration,
+    /// Apply the next batch one event per statement (to name a failing event).
+    exact: bool,
+    /// The error this slave is stopped on, once mailed.
+    failing: Option<String>,
+}
+
+impl Slave {
+    /// Replicates until shutdown (or, `once`, until caught up), retrying with
+    /// backoff after any error. Returns false when stopped by an error in `once` mode.
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> bool {
+        tracing::info!(
+            "starting: master {}, slave {}",
+            redact(&self.set.master),
+            redact(&self.set.slaves[&self.number])
+        );
+        loop {
+            let error = match self.session(&mut shutdown).await {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    return true;
                 }
+                Err(e @ Error::ApplyRun { .. }) if !self.exact => {
+                    tracing::info!("{e}; applying the batch again one event at a time to find it");
+                    self.exact = true;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            record_error(&self.set, self.number, &error).await;
+            self.mail_error(&error);
+            if self.once {
+                tracing::error!("{error}");
+                return false;
             }
-            _ = tokio::time::sleep(heartbeat) => {
-                slave_client.simple_query("SELECT 1").await.doing("checking the slave")?;
+            tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
+            tokio::select! {
+                _ = tokio::time::sleep(self.backoff) => {}
+                _ = shutdown.changed() => return true,
             }
-            _ = shutdown.changed() => return Ok(()),
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Mails an error once; the retries of the same error only go to the log.
+    fn mail_error(&mut self, error: &Error) {
+        let text = error.to_string();
+        if self.failing.as_ref() == Some(&text) {
+            return;
+        }
+        self.mailer.send(
+            Kind::Error,
+            format!(
+                "Slave {} ({}) of set {} is stopped by an error:\n\n{text}\n\n\
+                 It keeps its place in the master's log (nothing is skipped) and retries \
+                 with backoff up to every {}s: fix the cause (see the message; \
+                 `pgreplica status {}` shows it too) and it resumes by itself.",
+                self.number,
+                redact(&self.set.slaves[&self.number]),
+                self.set.name,
+                MAX_BACKOFF.as_secs(),
+                self.set.path.display()
+            ),
+        );
+        self.failing = Some(text);
+    }
+
+    /// One connected stretch: connect both sides, then apply batches as NOTIFYs come.
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let set = self.set.clone();
+        let slave = self.number;
+        let slave_dsn = &set.slaves[&slave];
+        let (mut master, mut notifications) =
+            db::connect_listening(&set.master, set.keepalive).await?;
+        master.batch_execute("LISTEN pgreplica").await.doing(
+            "listening on the master (is pgreplica installed there? run pgreplica install)",
+        )?;
+        let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
+        apply::prepare_slave(&slave_client).await?;
+        let mut prev = register(&master, &slave_client, &set, slave).await?;
+        let mut statements = Statements::default();
+        let mut last_cleanup: Option<Instant> = None;
+        let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
+        loop {
+            while notifications.try_recv().is_ok() {}
+            let (snapshot, applied) = apply_batch(
+                &mut master,
+                &mut slave_client,
+                &mut statements,
+                &set.name,
+                &prev,
+                self.exact,
+            )
+            .await?;
+            self.exact = false;
+            self.backoff = Duration::from_secs(1);
+            if let Some(error) = self.failing.take() {
+                self.mailer.send(
+                    Kind::Start,
+                    format!(
+                        "Slave {slave} of set {} resumed replication after this error:\n\n{error}",
+                        set.name
+                    ),
+                );
+            }
+            if applied.events > 0 {
+                tracing::info!(
+                    "applied {} events ({} conflicts) up to {snapshot}",
+                    applied.events,
+                    applied.conflicts
+                );
+            }
+            if applied.conflicts > 0 {
+                self.mailer.send(
+                    Kind::Warning,
+                    format!(
+                        "{} conflict(s) on slave {slave} of set {} in the batch up to {snapshot}:\n\n{}",
+                        applied.conflicts,
+                        set.name,
+                        applied.notes.join("\n")
+                    ),
+                );
+            }
+            prev = snapshot;
+            master
+                .execute(
+                    REPORT_SQL,
+                    &[
+                        &set.name,
+                        &(slave as i32),
+                        &prev.to_string(),
+                        &(applied.events as i64),
+                        &(applied.conflicts as i64),
+                    ],
+                )
+                .await
+                .doing("reporting progress to the master")?;
+            if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
+                let removed = master
+                    .execute(CLEANUP_SQL, &[])
+                    .await
+                    .doing("cleaning the master's log")?;
+                if removed > 0 {
+                    tracing::debug!("removed {removed} applied events from the master's log");
+                }
+                last_cleanup = Some(Instant::now());
+            }
+            if self.once {
+                return Ok(());
+            }
+            tokio::select! {
+                note = notifications.recv() => {
+                    if note.is_none() {
+                        return Err(Error::Lost("master"));
+                    }
+                }
+                _ = tokio::time::sleep(heartbeat) => {
+                    slave_client.simple_query("SELECT 1").await.doing("checking the slave")?;
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
         }
     }
 }

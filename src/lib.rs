@@ -17,6 +17,7 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod ident;
+pub mod mail;
 pub mod progress;
 pub mod record;
 pub mod status;

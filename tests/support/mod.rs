@@ -2,6 +2,7 @@
 //! the pgreplica binary run the way a DBA runs it.
 #![allow(dead_code)]
 
+pub mod smtp;
 pub mod writers;
 
 use pgreplica::cluster::Cluster;
@@ -112,6 +113,13 @@ impl Setup {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Appends lines to the set's config file.
+    pub fn configure(&self, lines: &str) {
+        let mut text = std::fs::read_to_string(&self.conf).unwrap();
+        text.push_str(lines);
+        std::fs::write(&self.conf, text).unwrap();
+    }
+
     /// Runs `sql` on the master, applies it with `run --once`, and compares `query`
     /// on the master and the first slave.
     pub async fn replicate(&self, sql: &str, query: &str) {
@@ -168,6 +176,13 @@ impl Drop for Setup {
 pub struct Daemon(pub Child);
 
 impl Daemon {
+    /// SIGTERM, as an operator's stop; waits for the process to end.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill only sends a signal to our own child process.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().unwrap()
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill9(&mut self) {
         let _ = self.0.kill();
