@@ -9,7 +9,7 @@ use thiserror::Error;
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// One replication set: a master and its slaves, read from one file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
@@ -32,7 +32,7 @@ pub struct Config {
 }
 
 /// PyReplica's `[SMTP]` section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Smtp {
     /// `SERVER`: host or host:port.
     pub server: String,

@@ -9,7 +9,7 @@ use crate::mail::{Kind, Mailer};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tracing::Instrument;
 
@@ -49,11 +49,70 @@ DELETE FROM pgreplica.log
  WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)";
 
 /// Runs every slave of every set until `shutdown` turns true, or, with `once`,
-/// until each slave has applied everything committed when it started. Returns
-/// false when a slave was stopped by an error (in `once` mode) or a set is invalid.
-pub async fn run(sets: Vec<Config>, once: bool, shutdown: watch::Receiver<bool>) -> bool {
+/// until each slave has applied everything committed when it started. Each
+/// `reload` brings the sets to run from then on: sets added start, sets removed
+/// stop, sets whose file changed restart, the others carry on untouched.
+/// Returns false when a slave was stopped by an error (in `once` mode) or the
+/// sets given at start are invalid.
+pub async fn run(
+    sets: Vec<Config>,
+    once: bool,
+    mut shutdown: watch::Receiver<bool>,
+    mut reload: mpsc::Receiver<Vec<Config>>,
+) -> bool {
+    if !valid(&sets) {
+        return false;
+    }
+    let mut running: Vec<Running> = sets.into_iter().map(|s| Running::start(s, once)).collect();
+    if once {
+        let mut ok = true;
+        for set in running {
+            ok &= set.stop(false).await;
+        }
+        return ok;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(sets) = reload.recv() => {
+                if !valid(&sets) {
+                    tracing::error!("reload refused: the running sets carry on unchanged");
+                    continue;
+                }
+                let mut kept = Vec::new();
+                for set in running {
+                    match sets.iter().find(|s| s.name == set.config.name) {
+                        Some(new) if *new == *set.config => kept.push(set),
+                        Some(_) => {
+                            tracing::info!("set {}: its file changed, restarting it", set.config.name);
+                            set.stop(true).await;
+                        }
+                        None => {
+                            tracing::info!("set {}: its file is gone, stopping it", set.config.name);
+                            set.stop(true).await;
+                        }
+                    }
+                }
+                for new in sets {
+                    if !kept.iter().any(|k| k.config.name == new.name) {
+                        tracing::info!("set {}: starting", new.name);
+                        kept.push(Running::start(new, false));
+                    }
+                }
+                running = kept;
+            }
+        }
+    }
+    for set in running {
+        set.stop(true).await;
+    }
+    true
+}
+
+/// Checks that set names are unique, and logs the files' warnings.
+fn valid(sets: &[Config]) -> bool {
     let mut names = HashSet::new();
-    for set in &sets {
+    for set in sets {
         if !names.insert(set.name.clone()) {
             tracing::error!(
                 "{}: NAME={} is used by another file too; every set needs its own name",
@@ -66,45 +125,82 @@ pub async fn run(sets: Vec<Config>, once: bool, shutdown: watch::Receiver<bool>)
             tracing::warn!("{}: {warning}", set.path.display());
         }
     }
-    let mut tasks = Vec::new();
-    let mut mailers = Vec::new();
-    for set in sets {
-        let set = Arc::new(set);
-        let (mailer, sender) = Mailer::start(&set.name, set.smtp.clone());
+    true
+}
+
+/// A running set: one task per slave, its mailer, and how to stop it.
+struct Running {
+    config: Arc<Config>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<bool>>,
+    mailer: Mailer,
+    sender: Option<tokio::task::JoinHandle<()>>,
+    once: bool,
+}
+
+impl Running {
+    fn start(config: Config, once: bool) -> Running {
+        let config = Arc::new(config);
+        let (stop, stopped) = watch::channel(false);
+        let (mailer, sender) = Mailer::start(&config.name, config.smtp.clone());
         if !once {
-            mailer.send(Kind::Start, describe(&set, "pgreplica started replicating"));
+            mailer.send(
+                Kind::Start,
+                describe(&config, "pgreplica started replicating"),
+            );
         }
-        for &slave in set.slaves.keys() {
-            let span = tracing::info_span!("set", name = %set.name, slave);
-            let state = Slave {
-                set: set.clone(),
-                number: slave,
-                once,
-                mailer: mailer.clone(),
-                backoff: Duration::from_secs(1),
-                exact: false,
-                failing: None,
-            };
-            tasks.push(tokio::spawn(state.run(shutdown.clone()).instrument(span)));
+        let tasks = config
+            .slaves
+            .keys()
+            .map(|&slave| {
+                let span = tracing::info_span!("set", name = %config.name, slave);
+                let state = Slave {
+                    set: config.clone(),
+                    number: slave,
+                    once,
+                    mailer: mailer.clone(),
+                    backoff: Duration::from_secs(1),
+                    exact: false,
+                    failing: None,
+                };
+                tokio::spawn(state.run(stopped.clone()).instrument(span))
+            })
+            .collect();
+        Running {
+            config,
+            stop,
+            tasks,
+            mailer,
+            sender,
+            once,
         }
-        mailers.push((set, mailer, sender));
     }
-    let mut ok = true;
-    for task in tasks {
-        ok &= task.await.unwrap_or(false);
-    }
-    for (set, mailer, sender) in mailers {
-        if !once {
-            mailer.send(Kind::Stop, describe(&set, "pgreplica stopped replicating"));
+
+    /// Stops the slaves (each finishes its batch in hand, or, without `now`,
+    /// catches up first: `once`), mails the stop and sends the last mails.
+    /// Returns false when a slave ended on an error.
+    async fn stop(self, now: bool) -> bool {
+        if now {
+            let _ = self.stop.send(true);
         }
-        drop(mailer);
-        if let Some(sender) = sender
+        let mut ok = true;
+        for task in self.tasks {
+            ok &= task.await.unwrap_or(false);
+        }
+        if !self.once {
+            self.mailer.send(
+                Kind::Stop,
+                describe(&self.config, "pgreplica stopped replicating"),
+            );
+        }
+        drop(self.mailer);
+        if let Some(sender) = self.sender
             && tokio::time::timeout(MAIL_FLUSH, sender).await.is_err()
         {
             tracing::warn!("the mail server did not take the last mails in time");
         }
+        ok
     }
-    ok
 }
 
 /// `what` set NAME from the master to its slaves, DSNs without passwords.

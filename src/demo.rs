@@ -85,7 +85,8 @@ pub async fn run() -> Result<bool, Error> {
         path.display()
     );
     let (stop, shutdown) = watch::channel(false);
-    let daemon = tokio::spawn(daemon::run(vec![config], false, shutdown));
+    let (_reload, reloads) = tokio::sync::mpsc::channel(1);
+    let daemon = tokio::spawn(daemon::run(vec![config], false, shutdown, reloads));
     let slave = db::connect(&slave_pg.dsn("shop"), None).await?;
     let started = Instant::now();
     let mut next_report = Duration::ZERO;

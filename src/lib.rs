@@ -20,6 +20,7 @@ pub mod ident;
 pub mod mail;
 pub mod progress;
 pub mod record;
+pub mod service;
 pub mod status;
 
 pub use config::Config;

@@ -2,11 +2,13 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use pgreplica::service::{self, LogFile};
 use pgreplica::{Config, capture, check, clone, daemon, db, demo, status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 
 #[derive(Parser)]
 #[command(
@@ -36,19 +38,42 @@ enum Command {
         #[arg(long)]
         dsn: String,
     },
-    /// Replicate the sets of these config files until SIGINT/SIGTERM
+    /// Replicate the sets of these config files in the foreground until
+    /// SIGINT/SIGTERM (SIGHUP reloads the files and reopens the log file)
     Run {
         /// Apply everything committed so far, then exit (non-zero if a slave failed)
         #[arg(long)]
         once: bool,
         #[command(flatten)]
+        service: Service,
+        #[command(flatten)]
         sets: Sets,
     },
-    /// Show each slave's state, waiting events, lag and last error
+    /// Start the daemon in the background (pidfile, log file)
+    Start {
+        #[command(flatten)]
+        service: Service,
+        #[command(flatten)]
+        sets: Sets,
+    },
+    /// Stop the background daemon gracefully (SIGTERM, then wait)
+    Stop {
+        /// The daemon's pidfile (default as for start)
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// Seconds to wait for it to finish its batches
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Show each slave's state, waiting events, lag and last error (no file:
+    /// every set of the running daemon)
     Status {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+        /// The running daemon's pidfile, to find its sets (default as for start)
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
         #[command(flatten)]
         sets: Sets,
     },
@@ -83,7 +108,23 @@ enum Command {
     Demo,
 }
 
+/// How the daemon runs as a service.
 #[derive(clap::Args)]
+struct Service {
+    /// Pidfile, refused while another daemon holds it (start's default:
+    /// /run/pgreplica.pid as root, else ~/.pgreplica/pgreplica.pid; run: none)
+    #[arg(long)]
+    pidfile: Option<PathBuf>,
+    /// Log file, reopened on SIGHUP (start's default: /var/log/pgreplica.log as
+    /// root, else ~/.pgreplica/pgreplica.log; run: standard error)
+    #[arg(long)]
+    logfile: Option<PathBuf>,
+    /// Started as root: run as this user once the files are open
+    #[arg(long)]
+    user: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
 struct Sets {
     /// Read every *.conf file of this folder
     #[arg(long)]
@@ -106,9 +147,38 @@ impl Sets {
         }
         Ok(sets)
     }
+
+    fn is_empty(&self) -> bool {
+        self.config_dir.is_none() && self.files.is_empty()
+    }
+
+    /// The same sets as arguments, with absolute paths.
+    fn args(&self) -> Result<Vec<std::ffi::OsString>> {
+        let mut args = Vec::new();
+        if let Some(dir) = &self.config_dir {
+            args.push("--config-dir".into());
+            args.push(std::path::absolute(dir)?.into_os_string());
+        }
+        for file in &self.files {
+            args.push(std::path::absolute(file)?.into_os_string());
+        }
+        Ok(args)
+    }
+}
+
+/// Where a running daemon lists its config files, for `status` without files.
+fn sets_file(pidfile: &std::path::Path) -> PathBuf {
+    let mut name = pidfile.as_os_str().to_owned();
+    name.push(".sets");
+    PathBuf::from(name)
 }
 
 fn init_logging(level: u8) {
+    init_logging_to(level, None);
+}
+
+/// Logs to standard error, or to `file`.
+fn init_logging_to(level: u8, file: Option<LogFile>) {
     let default = match level {
         0 => "warn",
         1 => "info",
@@ -118,12 +188,76 @@ fn init_logging(level: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("pgreplica={default},warn"))
     });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_target(false);
+    match file {
+        Some(file) => builder.with_writer(file).with_ansi(false).init(),
+        None => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+    }
+}
+
+/// On SIGHUP: reopens the log file and sends the sets, read again, to the daemon.
+fn reload_on_hangup(
+    sets: Sets,
+    log: Option<LogFile>,
+    pidfile: Option<PathBuf>,
+) -> mpsc::Receiver<Vec<Config>> {
+    let (tx, rx) = mpsc::channel(4);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            if let Some(log) = &log
+                && let Err(e) = log.reopen()
+            {
+                tracing::error!("cannot reopen the log file: {e}");
+            }
+            match sets.load() {
+                Ok(new) => {
+                    tracing::info!("SIGHUP: reloading {} set(s)", new.len());
+                    if let Some(pidfile) = &pidfile {
+                        write_sets_file(pidfile, &new);
+                    }
+                    let _ = tx.send(new).await;
+                }
+                Err(e) => tracing::error!("SIGHUP: reload refused, the sets carry on: {e:#}"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (sets, log, pidfile, &tx);
+    rx
+}
+
+fn write_sets_file(pidfile: &std::path::Path, sets: &[Config]) {
+    let list: Vec<String> = sets
+        .iter()
+        .filter_map(|s| std::path::absolute(&s.path).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    if let Err(e) = std::fs::write(sets_file(pidfile), list.join("\n")) {
+        tracing::warn!("cannot write {}: {e}", sets_file(pidfile).display());
+    }
+}
+
+/// Tells systemd we are ready, and keeps its watchdog fed while the runtime runs.
+fn notify_systemd() {
+    service::notify("READY=1");
+    if let Some(every) = service::watchdog_interval() {
+        tokio::spawn(async move {
+            loop {
+                service::notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
 }
 
 /// Turns true on SIGINT or SIGTERM.
@@ -173,13 +307,82 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             );
             Ok(true)
         }
-        Command::Run { once, sets } => {
-            let sets = sets.load()?;
-            init_logging(sets.iter().map(|s| s.debug_level).max().unwrap_or(1));
-            Ok(daemon::run(sets, once, shutdown_signal()).await)
+        Command::Run {
+            once,
+            service,
+            sets,
+        } => {
+            let Service {
+                pidfile,
+                logfile,
+                user,
+            } = service;
+            let loaded = sets.load()?;
+            let log = logfile
+                .as_deref()
+                .map(LogFile::open)
+                .transpose()
+                .context("opening the log file")?;
+            init_logging_to(
+                loaded.iter().map(|s| s.debug_level).max().unwrap_or(1),
+                log.clone(),
+            );
+            let _pid = match &pidfile {
+                Some(path) => {
+                    let pid = service::PidFile::create(path).map_err(anyhow::Error::msg)?;
+                    write_sets_file(path, &loaded);
+                    Some(pid)
+                }
+                None => None,
+            };
+            #[cfg(unix)]
+            if let Some(user) = &user {
+                service::become_user(user).map_err(anyhow::Error::msg)?;
+                tracing::info!("running as user {user}");
+            }
+            let reloads = reload_on_hangup(sets, log, pidfile.clone());
+            notify_systemd();
+            let ok = daemon::run(loaded, once, shutdown_signal(), reloads).await;
+            if let Some(path) = &pidfile {
+                let _ = std::fs::remove_file(sets_file(path));
+            }
+            Ok(ok)
         }
-        Command::Status { json, sets } => {
-            let sets = sets.load()?;
+        Command::Start {
+            service: options,
+            sets,
+        } => {
+            let pidfile = options.pidfile.unwrap_or_else(service::default_pidfile);
+            let logfile = options.logfile.unwrap_or_else(service::default_logfile);
+            start(&pidfile, &logfile, options.user.as_deref(), &sets)
+        }
+        Command::Stop { pidfile, timeout } => {
+            let pidfile = pidfile.unwrap_or_else(service::default_pidfile);
+            stop(&pidfile, Duration::from_secs(timeout)).await
+        }
+        Command::Status {
+            json,
+            pidfile,
+            sets,
+        } => {
+            let sets = if sets.is_empty() {
+                let pidfile = pidfile.unwrap_or_else(service::default_pidfile);
+                let list = std::fs::read_to_string(sets_file(&pidfile)).with_context(|| {
+                    format!(
+                        "no config file given and no running daemon found ({}); \
+                         name the config files",
+                        sets_file(&pidfile).display()
+                    )
+                })?;
+                let files = list.lines().map(PathBuf::from).collect();
+                Sets {
+                    config_dir: None,
+                    files,
+                }
+                .load()?
+            } else {
+                sets.load()?
+            };
             init_logging(0);
             let mut all = Vec::new();
             for set in &sets {
@@ -225,6 +428,124 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             Ok(demo::run().await?)
         }
     }
+}
+
+/// `start`: checks, then runs `pgreplica run --pidfile --logfile` detached.
+fn start(
+    pidfile: &std::path::Path,
+    logfile: &std::path::Path,
+    user: Option<&str>,
+    sets: &Sets,
+) -> Result<bool> {
+    match service::running(pidfile) {
+        (Some(pid), _) => bail!(
+            "pgreplica is already running (pid {pid}, pidfile {})",
+            pidfile.display()
+        ),
+        (None, true) => println!(
+            "stale pidfile {} (its process is gone): replacing it",
+            pidfile.display()
+        ),
+        (None, false) => {}
+    }
+    sets.load()?;
+    let log = LogFile::open(logfile)
+        .with_context(|| format!("opening the log file {}", logfile.display()))?;
+    let stderr = log.file_for_child().context("opening the log file")?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .arg("run")
+        .arg("--pidfile")
+        .arg(std::path::absolute(pidfile)?)
+        .arg("--logfile")
+        .arg(std::path::absolute(logfile)?)
+        .args(user.map(|u| ["--user", u]).into_iter().flatten())
+        .args(sets.args()?)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe; it detaches the child from our
+        // terminal and process group.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn().context("starting the daemon")?;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the daemon ended at once ({status}): see {}",
+                logfile.display()
+            );
+        }
+        if service::running(pidfile).0 == Some(child.id()) {
+            println!(
+                "pgreplica started (pid {}), logging to {}, pidfile {}",
+                child.id(),
+                logfile.display(),
+                pidfile.display()
+            );
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "the daemon (pid {}) did not write its pidfile in time: see {}",
+        child.id(),
+        logfile.display()
+    )
+}
+
+/// `stop`: SIGTERM, then waits for the daemon to finish its batches.
+async fn stop(pidfile: &std::path::Path, timeout: Duration) -> Result<bool> {
+    let pid = match service::running(pidfile) {
+        (Some(pid), _) => pid,
+        (None, stale) => {
+            if stale {
+                std::fs::remove_file(pidfile)?;
+                println!(
+                    "pgreplica is not running; removed the stale pidfile {}",
+                    pidfile.display()
+                );
+            } else {
+                println!(
+                    "pgreplica is not running (no pidfile {})",
+                    pidfile.display()
+                );
+            }
+            return Ok(true);
+        }
+    };
+    #[cfg(unix)]
+    // SAFETY: kill sends a signal; `pid` was read from our pidfile and checked
+    // to be a pgreplica process.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let started = std::time::Instant::now();
+    while service::alive(pid) {
+        if started.elapsed() >= timeout {
+            println!(
+                "pgreplica (pid {pid}) is still running after {}s, finishing its batches; \
+                 wait, or end it with kill -9 {pid} (nothing is lost: batches commit whole)",
+                timeout.as_secs()
+            );
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "pgreplica (pid {pid}) stopped after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(true)
 }
 
 fn print_status(all: &[status::SlaveStatus]) {

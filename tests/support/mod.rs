@@ -128,6 +128,13 @@ impl Setup {
         self.assert_same(0, query).await;
     }
 
+    /// Runs `sql` on the master and waits for a running daemon to bring slave 0
+    /// level with it for `query`.
+    pub async fn arrives(&self, sql: &str, query: &str) {
+        self.master().await.batch_execute(sql).await.unwrap();
+        self.wait_same(0, query, Duration::from_secs(20)).await;
+    }
+
     /// Asserts that `query` gives the same bytes on the master and slave `n`.
     pub async fn assert_same(&self, n: usize, query: &str) {
         let (m, s) = (
