@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+/// Default `LAG_WARNING`.
+pub const DEFAULT_LAG_WARNING: Duration = Duration::from_secs(300);
+
 /// Heartbeat interval used when `KEEPALIVE=true`.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 
@@ -25,6 +28,13 @@ pub struct Config {
     pub keepalive: Option<Duration>,
     /// `DEBUG_LEVEL`, 0 to 3.
     pub debug_level: u8,
+    /// `LAG_WARNING` (seconds; 0 off): a slave whose oldest unapplied committed
+    /// change is older than this is lagging.
+    pub lag_warning: Option<Duration>,
+    /// `LAG_WARNING_EVENTS` (0 off): a slave with more unapplied events is lagging.
+    pub lag_warning_events: Option<i64>,
+    /// `LOG_FORMAT=json`: one JSON object per log line.
+    pub json_logs: bool,
     /// The `[SMTP]` section, when present.
     pub smtp: Option<Smtp>,
     /// Accepted but noteworthy lines, to be logged by the caller.
@@ -177,6 +187,9 @@ impl Config {
             skip_user: None,
             keepalive: None,
             debug_level: 1,
+            lag_warning: Some(DEFAULT_LAG_WARNING),
+            lag_warning_events: None,
+            json_logs: false,
             smtp: None,
             warnings: Vec::new(),
         };
@@ -273,6 +286,25 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 _ => return Err(format!("'{value}' is not a level from 0 to 3")),
             }
         }
+        "LAG_WARNING" => {
+            let seconds = parse_seconds(&value)?;
+            config.lag_warning = (!seconds.is_zero()).then_some(seconds);
+        }
+        "LAG_WARNING_EVENTS" => {
+            let events: i64 = value
+                .parse()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| format!("'{value}' is not a number of events"))?;
+            config.lag_warning_events = (events > 0).then_some(events);
+        }
+        "LOG_FORMAT" => {
+            config.json_logs = match value.to_ascii_lowercase().as_str() {
+                "json" => true,
+                "text" => false,
+                _ => return Err(format!("'{value}' is not text or json")),
+            }
+        }
         "SLAVE_FIELD" => config.warnings.push(format!(
             "line {line}: SLAVE_FIELD is not needed: pgreplica keeps each slave's progress on the slave itself; the key is ignored"
         )),
@@ -281,7 +313,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());
@@ -315,14 +347,7 @@ fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
                 }
             }
         }
-        "DIGEST_INTERVAL" => {
-            let seconds: f64 = value
-                .parse()
-                .ok()
-                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| format!("'{value}' is not a number of seconds"))?;
-            smtp.digest = Duration::from_secs_f64(seconds);
-        }
+        "DIGEST_INTERVAL" => smtp.digest = parse_seconds(&value)?,
         "TO_ADDRS" => {
             smtp.to = value
                 .split(';')
@@ -343,6 +368,16 @@ fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A duration in (possibly fractional) seconds, 0 or more.
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("'{value}' is not a number of seconds"))
 }
 
 fn parse_keepalive(value: &str) -> Result<Option<Duration>, String> {

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::mail::{Kind, Mailer};
+use crate::status::{self, SlaveStatus};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ use tracing::Instrument;
 const IDLE_CHECK: Duration = Duration::from_secs(60);
 /// Minimum time between two cleanups of the master's log by one task.
 const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+/// Longest time between two lag checks.
+const LAG_CHECK: Duration = Duration::from_secs(10);
 /// Longest wait for the last mails at shutdown.
 const MAIL_FLUSH: Duration = Duration::from_secs(40);
 /// Longest wait between two attempts after an error.
@@ -149,7 +152,7 @@ impl Running {
                 describe(&config, "pgreplica started replicating"),
             );
         }
-        let tasks = config
+        let mut tasks: Vec<_> = config
             .slaves
             .keys()
             .map(|&slave| {
@@ -166,6 +169,14 @@ impl Running {
                 tokio::spawn(state.run(stopped.clone()).instrument(span))
             })
             .collect();
+        if !once {
+            let span = tracing::info_span!("set", name = %config.name);
+            let watch = watch_lag(config.clone(), mailer.clone(), stopped).instrument(span);
+            tasks.push(tokio::spawn(async move {
+                watch.await;
+                true
+            }));
+        }
         Running {
             config,
             stop,
@@ -217,6 +228,59 @@ fn describe(set: &Config, what: &str) -> String {
         redact(&set.master),
         slaves.join("\n")
     )
+}
+
+/// Checks every slave's lag on the master at intervals; a slave passing the
+/// set's `LAG_WARNING` or `LAG_WARNING_EVENTS` gets a warning (log and mail),
+/// and another when it is back under.
+async fn watch_lag(set: Arc<Config>, mailer: Mailer, mut stop: watch::Receiver<bool>) {
+    if set.lag_warning.is_none() && set.lag_warning_events.is_none() {
+        return;
+    }
+    let every = set.lag_warning.map_or(LAG_CHECK, |l| {
+        (l / 2).clamp(Duration::from_secs(1), LAG_CHECK)
+    });
+    let mut lagging: HashSet<u32> = HashSet::new();
+    let mut master: Option<Client> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if master.as_ref().is_none_or(Client::is_closed) {
+            master = db::connect(&set.master, set.keepalive).await.ok();
+        }
+        let Some(client) = &master else { continue };
+        for &slave in set.slaves.keys() {
+            let Ok((events, seconds)) = status::lag(client, &set.name, slave).await else {
+                continue;
+            };
+            let lags = SlaveStatus::lags(&set, events, seconds);
+            if lags && lagging.insert(slave) {
+                let text = format!(
+                    "Slave {slave} of set {} lags: {events} events wait, the oldest committed \
+                     {seconds:.0}s ago (limits: LAG_WARNING={}, LAG_WARNING_EVENTS={}). \
+                     Look at `pgreplica status {}` for an error or a slow slave.",
+                    set.name,
+                    set.lag_warning
+                        .map_or("off".into(), |l| format!("{}s", l.as_secs_f64())),
+                    set.lag_warning_events
+                        .map_or("off".into(), |l| l.to_string()),
+                    set.path.display()
+                );
+                tracing::warn!("{text}");
+                mailer.send(Kind::Warning, text);
+            } else if !lags && lagging.remove(&slave) {
+                let text = format!(
+                    "Slave {slave} of set {} is back under its lag limits: {events} events \
+                     wait, {seconds:.0}s of lag.",
+                    set.name
+                );
+                tracing::info!("{text}");
+                mailer.send(Kind::Warning, text);
+            }
+        }
+    }
 }
 
 /// One slave of a set, and what its task keeps across sessions.

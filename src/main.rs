@@ -174,11 +174,11 @@ fn sets_file(pidfile: &std::path::Path) -> PathBuf {
 }
 
 fn init_logging(level: u8) {
-    init_logging_to(level, None);
+    init_logging_to(level, false, None);
 }
 
-/// Logs to standard error, or to `file`.
-fn init_logging_to(level: u8, file: Option<LogFile>) {
+/// Logs to standard error, or to `file`; as JSON lines with `json`.
+fn init_logging_to(level: u8, json: bool, file: Option<LogFile>) {
     let default = match level {
         0 => "warn",
         1 => "info",
@@ -191,9 +191,11 @@ fn init_logging_to(level: u8, file: Option<LogFile>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    match file {
-        Some(file) => builder.with_writer(file).with_ansi(false).init(),
-        None => builder
+    match (file, json) {
+        (Some(file), true) => builder.json().with_writer(file).init(),
+        (Some(file), false) => builder.with_writer(file).with_ansi(false).init(),
+        (None, true) => builder.json().with_writer(std::io::stderr).init(),
+        (None, false) => builder
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
             .init(),
@@ -325,6 +327,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 .context("opening the log file")?;
             init_logging_to(
                 loaded.iter().map(|s| s.debug_level).max().unwrap_or(1),
+                loaded.iter().any(|s| s.json_logs),
                 log.clone(),
             );
             let _pid = match &pidfile {

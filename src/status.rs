@@ -4,6 +4,7 @@ use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use serde::Serialize;
+use tokio_postgres::Client;
 
 /// One slave's state as the master sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -30,12 +31,35 @@ pub struct SlaveStatus {
     pub conflicts: i64,
     /// The error that stopped the slave, with its time.
     pub last_error: Option<String>,
+    /// Lag past the set's `LAG_WARNING` or `LAG_WARNING_EVENTS`.
+    pub lagging: bool,
+}
+
+impl SlaveStatus {
+    /// Whether `events` waiting and `seconds` of lag pass the set's limits.
+    pub fn lags(set: &Config, events: i64, seconds: f64) -> bool {
+        set.lag_warning.is_some_and(|l| seconds > l.as_secs_f64())
+            || set.lag_warning_events.is_some_and(|l| events > l)
+    }
+}
+
+/// Events a slave has not applied and the age in seconds of the oldest
+/// committed one, read on the master.
+pub async fn lag(master: &Client, set: &str, slave: u32) -> Result<(i64, f64), Error> {
+    let row = master
+        .query_opt(LAG_SQL, &[&set, &(slave as i32)])
+        .await
+        .doing("measuring the slave's lag on the master")?;
+    Ok(row.map_or((0, 0.0), |r| (r.get(0), r.get(1))))
 }
 
 const STATUS_SQL: &str = "
 SELECT s.state, s.applied_at::text, s.seen_at::text, s.events, s.conflicts,
-       CASE WHEN s.last_error IS NOT NULL THEN s.error_at::text || ': ' || s.last_error END,
-       (SELECT count(*) FROM pgreplica.log l
+       CASE WHEN s.last_error IS NOT NULL THEN s.error_at::text || ': ' || s.last_error END
+  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
+
+const LAG_SQL: &str = "
+SELECT (SELECT count(*) FROM pgreplica.log l
          WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
            AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)),
        coalesce((SELECT extract(epoch FROM now() - min(l.ev_time))::float8 FROM pgreplica.log l
@@ -62,6 +86,7 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
             events_applied: 0,
             conflicts: 0,
             last_error: None,
+            lagging: false,
         };
         let row = match &master {
             Ok(client) => client
@@ -81,8 +106,16 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
                 s.events_applied = r.get(3);
                 s.conflicts = r.get(4);
                 s.last_error = r.get(5);
-                s.events_waiting = r.get(6);
-                s.lag_seconds = r.get(7);
+                if let Ok(client) = &master {
+                    match lag(client, &set.name, slave).await {
+                        Ok((events, seconds)) => {
+                            s.events_waiting = events;
+                            s.lag_seconds = seconds;
+                            s.lagging = SlaveStatus::lags(set, events, seconds);
+                        }
+                        Err(e) => s.last_error = Some(e.to_string()),
+                    }
+                }
             }
             Ok(None) => s.state = "not started".into(),
             Err(e) => s.last_error = Some(e.to_string()),

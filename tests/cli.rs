@@ -145,3 +145,28 @@ async fn status_shows_waiting_events_then_caught_up() {
     assert_eq!(json[0]["events_waiting"], 0);
     assert_eq!(json[0]["lag_seconds"], 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_format_json_writes_one_json_object_per_line() {
+    let s = support::Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY)").await;
+    s.configure("LOG_FORMAT=json\n");
+    s.master()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", support::text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(stderr.contains("applied 1 events"), "{stderr}");
+}

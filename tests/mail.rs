@@ -166,3 +166,51 @@ async fn a_mail_server_that_never_answers_does_not_hold_replication() {
     );
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slave_held_up_past_its_lag_limit_is_flagged_and_mailed() {
+    let sink = SmtpSink::start();
+    let s = Setup::new(1, ITEMS).await;
+    s.configure(&format!(
+        "{}[MAIN]\nLAG_WARNING=2\n",
+        smtp_section(sink.port, 1)
+    ));
+    let _daemon = s.spawn();
+    sink.wait_for("Starting", WAIT);
+    // A slave-side transaction holds the table: the batch waits behind it.
+    let mut blocker = s.slave(0).await;
+    let held = blocker.transaction().await.unwrap();
+    held.batch_execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO items VALUES (1, 'late', 1)")
+        .await
+        .unwrap();
+    let warning = sink.wait_for("warning", WAIT);
+    assert!(
+        warning
+            .data
+            .contains("Slave 1 of set app lags: 1 events wait"),
+        "{}",
+        warning.data
+    );
+    let status = support::pgreplica(&["status", "--json", s.conf.to_str().unwrap()]);
+    assert!(
+        support::text(&status).contains("\"lagging\": true"),
+        "{}",
+        support::text(&status)
+    );
+    held.commit().await.unwrap();
+    s.wait_same(0, ALL, Duration::from_secs(20)).await;
+    let start = std::time::Instant::now();
+    while !sink.mails().iter().any(|m| m.data.contains("back under")) {
+        assert!(
+            start.elapsed() < WAIT,
+            "no recovery mail: {:#?}",
+            sink.mails()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
