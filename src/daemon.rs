@@ -18,6 +18,10 @@ use tracing::Instrument;
 const IDLE_CHECK: Duration = Duration::from_secs(60);
 /// Minimum time between two cleanups of the master's log by one task.
 const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+/// Longest time recording an error on the master may take.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time one round of cleanup of the master's log may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest time between two lag checks.
 const LAG_CHECK: Duration = Duration::from_secs(10);
 /// Longest wait for the last mails at shutdown.
@@ -47,9 +51,13 @@ UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(),
 
 // Every slave of every set reading this master is registered: the log is kept
 // until the one furthest behind has applied it.
+// At most CLEANUP_ROWS at a time, so that one cleanup stays short.
 const CLEANUP_SQL: &str = "
-DELETE FROM pgreplica.log
- WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)";
+DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM pgreplica.log
+     WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
+     LIMIT 100000))";
+const CLEANUP_ROWS: u64 = 100_000;
 
 /// Runs every slave of every set until `shutdown` turns true, or, with `once`,
 /// until each slave has applied everything committed when it started. Each
@@ -318,13 +326,16 @@ impl Slave {
                 }
                 Err(e) => e,
             };
+            if self.once {
+                tracing::error!("{error}");
+            } else {
+                tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
+            }
             record_error(&self.set, self.number, &error).await;
             self.mail_error(&error);
             if self.once {
-                tracing::error!("{error}");
                 return false;
             }
-            tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
             tokio::select! {
                 _ = tokio::time::sleep(self.backoff) => {}
                 _ = shutdown.changed() => return true,
@@ -413,45 +424,86 @@ impl Slave {
                 );
             }
             prev = snapshot;
-            master
-                .execute(
-                    REPORT_SQL,
-                    &[
-                        &set.name,
-                        &(slave as i32),
-                        &prev.to_string(),
-                        &(applied.events as i64),
-                        &(applied.conflicts as i64),
-                    ],
-                )
-                .await
-                .doing("reporting progress to the master")?;
-            if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
-                let removed = master
-                    .execute(CLEANUP_SQL, &[])
+            // Bookkeeping on the master, bounded in time: a master gone silent
+            // right now is noticed here too.
+            let (position, number) = (prev.to_string(), slave as i32);
+            let (events, conflicts) = (applied.events as i64, applied.conflicts as i64);
+            let report = async {
+                master
+                    .execute(
+                        REPORT_SQL,
+                        &[&set.name, &number, &position, &events, &conflicts],
+                    )
                     .await
-                    .doing("cleaning the master's log")?;
+                    .doing("reporting progress to the master")
+            };
+            bounded(report, "master", heartbeat * 2).await?;
+            if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
+                let cleanup = async {
+                    master
+                        .execute(CLEANUP_SQL, &[])
+                        .await
+                        .doing("cleaning the master's log")
+                };
+                let removed = bounded(cleanup, "master", CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
                 if removed > 0 {
                     tracing::debug!("removed {removed} applied events from the master's log");
                 }
-                last_cleanup = Some(Instant::now());
+                // A full round means more to remove: again after the next batch.
+                last_cleanup = (removed < CLEANUP_ROWS).then(Instant::now);
             }
             if self.once {
                 return Ok(());
             }
-            tokio::select! {
-                note = notifications.recv() => {
-                    if note.is_none() {
-                        return Err(Error::Lost("master"));
+            // Idle until a NOTIFY (or at once while the log has more to clean);
+            // the heartbeat checks both servers meanwhile.
+            let cleaning = last_cleanup.is_none();
+            loop {
+                tokio::select! {
+                    note = notifications.recv() => {
+                        if note.is_none() {
+                            return Err(Error::Lost("master"));
+                        }
+                        break;
                     }
+                    _ = tokio::time::sleep(heartbeat), if !cleaning => {
+                        alive(&master, "master", heartbeat).await?;
+                        alive(&slave_client, "slave", heartbeat).await?;
+                    }
+                    _ = std::future::ready(()), if cleaning => break,
+                    _ = shutdown.changed() => return Ok(()),
                 }
-                _ = tokio::time::sleep(heartbeat) => {
-                    slave_client.simple_query("SELECT 1").await.doing("checking the slave")?;
-                }
-                _ = shutdown.changed() => return Ok(()),
             }
         }
     }
+}
+
+/// The heartbeat: the server answers a trivial query within `limit`.
+async fn alive(client: &Client, side: &'static str, limit: Duration) -> Result<(), Error> {
+    let check = async {
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .doing(&format!("checking the {side}"))
+    };
+    bounded(check, side, limit).await
+}
+
+/// Runs `work` against one server, giving up after `limit`.
+async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, Error>>,
+    side: &'static str,
+    limit: Duration,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Query {
+                doing: format!("checking the {side}"),
+                message: format!("no answer within {}s: reconnecting", limit.as_secs_f64()),
+            })
+        })
 }
 
 /// Registers the slave on the master and returns where it resumes. The slave's
@@ -535,11 +587,14 @@ pub(crate) async fn apply_batch(
 /// Records a slave's error on the master for `status`, if the master answers.
 async fn record_error(set: &Config, slave: u32, error: &Error) {
     let result = async {
-        let master = db::connect(&set.master, None).await?;
-        master
-            .execute(ERROR_SQL, &[&set.name, &(slave as i32), &error.to_string()])
-            .await
-            .doing("recording the error on the master")
+        let master = db::connect(&set.master, set.keepalive).await?;
+        let record = async {
+            master
+                .execute(ERROR_SQL, &[&set.name, &(slave as i32), &error.to_string()])
+                .await
+                .doing("recording the error on the master")
+        };
+        bounded(record, "master", RECORD_TIMEOUT).await
     }
     .await;
     if let Err(e) = result {

@@ -185,6 +185,9 @@ fn redact_query_password(tail: &str) -> String {
     }
 }
 
+/// How long a connection attempt may take without `KEEPALIVE`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connects, with TCP keepalives when a heartbeat interval is given; the connection
 /// is driven by a spawned task.
 pub async fn connect(dsn: &str, keepalive: Option<Duration>) -> Result<Client, ConnectError> {
@@ -199,18 +202,29 @@ pub async fn connect_listening(
     keepalive: Option<Duration>,
 ) -> Result<(Client, mpsc::UnboundedReceiver<String>), ConnectError> {
     let mut config = parse_dsn(dsn)?;
+    // A server that stops answering (packets dropped, not refused) is given up
+    // on in about twice the interval, and a connection attempt in one.
     if let Some(interval) = keepalive {
         config.keepalives(true);
         config.keepalives_idle(interval);
+        config.keepalives_interval((interval / 3).max(Duration::from_secs(1)));
+        config.keepalives_retries(3);
+        // Data unacknowledged this long (a dead peer mid-query) ends the connection.
+        config.tcp_user_timeout(interval * 2);
+        config.connect_timeout(interval.max(Duration::from_secs(5)));
+    } else {
+        config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let (client, mut connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|e| ConnectError::Connect {
-                dsn: redact(dsn),
-                message: pg_message(&e),
-            })?;
+    // The whole handshake is bounded, not only the TCP connection.
+    let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT);
+    let connected = tokio::time::timeout(limit, config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no answer within {}s", limit.as_secs_f64()))
+        .and_then(|r| r.map_err(|e| pg_message(&e)));
+    let (client, mut connection) = connected.map_err(|message| ConnectError::Connect {
+        dsn: redact(dsn),
+        message,
+    })?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
