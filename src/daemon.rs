@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::mail::{Kind, Mailer};
+use crate::metrics;
 use crate::status::{self, SlaveStatus};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -173,6 +174,7 @@ impl Running {
                     backoff: Duration::from_secs(1),
                     exact: false,
                     failing: None,
+                    sessions: 0,
                 };
                 tokio::spawn(state.run(stopped.clone()).instrument(span))
             })
@@ -242,9 +244,6 @@ fn describe(set: &Config, what: &str) -> String {
 /// set's `LAG_WARNING` or `LAG_WARNING_EVENTS` gets a warning (log and mail),
 /// and another when it is back under.
 async fn watch_lag(set: Arc<Config>, mailer: Mailer, mut stop: watch::Receiver<bool>) {
-    if set.lag_warning.is_none() && set.lag_warning_events.is_none() {
-        return;
-    }
     let every = set.lag_warning.map_or(LAG_CHECK, |l| {
         (l / 2).clamp(Duration::from_secs(1), LAG_CHECK)
     });
@@ -263,6 +262,10 @@ async fn watch_lag(set: Arc<Config>, mailer: Mailer, mut stop: watch::Receiver<b
             let Ok((events, seconds)) = status::lag(client, &set.name, slave).await else {
                 continue;
             };
+            metrics::update(&set.name, slave, |m| {
+                m.lag_events = events;
+                m.lag_seconds = seconds;
+            });
             let lags = SlaveStatus::lags(&set, events, seconds);
             if lags && lagging.insert(slave) {
                 let text = format!(
@@ -302,6 +305,8 @@ struct Slave {
     exact: bool,
     /// The error this slave is stopped on, once mailed.
     failing: Option<String>,
+    /// Sessions begun (the ones after the first are reconnections).
+    sessions: u64,
 }
 
 impl Slave {
@@ -331,6 +336,7 @@ impl Slave {
             } else {
                 tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
             }
+            metrics::update(&self.set.name, self.number, |m| m.errors += 1);
             record_error(&self.set, self.number, &error).await;
             self.mail_error(&error);
             if self.once {
@@ -371,6 +377,10 @@ impl Slave {
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         let set = self.set.clone();
         let slave = self.number;
+        self.sessions += 1;
+        if self.sessions > 1 {
+            metrics::update(&set.name, slave, |m| m.reconnects += 1);
+        }
         let slave_dsn = &set.slaves[&slave];
         let (mut master, mut notifications) =
             db::connect_listening(&set.master, set.keepalive).await?;
@@ -385,6 +395,7 @@ impl Slave {
         let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
         loop {
             while notifications.try_recv().is_ok() {}
+            let began = Instant::now();
             let (snapshot, applied) = apply_batch(
                 &mut master,
                 &mut slave_client,
@@ -396,6 +407,10 @@ impl Slave {
             .await?;
             self.exact = false;
             self.backoff = Duration::from_secs(1);
+            if applied.events > 0 {
+                let took = began.elapsed();
+                metrics::batch(&set.name, slave, applied.events, applied.conflicts, took);
+            }
             if let Some(error) = self.failing.take() {
                 self.mailer.send(
                     Kind::Start,
@@ -445,7 +460,8 @@ impl Slave {
                         .await
                         .doing("cleaning the master's log")
                 };
-                let removed = bounded(cleanup, "master", CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
+                let removed =
+                    bounded(cleanup, "master", CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
                 if removed > 0 {
                     tracing::debug!("removed {removed} applied events from the master's log");
                 }
@@ -496,14 +512,12 @@ async fn bounded<T>(
     side: &'static str,
     limit: Duration,
 ) -> Result<T, Error> {
-    tokio::time::timeout(limit, work)
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::Query {
-                doing: format!("checking the {side}"),
-                message: format!("no answer within {}s: reconnecting", limit.as_secs_f64()),
-            })
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(Error::Query {
+            doing: format!("checking the {side}"),
+            message: format!("no answer within {}s: reconnecting", limit.as_secs_f64()),
         })
+    })
 }
 
 /// Registers the slave on the master and returns where it resumes. The slave's

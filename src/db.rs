@@ -216,7 +216,10 @@ pub async fn connect_listening(
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     // The whole handshake is bounded, not only the TCP connection.
-    let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT);
+    let limit = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT);
     let connected = tokio::time::timeout(limit, config.connect(NoTls))
         .await
         .map_err(|_| format!("no answer within {}s", limit.as_secs_f64()))

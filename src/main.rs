@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pgreplica::service::{self, LogFile};
-use pgreplica::{Config, capture, check, clone, daemon, db, demo, status};
+use pgreplica::{Config, capture, check, clone, daemon, db, demo, http, status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,6 +122,9 @@ struct Service {
     /// Started as root: run as this user once the files are open
     #[arg(long)]
     user: Option<String>,
+    /// Serve /metrics, /status and a status page on this address (or HTTP= in [MAIN])
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -207,6 +210,7 @@ fn reload_on_hangup(
     sets: Sets,
     log: Option<LogFile>,
     pidfile: Option<PathBuf>,
+    running: watch::Sender<Vec<Config>>,
 ) -> mpsc::Receiver<Vec<Config>> {
     let (tx, rx) = mpsc::channel(4);
     #[cfg(unix)]
@@ -227,6 +231,7 @@ fn reload_on_hangup(
                     if let Some(pidfile) = &pidfile {
                         write_sets_file(pidfile, &new);
                     }
+                    let _ = running.send(new.clone());
                     let _ = tx.send(new).await;
                 }
                 Err(e) => tracing::error!("SIGHUP: reload refused, the sets carry on: {e:#}"),
@@ -234,7 +239,7 @@ fn reload_on_hangup(
         }
     });
     #[cfg(not(unix))]
-    let _ = (sets, log, pidfile, &tx);
+    let _ = (sets, log, pidfile, running, &tx);
     rx
 }
 
@@ -318,6 +323,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 pidfile,
                 logfile,
                 user,
+                http,
             } = service;
             let loaded = sets.load()?;
             let log = logfile
@@ -343,7 +349,15 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 service::become_user(user).map_err(anyhow::Error::msg)?;
                 tracing::info!("running as user {user}");
             }
-            let reloads = reload_on_hangup(sets, log, pidfile.clone());
+            let (running, watched) = watch::channel(loaded.clone());
+            if let Some(addr) = http.or_else(|| loaded.iter().find_map(|s| s.http))
+                && !once
+            {
+                http::serve(addr, watched)
+                    .await
+                    .with_context(|| format!("listening for HTTP on {addr}"))?;
+            }
+            let reloads = reload_on_hangup(sets, log, pidfile.clone(), running);
             notify_systemd();
             let ok = daemon::run(loaded, once, shutdown_signal(), reloads).await;
             if let Some(path) = &pidfile {
@@ -357,7 +371,13 @@ async fn main_inner(cli: Cli) -> Result<bool> {
         } => {
             let pidfile = options.pidfile.unwrap_or_else(service::default_pidfile);
             let logfile = options.logfile.unwrap_or_else(service::default_logfile);
-            start(&pidfile, &logfile, options.user.as_deref(), &sets)
+            start(
+                &pidfile,
+                &logfile,
+                options.user.as_deref(),
+                options.http,
+                &sets,
+            )
         }
         Command::Stop { pidfile, timeout } => {
             let pidfile = pidfile.unwrap_or_else(service::default_pidfile);
@@ -438,6 +458,7 @@ fn start(
     pidfile: &std::path::Path,
     logfile: &std::path::Path,
     user: Option<&str>,
+    http: Option<std::net::SocketAddr>,
     sets: &Sets,
 ) -> Result<bool> {
     match service::running(pidfile) {
@@ -463,6 +484,11 @@ fn start(
         .arg("--logfile")
         .arg(std::path::absolute(logfile)?)
         .args(user.map(|u| ["--user", u]).into_iter().flatten())
+        .args(
+            http.map(|a| ["--http".to_string(), a.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args(sets.args()?)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

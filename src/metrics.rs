@@ -1,0 +1,167 @@
+//! Counters and gauges per set and slave, shown as Prometheus text on `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the batch apply-time histogram's buckets.
+const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+/// One slave's figures since the daemon started.
+#[derive(Debug, Default, Clone)]
+pub struct Slave {
+    /// Events applied.
+    pub events: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Conflicts detected.
+    pub conflicts: u64,
+    /// Errors that stopped the slave (each retry counts).
+    pub errors: u64,
+    /// Connections made again after the first.
+    pub reconnects: u64,
+    /// Events waiting, at the last lag check.
+    pub lag_events: i64,
+    /// Lag in seconds, at the last lag check.
+    pub lag_seconds: f64,
+    /// Batches per apply-time bucket (cumulative counts are made when shown).
+    buckets: [u64; BUCKETS.len()],
+    /// Sum of the batches' apply times.
+    apply_seconds: f64,
+}
+
+fn registry() -> &'static Mutex<BTreeMap<(String, u32), Slave>> {
+    static REGISTRY: OnceLock<Mutex<BTreeMap<(String, u32), Slave>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Changes one slave's figures.
+pub fn update(set: &str, slave: u32, change: impl FnOnce(&mut Slave)) {
+    if let Ok(mut all) = registry().lock() {
+        change(all.entry((set.to_string(), slave)).or_default());
+    }
+}
+
+/// Records a committed batch.
+pub fn batch(set: &str, slave: u32, events: u64, conflicts: u64, took: Duration) {
+    update(set, slave, |s| {
+        s.batches += 1;
+        s.events += events;
+        s.conflicts += conflicts;
+        let seconds = took.as_secs_f64();
+        s.apply_seconds += seconds;
+        if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
+            s.buckets[i] += 1;
+        }
+    });
+}
+
+/// A metric shown per slave: name, type, help, and how to read it.
+type Series = (&'static str, &'static str, &'static str, fn(&Slave) -> f64);
+
+/// Everything in Prometheus' text format.
+pub fn prometheus() -> String {
+    let all = registry().lock().map(|a| a.clone()).unwrap_or_default();
+    let mut out = String::new();
+    let series: [Series; 7] = [
+        (
+            "pgreplica_events_applied_total",
+            "counter",
+            "Events applied.",
+            |s| s.events as f64,
+        ),
+        (
+            "pgreplica_batches_total",
+            "counter",
+            "Batches committed.",
+            |s| s.batches as f64,
+        ),
+        (
+            "pgreplica_conflicts_total",
+            "counter",
+            "Conflicts detected.",
+            |s| s.conflicts as f64,
+        ),
+        (
+            "pgreplica_errors_total",
+            "counter",
+            "Errors that stopped the slave.",
+            |s| s.errors as f64,
+        ),
+        (
+            "pgreplica_reconnects_total",
+            "counter",
+            "Connections made again.",
+            |s| s.reconnects as f64,
+        ),
+        (
+            "pgreplica_lag_events",
+            "gauge",
+            "Events waiting for the slave.",
+            |s| s.lag_events as f64,
+        ),
+        (
+            "pgreplica_lag_seconds",
+            "gauge",
+            "Age of the oldest committed event not applied.",
+            |s| s.lag_seconds,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for ((set, slave), s) in &all {
+            let _ = writeln!(
+                out,
+                "{name}{{set=\"{}\",slave=\"{slave}\"}} {}",
+                escape(set),
+                value(s)
+            );
+        }
+    }
+    let name = "pgreplica_batch_apply_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time to apply and commit one batch on the slave.\n# TYPE {name} histogram"
+    );
+    for ((set, slave), s) in &all {
+        let labels = format!("set=\"{}\",slave=\"{slave}\"", escape(set));
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS.iter().zip(s.buckets) {
+            cumulative += count;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", s.batches);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", s.apply_seconds);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", s.batches);
+    }
+    out
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_fill_counters_and_a_cumulative_histogram() {
+        batch("m\"t", 1, 10, 1, Duration::from_millis(3));
+        batch("m\"t", 1, 5, 0, Duration::from_millis(300));
+        let text = prometheus();
+        assert!(text.contains("pgreplica_events_applied_total{set=\"m\\\"t\",slave=\"1\"} 15"));
+        assert!(text.contains("pgreplica_conflicts_total{set=\"m\\\"t\",slave=\"1\"} 1"));
+        assert!(text.contains(
+            "pgreplica_batch_apply_seconds_bucket{set=\"m\\\"t\",slave=\"1\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "pgreplica_batch_apply_seconds_bucket{set=\"m\\\"t\",slave=\"1\",le=\"0.5\"} 2"
+        ));
+        assert!(text.contains("pgreplica_batch_apply_seconds_count{set=\"m\\\"t\",slave=\"1\"} 2"));
+    }
+}
