@@ -73,3 +73,72 @@ async fn metrics_status_and_page_are_served() {
     assert!(page.contains("<title>pgreplica</title>") && page.contains("fetch('/status'"));
     assert_eq!(get(port, "/nothing").0, "HTTP/1.1 404 Not Found");
 }
+
+/// Debian's Chromium, which the browser test needs.
+fn chromium() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from("/usr/bin/chromium");
+    assert!(
+        path.exists(),
+        "the status page test needs Chromium: apt-get install -y chromium"
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_renders_the_slaves_in_a_real_browser() {
+    let s = Setup::new(1, ITEMS).await;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["run", "--http", &format!("127.0.0.1:{port}")])
+        .arg(&s.conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child);
+    s.arrives("INSERT INTO items VALUES (1, 'one', 1)", ALL)
+        .await;
+    let dir = std::env::temp_dir().join(format!("pgreplica-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shot = dir.join("status.png");
+    let url = format!("http://127.0.0.1:{port}/");
+    let browser = |extra: &[&str]| {
+        Command::new(chromium())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+            .args(["--virtual-time-budget=5000", "--window-size=1200,400"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    // The DOM after the page's script has read /status.
+    let dom = browser(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for part in [
+        "<td>app</td>",
+        "class=\"running\">running</td>",
+        "<svg",
+        "updated ",
+    ] {
+        assert!(dom.contains(part), "the page shows {part}:\n{dom}");
+    }
+    // And a screenshot of it, kept for a look.
+    let out = browser(&[&format!("--screenshot={}", shot.display())]);
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|_| panic!("no screenshot:\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5000,
+        "{} bytes",
+        png.len()
+    );
+    println!("screenshot of the status page: {}", shot.display());
+}
