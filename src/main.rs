@@ -326,6 +326,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 http,
             } = service;
             let loaded = sets.load()?;
+            let logfile = logfile.or_else(|| loaded.iter().find_map(|s| s.logfile.clone()));
             let log = logfile
                 .as_deref()
                 .map(LogFile::open)

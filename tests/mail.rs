@@ -25,6 +25,14 @@ async fn start_error_warning_and_stop_mails_reach_every_recipient() {
     let sink = SmtpSink::start();
     let s = Setup::new(1, ITEMS).await;
     s.configure(&smtp_section(sink.port, 600));
+    // A password in a DSN (the test servers trust loopback and ignore it) never
+    // shows in mails or status.
+    let conf = std::fs::read_to_string(&s.conf).unwrap();
+    std::fs::write(
+        &s.conf,
+        conf.replace("user=postgres", "user=postgres password=hunter2"),
+    )
+    .unwrap();
     let m = s.master().await;
     let slave = s.slave(0).await;
     let mut daemon = s.spawn();
@@ -89,9 +97,14 @@ async fn start_error_warning_and_stop_mails_reach_every_recipient() {
         );
     }
 
+    let status = support::pgreplica(&["status", "--json", s.conf.to_str().unwrap()]);
+    assert!(!support::text(&status).contains("hunter2"));
     assert!(daemon.terminate().success());
+    assert!(!s.daemon_log().contains("hunter2"));
     let stop = sink.wait_for("[Replica] Stopping app", WAIT);
     assert_eq!(stop.to.len(), 2);
+    assert!(sink.mails().iter().all(|m| !m.data.contains("hunter2")));
+    assert!(stop.data.contains("password=***"), "{}", stop.data);
     // The resumption came within the digest interval of the start mail: it was
     // held back, and went out when the daemon stopped.
     let resumed = sink
