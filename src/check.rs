@@ -17,6 +17,7 @@ use crate::ident::{TableName, quote_ident};
 use crate::record;
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 
 /// Rows per range whose checksums are compared first.
 const CHUNK: i64 = 10_000;
@@ -56,6 +57,12 @@ SELECT c.oid, n.nspname, c.relname,
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
  ORDER BY n.nspname, c.relname";
+
+const KEY_TYPES_SQL: &str = "
+SELECT format_type(a.atttypid, a.atttypmod)
+  FROM unnest($2::text[]) WITH ORDINALITY AS k(name, n)
+  JOIN pg_attribute a ON a.attrelid = to_regclass($1) AND a.attname = k.name
+ ORDER BY k.n";
 
 const LOCK_SQL: &str = "SELECT pg_advisory_lock(hashtext('pgreplica'), hashtext($1))";
 const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock(hashtext('pgreplica'), hashtext($1))";
@@ -138,10 +145,15 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
             continue;
         }
         let skip = in_flight.remove(&table.oid).unwrap_or_default();
+        let key_types = [
+            key_types(&master_tx, table).await?,
+            key_types(&slave_tx, table).await?,
+        ];
         let mut compare = Compare {
             master: &master_tx,
             slave: &slave_tx,
             table,
+            key_types,
             skip: &skip,
             differences: 0,
         };
@@ -215,6 +227,13 @@ async fn in_flight(
     Ok(keys)
 }
 
+/// Which server a query reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Master,
+    Slave,
+}
+
 /// A key range `(lo, hi]` in the master's key order; `None` is unbounded.
 #[derive(Clone)]
 struct Range {
@@ -226,6 +245,8 @@ struct Compare<'a> {
     master: &'a Transaction<'a>,
     slave: &'a Transaction<'a>,
     table: &'a Table,
+    /// The key columns' types on the master and on the slave.
+    key_types: [Vec<String>; 2],
     skip: &'a HashSet<String>,
     differences: usize,
 }
@@ -237,7 +258,7 @@ impl Compare<'_> {
         let mut lo = None;
         let mut rows = 0;
         loop {
-            let hi = self.boundary(self.master, &lo, CHUNK).await?;
+            let hi = self.boundary(Side::Master, &lo, CHUNK).await?;
             let range = Range {
                 lo: lo.clone(),
                 hi: hi.clone(),
@@ -256,8 +277,8 @@ impl Compare<'_> {
         let mut stack = vec![range];
         let mut master_rows = None;
         while let Some(range) = stack.pop() {
-            let (m_count, m_sum) = self.checksum(self.master, &range).await?;
-            let (s_count, s_sum) = self.checksum(self.slave, &range).await?;
+            let (m_count, m_sum) = self.checksum(Side::Master, &range).await?;
+            let (s_count, s_sum) = self.checksum(Side::Slave, &range).await?;
             master_rows.get_or_insert(m_count);
             if (m_count, &m_sum) == (s_count, &s_sum) {
                 continue;
@@ -268,9 +289,9 @@ impl Compare<'_> {
             }
             // Split at the middle key of the side with more rows.
             let (side, count) = if m_count >= s_count {
-                (self.master, m_count)
+                (Side::Master, m_count)
             } else {
-                (self.slave, s_count)
+                (Side::Slave, s_count)
             };
             let Some(mid) = self.boundary(side, &range.lo, count / 2).await? else {
                 self.rows(&range).await?;
@@ -292,7 +313,7 @@ impl Compare<'_> {
     /// or `None` when fewer rows follow.
     async fn boundary(
         &self,
-        side: &Transaction<'_>,
+        side: Side,
         lo: &Option<Vec<String>>,
         n: i64,
     ) -> Result<Option<Vec<String>>, Error> {
@@ -300,7 +321,7 @@ impl Compare<'_> {
             lo: lo.clone(),
             hi: None,
         };
-        let condition = self.condition(&range);
+        let (condition, params) = self.condition(side, &range);
         let keys = self.key_list("::text");
         let sql = format!(
             "SELECT {keys} FROM ONLY {t} WHERE {condition} ORDER BY {order} OFFSET {offset} LIMIT 1",
@@ -308,28 +329,26 @@ impl Compare<'_> {
             order = self.key_list(""),
             offset = (n - 1).max(0),
         );
-        let row = side
-            .query_opt(&sql, &[])
+        let row = self
+            .tx(side)
+            .query_opt(&sql, &refs(&params))
             .await
             .doing(&format!("reading {}'s keys", self.table.name))?;
         Ok(row.map(|r| (0..self.table.key.len()).map(|i| r.get(i)).collect()))
     }
 
     /// Row count and checksum of a range on one side.
-    async fn checksum(
-        &self,
-        side: &Transaction<'_>,
-        range: &Range,
-    ) -> Result<(i64, String), Error> {
-        let condition = self.condition(range);
+    async fn checksum(&self, side: Side, range: &Range) -> Result<(i64, String), Error> {
+        let (condition, params) = self.condition(side, range);
         let sql = format!(
             "SELECT count(*), coalesce(sum(hashtextextended({row}::text, 0)), 0)::text \
              FROM ONLY {t} WHERE {condition}",
             row = self.row(),
             t = self.table.name,
         );
-        let r = side
-            .query_one(&sql, &[])
+        let r = self
+            .tx(side)
+            .query_one(&sql, &refs(&params))
             .await
             .doing(&format!("checksumming {}", self.table.name))?;
         Ok((r.get(0), r.get(1)))
@@ -337,8 +356,8 @@ impl Compare<'_> {
 
     /// Compares a small range row by row and prints the differences.
     async fn rows(&mut self, range: &Range) -> Result<(), Error> {
-        let master = self.fetch(self.master, range).await?;
-        let slave = self.fetch(self.slave, range).await?;
+        let master = self.fetch(Side::Master, range).await?;
+        let slave = self.fetch(Side::Slave, range).await?;
         let mut found = Vec::new();
         for (key, m) in &master {
             match slave.get(key) {
@@ -366,20 +385,17 @@ impl Compare<'_> {
     }
 
     /// A range's rows on one side: key text → row text.
-    async fn fetch(
-        &self,
-        side: &Transaction<'_>,
-        range: &Range,
-    ) -> Result<HashMap<String, String>, Error> {
-        let condition = self.condition(range);
+    async fn fetch(&self, side: Side, range: &Range) -> Result<HashMap<String, String>, Error> {
+        let (condition, params) = self.condition(side, range);
         let sql = format!(
             "SELECT {keys}, {row}::text FROM ONLY {t} WHERE {condition}",
             keys = self.key_list("::text"),
             row = self.row(),
             t = self.table.name,
         );
-        let rows = side
-            .query(&sql, &[])
+        let rows = self
+            .tx(side)
+            .query(&sql, &refs(&params))
             .await
             .doing(&format!("reading {}", self.table.name))?;
         let width = self.table.key.len();
@@ -434,22 +450,53 @@ impl Compare<'_> {
         keys.join(", ")
     }
 
-    /// `(k) > (lo) AND (k) <= (hi)`, the bounds as literals that take the key
-    /// columns' own types on each side.
-    fn condition(&self, range: &Range) -> String {
-        let key = format!("({})", self.key_list(""));
-        let mut parts = vec!["true".to_string()];
-        for (bound, op) in [(&range.lo, ">"), (&range.hi, "<=")] {
-            if let Some(values) = bound {
-                let literals: Vec<String> = values.iter().map(|v| literal(v)).collect();
-                parts.push(format!("{key} {op} ({})", literals.join(", ")));
-            }
+    fn tx(&self, side: Side) -> &Transaction<'_> {
+        match side {
+            Side::Master => self.master,
+            Side::Slave => self.slave,
         }
-        parts.join(" AND ")
+    }
+
+    /// `(k) > (lo) AND (k) <= (hi)`, the bounds as text parameters cast to the
+    /// key columns' types on that side.
+    fn condition(&self, side: Side, range: &Range) -> (String, Vec<String>) {
+        let key = format!("({})", self.key_list(""));
+        let types = &self.key_types[usize::from(side == Side::Slave)];
+        let mut parts = vec!["true".to_string()];
+        let mut params = Vec::new();
+        for (bound, op) in [(&range.lo, ">"), (&range.hi, "<=")] {
+            let Some(values) = bound else { continue };
+            let mut casts = Vec::new();
+            for (value, kind) in values.iter().zip(types) {
+                params.push(value.clone());
+                casts.push(format!("${}::text::{kind}", params.len()));
+            }
+            parts.push(format!("{key} {op} ({})", casts.join(", ")));
+        }
+        (parts.join(" AND "), params)
     }
 }
 
-/// A string literal (the sessions have standard_conforming_strings on).
-fn literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+fn refs(params: &[String]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+/// The types of a table's key columns, in key order, on one server.
+async fn key_types(tx: &Transaction<'_>, table: &Table) -> Result<Vec<String>, Error> {
+    let names: Vec<&str> = table
+        .key
+        .iter()
+        .map(|&k| table.columns[k].as_str())
+        .collect();
+    let rows = tx
+        .query(KEY_TYPES_SQL, &[&table.name.quoted(), &names])
+        .await
+        .doing(&format!("reading {}'s key types", table.name))?;
+    if rows.len() != names.len() {
+        return Err(Error::Schema {
+            table: table.name.clone(),
+            message: format!("the slave lacks key column(s) of {}", names.join(", ")),
+        });
+    }
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

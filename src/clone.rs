@@ -358,6 +358,8 @@ impl Job {
             .batch_execute(apply::SESSION_SQL)
             .await
             .doing("setting up the slave session")?;
+        // SET TRANSACTION SNAPSHOT takes no parameter; the id comes from the
+        // master's pg_export_snapshot(), never from input.
         let doing = "importing the exported snapshot on the master";
         master
             .batch_execute(&format!(

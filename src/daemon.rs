@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::mail::{Kind, Mailer};
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::status::{self, SlaveStatus};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -71,11 +71,15 @@ pub async fn run(
     once: bool,
     mut shutdown: watch::Receiver<bool>,
     mut reload: mpsc::Receiver<Vec<Config>>,
+    metrics: Metrics,
 ) -> bool {
     if !valid(&sets) {
         return false;
     }
-    let mut running: Vec<Running> = sets.into_iter().map(|s| Running::start(s, once)).collect();
+    let mut running: Vec<Running> = sets
+        .into_iter()
+        .map(|s| Running::start(s, once, &metrics))
+        .collect();
     if once {
         let mut ok = true;
         for set in running {
@@ -108,7 +112,7 @@ pub async fn run(
                 for new in sets {
                     if !kept.iter().any(|k| k.config.name == new.name) {
                         tracing::info!("set {}: starting", new.name);
-                        kept.push(Running::start(new, false));
+                        kept.push(Running::start(new, false, &metrics));
                     }
                 }
                 running = kept;
@@ -151,7 +155,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(config: Config, once: bool) -> Running {
+    fn start(config: Config, once: bool, metrics: &Metrics) -> Running {
         let config = Arc::new(config);
         let (stop, stopped) = watch::channel(false);
         let (mailer, sender) = Mailer::start(&config.name, config.smtp.clone());
@@ -175,13 +179,15 @@ impl Running {
                     exact: false,
                     failing: None,
                     sessions: 0,
+                    metrics: metrics.clone(),
                 };
                 tokio::spawn(state.run(stopped.clone()).instrument(span))
             })
             .collect();
         if !once {
             let span = tracing::info_span!("set", name = %config.name);
-            let watch = watch_lag(config.clone(), mailer.clone(), stopped).instrument(span);
+            let watch = watch_lag(config.clone(), mailer.clone(), metrics.clone(), stopped)
+                .instrument(span);
             tasks.push(tokio::spawn(async move {
                 watch.await;
                 true
@@ -243,7 +249,12 @@ fn describe(set: &Config, what: &str) -> String {
 /// Checks every slave's lag on the master at intervals; a slave passing the
 /// set's `LAG_WARNING` or `LAG_WARNING_EVENTS` gets a warning (log and mail),
 /// and another when it is back under.
-async fn watch_lag(set: Arc<Config>, mailer: Mailer, mut stop: watch::Receiver<bool>) {
+async fn watch_lag(
+    set: Arc<Config>,
+    mailer: Mailer,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
     let every = set.lag_warning.map_or(LAG_CHECK, |l| {
         (l / 2).clamp(Duration::from_secs(1), LAG_CHECK)
     });
@@ -262,7 +273,7 @@ async fn watch_lag(set: Arc<Config>, mailer: Mailer, mut stop: watch::Receiver<b
             let Ok((events, seconds)) = status::lag(client, &set.name, slave).await else {
                 continue;
             };
-            metrics::update(&set.name, slave, |m| {
+            metrics.update(&set.name, slave, |m| {
                 m.lag_events = events;
                 m.lag_seconds = seconds;
             });
@@ -307,6 +318,7 @@ struct Slave {
     failing: Option<String>,
     /// Sessions begun (the ones after the first are reconnections).
     sessions: u64,
+    metrics: Metrics,
 }
 
 impl Slave {
@@ -336,7 +348,8 @@ impl Slave {
             } else {
                 tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
             }
-            metrics::update(&self.set.name, self.number, |m| m.errors += 1);
+            self.metrics
+                .update(&self.set.name, self.number, |m| m.errors += 1);
             record_error(&self.set, self.number, &error).await;
             self.mail_error(&error);
             if self.once {
@@ -379,7 +392,7 @@ impl Slave {
         let slave = self.number;
         self.sessions += 1;
         if self.sessions > 1 {
-            metrics::update(&set.name, slave, |m| m.reconnects += 1);
+            self.metrics.update(&set.name, slave, |m| m.reconnects += 1);
         }
         let slave_dsn = &set.slaves[&slave];
         let (mut master, mut notifications) =
@@ -409,7 +422,8 @@ impl Slave {
             self.backoff = Duration::from_secs(1);
             if applied.events > 0 {
                 let took = began.elapsed();
-                metrics::batch(&set.name, slave, applied.events, applied.conflicts, took);
+                let metrics = &self.metrics;
+                metrics.batch(&set.name, slave, applied.events, applied.conflicts, took);
             }
             if let Some(error) = self.failing.take() {
                 self.mailer.send(

@@ -86,7 +86,8 @@ pub async fn run() -> Result<bool, Error> {
     );
     let (stop, shutdown) = watch::channel(false);
     let (_reload, reloads) = tokio::sync::mpsc::channel(1);
-    let daemon = tokio::spawn(daemon::run(vec![config], false, shutdown, reloads));
+    let metrics = crate::metrics::Metrics::default();
+    let daemon = tokio::spawn(daemon::run(vec![config], false, shutdown, reloads, metrics));
     let slave = db::connect(&slave_pg.dsn("shop"), None).await?;
     let started = Instant::now();
     let mut next_report = Duration::ZERO;

@@ -2,14 +2,19 @@
 //! JSON as `status --json`) and `/` (a small page that refreshes itself).
 
 use crate::config::Config;
-use crate::{metrics, status};
+use crate::metrics::Metrics;
+use crate::status;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Serves until the process ends; `sets` holds the sets running now.
-pub async fn serve(addr: SocketAddr, sets: watch::Receiver<Vec<Config>>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    sets: watch::Receiver<Vec<Config>>,
+    metrics: Metrics,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(
         "HTTP on http://{}/ (/metrics, /status)",
@@ -17,9 +22,9 @@ pub async fn serve(addr: SocketAddr, sets: watch::Receiver<Vec<Config>>) -> std:
     );
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let sets = sets.clone();
+            let (sets, metrics) = (sets.clone(), metrics.clone());
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, sets).await {
+                if let Err(e) = answer(stream, sets, metrics).await {
                     tracing::debug!("HTTP: {e}");
                 }
             });
@@ -29,7 +34,11 @@ pub async fn serve(addr: SocketAddr, sets: watch::Receiver<Vec<Config>>) -> std:
 }
 
 /// Reads one request (its head only) and answers it.
-async fn answer(mut stream: TcpStream, sets: watch::Receiver<Vec<Config>>) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    sets: watch::Receiver<Vec<Config>>,
+    metrics: Metrics,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 << 10 {
@@ -47,7 +56,7 @@ async fn answer(mut stream: TcpStream, sets: watch::Receiver<Vec<Config>>) -> st
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics::prometheus(),
+            metrics.prometheus(),
         ),
         ("GET", "/status") => {
             let sets = sets.borrow().clone();

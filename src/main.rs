@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use pgreplica::metrics::Metrics;
 use pgreplica::service::{self, LogFile};
 use pgreplica::{Config, capture, check, clone, daemon, db, demo, http, status};
 use std::io::IsTerminal;
@@ -351,16 +352,17 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 tracing::info!("running as user {user}");
             }
             let (running, watched) = watch::channel(loaded.clone());
+            let metrics = Metrics::default();
             if let Some(addr) = http.or_else(|| loaded.iter().find_map(|s| s.http))
                 && !once
             {
-                http::serve(addr, watched)
+                http::serve(addr, watched, metrics.clone())
                     .await
                     .with_context(|| format!("listening for HTTP on {addr}"))?;
             }
             let reloads = reload_on_hangup(sets, log, pidfile.clone(), running);
             notify_systemd();
-            let ok = daemon::run(loaded, once, shutdown_signal(), reloads).await;
+            let ok = daemon::run(loaded, once, shutdown_signal(), reloads, metrics).await;
             if let Some(path) = &pidfile {
                 let _ = std::fs::remove_file(sets_file(path));
             }

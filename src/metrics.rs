@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the batch apply-time histogram's buckets.
@@ -31,38 +31,44 @@ pub struct Slave {
     apply_seconds: f64,
 }
 
-fn registry() -> &'static Mutex<BTreeMap<(String, u32), Slave>> {
-    static REGISTRY: OnceLock<Mutex<BTreeMap<(String, u32), Slave>>> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
+/// Every slave's figures, shared by the daemon's tasks and the HTTP listener;
+/// cheap to clone.
+#[derive(Clone, Default)]
+pub struct Metrics(Arc<Mutex<BTreeMap<(String, u32), Slave>>>);
 
-/// Changes one slave's figures.
-pub fn update(set: &str, slave: u32, change: impl FnOnce(&mut Slave)) {
-    if let Ok(mut all) = registry().lock() {
-        change(all.entry((set.to_string(), slave)).or_default());
-    }
-}
-
-/// Records a committed batch.
-pub fn batch(set: &str, slave: u32, events: u64, conflicts: u64, took: Duration) {
-    update(set, slave, |s| {
-        s.batches += 1;
-        s.events += events;
-        s.conflicts += conflicts;
-        let seconds = took.as_secs_f64();
-        s.apply_seconds += seconds;
-        if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
-            s.buckets[i] += 1;
+impl Metrics {
+    /// Changes one slave's figures.
+    pub fn update(&self, set: &str, slave: u32, change: impl FnOnce(&mut Slave)) {
+        if let Ok(mut all) = self.0.lock() {
+            change(all.entry((set.to_string(), slave)).or_default());
         }
-    });
+    }
+
+    /// Records a committed batch.
+    pub fn batch(&self, set: &str, slave: u32, events: u64, conflicts: u64, took: Duration) {
+        self.update(set, slave, |s| {
+            s.batches += 1;
+            s.events += events;
+            s.conflicts += conflicts;
+            let seconds = took.as_secs_f64();
+            s.apply_seconds += seconds;
+            if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
+                s.buckets[i] += 1;
+            }
+        });
+    }
+
+    /// Everything in Prometheus' text format.
+    pub fn prometheus(&self) -> String {
+        let all = self.0.lock().map(|a| a.clone()).unwrap_or_default();
+        prometheus(&all)
+    }
 }
 
 /// A metric shown per slave: name, type, help, and how to read it.
 type Series = (&'static str, &'static str, &'static str, fn(&Slave) -> f64);
 
-/// Everything in Prometheus' text format.
-pub fn prometheus() -> String {
-    let all = registry().lock().map(|a| a.clone()).unwrap_or_default();
+fn prometheus(all: &BTreeMap<(String, u32), Slave>) -> String {
     let mut out = String::new();
     let series: [Series; 7] = [
         (
@@ -110,7 +116,7 @@ pub fn prometheus() -> String {
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for ((set, slave), s) in &all {
+        for ((set, slave), s) in all {
             let _ = writeln!(
                 out,
                 "{name}{{set=\"{}\",slave=\"{slave}\"}} {}",
@@ -124,7 +130,7 @@ pub fn prometheus() -> String {
         out,
         "# HELP {name} Time to apply and commit one batch on the slave.\n# TYPE {name} histogram"
     );
-    for ((set, slave), s) in &all {
+    for ((set, slave), s) in all {
         let labels = format!("set=\"{}\",slave=\"{slave}\"", escape(set));
         let mut cumulative = 0;
         for (bound, count) in BUCKETS.iter().zip(s.buckets) {
@@ -151,9 +157,10 @@ mod tests {
 
     #[test]
     fn batches_fill_counters_and_a_cumulative_histogram() {
-        batch("m\"t", 1, 10, 1, Duration::from_millis(3));
-        batch("m\"t", 1, 5, 0, Duration::from_millis(300));
-        let text = prometheus();
+        let metrics = Metrics::default();
+        metrics.batch("m\"t", 1, 10, 1, Duration::from_millis(3));
+        metrics.batch("m\"t", 1, 5, 0, Duration::from_millis(300));
+        let text = metrics.prometheus();
         assert!(text.contains("pgreplica_events_applied_total{set=\"m\\\"t\",slave=\"1\"} 15"));
         assert!(text.contains("pgreplica_conflicts_total{set=\"m\\\"t\",slave=\"1\"} 1"));
         assert!(text.contains(
