@@ -11,6 +11,22 @@ use support::{Daemon, Setup};
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int)";
 const ALL: &str = "SELECT * FROM items ORDER BY id";
 
+/// `pgreplica run --http` on a free loopback port.
+fn serving(s: &Setup) -> (Daemon, u16) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["run", "--http", &format!("127.0.0.1:{port}")])
+        .arg(&s.conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Daemon(child), port)
+}
+
 /// GET `path`; the status line and the body.
 fn get(port: u16, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -24,18 +40,7 @@ fn get(port: u16, path: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_status_and_page_are_served() {
     let s = Setup::new(1, ITEMS).await;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["run", "--http", &format!("127.0.0.1:{port}")])
-        .arg(&s.conf)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _daemon = Daemon(child);
+    let (_daemon, port) = serving(&s);
     s.arrives(
         "INSERT INTO items SELECT g, 'x', g FROM generate_series(1, 10) g",
         ALL,
@@ -87,18 +92,7 @@ fn chromium() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_renders_the_slaves_in_a_real_browser() {
     let s = Setup::new(1, ITEMS).await;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["run", "--http", &format!("127.0.0.1:{port}")])
-        .arg(&s.conf)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _daemon = Daemon(child);
+    let (_daemon, port) = serving(&s);
     s.arrives("INSERT INTO items VALUES (1, 'one', 1)", ALL)
         .await;
     let dir = std::env::temp_dir().join(format!("pgreplica-browser-{}", std::process::id()));
