@@ -35,6 +35,8 @@ pub struct Config {
     pub lag_warning_events: Option<i64>,
     /// `LOG_FORMAT=json`: one JSON object per log line.
     pub json_logs: bool,
+    /// `USER`: started as root, the daemon runs as this user.
+    pub user: Option<String>,
     /// `LOGFILE`: the daemon logs here instead of standard error.
     pub logfile: Option<PathBuf>,
     /// `HTTP`: address of the status and metrics listener.
@@ -196,6 +198,7 @@ impl Config {
             json_logs: false,
             http: None,
             logfile: None,
+            user: None,
             smtp: None,
             warnings: Vec::new(),
         };
@@ -305,6 +308,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.lag_warning_events = (events > 0).then_some(events);
         }
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
+        "USER" => config.user = Some(value),
         "HTTP" => {
             config.http = Some(value.parse().map_err(|_| {
                 format!("'{value}' is not an address and port such as 127.0.0.1:9187")
@@ -325,7 +329,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, HTTP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());

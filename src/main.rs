@@ -346,6 +346,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 }
                 None => None,
             };
+            let user = user.or_else(|| loaded.iter().find_map(|s| s.user.clone()));
             #[cfg(unix)]
             if let Some(user) = &user {
                 service::become_user(user).map_err(anyhow::Error::msg)?;

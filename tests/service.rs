@@ -200,8 +200,10 @@ async fn started_as_root_it_runs_as_the_given_user() {
         );
         return;
     }
+    // USER= in the file, as the flag --user would.
+    s.configure("USER=postgres\n");
     let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["run", "--user", "postgres", conf])
+        .args(["run", conf])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
