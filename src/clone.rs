@@ -719,7 +719,11 @@ async fn handover(
                 .find(|(_, s)| copied.iter().all(|(_, o)| s.includes(o)))
             {
                 Some((_, s)) => s.clone(),
-                None => return Ok(()),
+                None => {
+                    // Nothing copied and nothing to hand over.
+                    drop(tx);
+                    return release_hold(&master, set, slave).await;
+                }
             },
         };
         if let Some((table, _)) = copied.iter().find(|(_, s)| !target.includes(s)) {
@@ -772,10 +776,7 @@ async fn handover(
         tx.commit().await.doing(doing)?;
         // The registry now protects the log for this slave from its progress on.
         daemon::register(&master, &slave_client, set, slave).await?;
-        master
-            .execute(UNHOLD_SQL, &[&set.name, &-(slave as i32)])
-            .await
-            .doing("releasing the clone's hold on the master's log")?;
+        release_hold(&master, set, slave).await?;
         tracing::info!(
             "{} tables handed over to replication at {target} ({} events caught up)",
             copied.len(),
@@ -783,6 +784,14 @@ async fn handover(
         );
         return Ok(());
     }
+}
+
+async fn release_hold(master: &Client, set: &Config, slave: u32) -> Result<(), Error> {
+    master
+        .execute(UNHOLD_SQL, &[&set.name, &-(slave as i32)])
+        .await
+        .doing("releasing the clone's hold on the master's log")
+        .map(|_| ())
 }
 
 #[cfg(test)]
