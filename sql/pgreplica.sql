@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS pgreplica.log (
     ev_txid   bigint      NOT NULL DEFAULT txid_current(),
     ev_time   timestamptz NOT NULL DEFAULT now(),
     ev_table  oid         NOT NULL,
-    ev_op     "char"      NOT NULL,   -- I insert, U update, D delete, T truncate
+    ev_op     "char"      NOT NULL,   -- I insert, U update, D delete, T truncate, X execute
     ev_origin text,                   -- node the change came from (NULL: this one)
     ev_old    text,                   -- row before the change (U, D)
     ev_new    text                    -- row after the change (I, U)
@@ -172,6 +172,46 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_truncate ON %s', tbl);
     EXECUTE format('DROP FUNCTION IF EXISTS pgreplica.%I()', pgreplica.capture_name(tbl));
     DELETE FROM pgreplica.tables WHERE reloid = tbl;
+END
+$$;
+
+-- The definitions of the attached tables, by oid: schema, name, columns in
+-- order, primary key. An execute event keeps them from before its statement,
+-- so that the events logged before it are read with the columns they had.
+CREATE OR REPLACE FUNCTION pgreplica.layouts() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_object_agg(c.oid::text, jsonb_build_object(
+               'schema', n.nspname,
+               'name', c.relname,
+               'columns', ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                 ORDER BY a.attnum),
+               'key', ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
+                                ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                             WHERE i.indrelid = c.oid AND i.indisprimary
+                             ORDER BY array_position(i.indkey::int2[], a.attnum)))), '{}')
+      FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+$$;
+
+-- Runs a statement (typically DDL) on the master and queues it in the log, so
+-- that every slave runs it at the same point between the data changes. Capture
+-- is attached again to the tables whose definition changed (a new primary key).
+-- Call it inside a migration's transaction, or through `pgreplica execute`.
+CREATE OR REPLACE FUNCTION pgreplica.execute(sql text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    before jsonb := pgreplica.layouts();
+    tbl    oid;
+BEGIN
+    EXECUTE sql;
+    FOR tbl IN SELECT after.key::oid FROM jsonb_each(pgreplica.layouts()) AS after
+                WHERE before -> after.key IS DISTINCT FROM after.value LOOP
+        PERFORM pgreplica.attach(tbl);
+    END LOOP;
+    INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
+    VALUES (0, 'X', current_setting('pgreplica.origin', true), before::text, sql);
+    PERFORM pg_notify('pgreplica', '');
 END
 $$;
 

@@ -199,7 +199,8 @@ const NOTES: usize = 20;
 pub struct Applier<'t> {
     tx: &'t Transaction<'t>,
     statements: &'t mut Statements,
-    plans: HashMap<u32, Arc<Plan>>,
+    /// By master table definition (its address: each plan holds its definition alive).
+    plans: HashMap<usize, Arc<Plan>>,
     pending: VecDeque<Pending<'t>>,
     pending_events: usize,
     copy: Option<CopyRun>,
@@ -234,7 +235,10 @@ impl<'t> Applier<'t> {
 
     /// Applies one event (or queues it: errors may surface on a later call).
     pub async fn apply(&mut self, table: &Arc<MasterTable>, event: Event) -> Result<(), Error> {
-        let plan = self.plan(event.table, table).await?;
+        if event.op == Op::Execute {
+            return self.execute(event).await;
+        }
+        let plan = self.plan(table).await?;
         self.counts.events += 1;
         match event.op {
             Op::Insert => self.insert(plan, event).await,
@@ -247,7 +251,35 @@ impl<'t> Applier<'t> {
                     .await
                     .map_err(|e| apply_error(&plan, "(all rows)".into(), event.id, &e))
             }
+            Op::Execute => Ok(()),
         }
+    }
+
+    /// Runs a statement queued with `pgreplica.execute` at its point in the
+    /// batch; the slave's tables may have changed, so plans and prepared
+    /// statements are made again.
+    async fn execute(&mut self, event: Event) -> Result<(), Error> {
+        self.flush().await?;
+        self.counts.events += 1;
+        let sql = event
+            .new
+            .as_ref()
+            .and_then(|n| n.first().cloned().flatten())
+            .ok_or_else(|| malformed(&event, "an execute event without its statement"))?;
+        self.tx
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::Query {
+                doing: format!("running event {} on the slave ({sql})", event.id),
+                message: pg_message(&e),
+            })?;
+        self.tx
+            .batch_execute(SESSION_SQL)
+            .await
+            .doing("setting up the slave session")?;
+        self.plans.clear();
+        self.statements.0.clear();
+        Ok(())
     }
 
     /// Sends what is queued, checks every result, and records `progress` (set,
@@ -266,8 +298,10 @@ impl<'t> Applier<'t> {
         Ok(self.counts)
     }
 
-    async fn plan(&mut self, oid: u32, table: &Arc<MasterTable>) -> Result<Arc<Plan>, Error> {
-        if let Some(plan) = self.plans.get(&oid) {
+    /// How `table` (one definition of a master table) lands on the slave.
+    async fn plan(&mut self, table: &Arc<MasterTable>) -> Result<Arc<Plan>, Error> {
+        let key = Arc::as_ptr(table) as usize;
+        if let Some(plan) = self.plans.get(&key) {
             return Ok(plan.clone());
         }
         // The catalog query cannot pass a COPY in progress on the connection.
@@ -313,7 +347,7 @@ impl<'t> Applier<'t> {
             types,
             generated,
         });
-        self.plans.insert(oid, plan.clone());
+        self.plans.insert(key, plan.clone());
         Ok(plan)
     }
 

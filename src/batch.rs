@@ -10,7 +10,7 @@
 use crate::error::{Context, Error};
 use crate::ident::TableName;
 use crate::record::{self, Fields};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio_postgres::{Portal, Statement, Transaction};
 
@@ -85,6 +85,8 @@ pub enum Op {
     Delete,
     /// The table was truncated.
     Truncate,
+    /// A statement queued with `pgreplica.execute`, in `new`'s only field.
+    Execute,
 }
 
 /// One change of the master's log, its rows split into fields.
@@ -152,6 +154,41 @@ SELECT n.nspname, c.relname,
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = $1";
 
+/// The table definitions an execute event kept (see `pgreplica.layouts()`).
+fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, Error> {
+    #[derive(serde::Deserialize)]
+    struct Layout {
+        schema: String,
+        name: String,
+        columns: Vec<String>,
+        key: Vec<String>,
+    }
+    let layouts: HashMap<String, Layout> =
+        serde_json::from_str(text).map_err(|e| Error::Query {
+            doing: format!("reading execute event {id}"),
+            message: format!("unreadable table definitions: {e}"),
+        })?;
+    Ok(layouts
+        .into_iter()
+        .filter_map(|(oid, l)| {
+            let key = l
+                .key
+                .iter()
+                .filter_map(|k| l.columns.iter().position(|c| c == k))
+                .collect();
+            let table = MasterTable {
+                name: TableName {
+                    schema: l.schema,
+                    name: l.name,
+                },
+                columns: l.columns,
+                key,
+            };
+            Some((oid.parse().ok()?, Arc::new(table)))
+        })
+        .collect())
+}
+
 /// The master's current snapshot, read in `tx`.
 pub async fn current_snapshot(tx: &Transaction<'_>) -> Result<Snapshot, Error> {
     let doing = "taking a snapshot of the master";
@@ -163,6 +200,18 @@ pub async fn current_snapshot(tx: &Transaction<'_>) -> Result<Snapshot, Error> {
     })
 }
 
+// The execute events of the batch, with the definitions from before each.
+const EXECUTES_SQL: &str = "
+SELECT ev_id, ev_old FROM (
+    SELECT * FROM pgreplica.log WHERE ev_txid = ANY ($3::bigint[])
+    UNION ALL
+    SELECT * FROM pgreplica.log WHERE ev_txid >= $4 AND ev_txid < $5
+) AS l
+WHERE ev_op = 'X'
+  AND txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
+  AND NOT txid_visible_in_snapshot(ev_txid, $1::text::txid_snapshot)
+ORDER BY ev_id";
+
 /// How many events are fetched from the master at a time.
 const FETCH: i32 = 2000;
 
@@ -172,6 +221,13 @@ pub struct Batch<'t> {
     portal: Portal,
     table_stmt: Statement,
     tables: HashMap<u32, Arc<MasterTable>>,
+    /// Each execute event of the batch (id) with the definitions of the tables
+    /// from before it: the events logged earlier are read with those.
+    layouts: Vec<(i64, HashMap<u32, Arc<MasterTable>>)>,
+    /// Stands for the table of execute events, which have none.
+    no_table: Arc<MasterTable>,
+    /// Tables (quoted names) whose events are passed on without their rows.
+    skipped: HashSet<String>,
     buffered: std::vec::IntoIter<tokio_postgres::Row>,
     done: bool,
     /// The snapshot this batch ends at.
@@ -201,31 +257,51 @@ impl<'t> Batch<'t> {
         table: Option<u32>,
     ) -> Result<Batch<'t>, Error> {
         let doing = "reading the master's log";
+        let (prev_text, snapshot_text) = (prev.to_string(), snapshot.to_string());
+        let range: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &prev_text,
+            &snapshot_text,
+            &prev.xip,
+            &prev.xmax,
+            &snapshot.xmax,
+        ];
+        let mut layouts = Vec::new();
+        for row in tx.query(EXECUTES_SQL, &range).await.doing(doing)? {
+            let id: i64 = row.get(0);
+            let text: Option<String> = row.get(1);
+            layouts.push((id, read_layouts(id, text.as_deref().unwrap_or("{}"))?));
+        }
         let stmt = tx.prepare(EVENTS_SQL).await.doing(doing)?;
-        let portal = tx
-            .bind(
-                &stmt,
-                &[
-                    &prev.to_string(),
-                    &snapshot.to_string(),
-                    &prev.xip,
-                    &prev.xmax,
-                    &snapshot.xmax,
-                    &table,
-                ],
-            )
-            .await
-            .doing(doing)?;
+        let mut params = range.to_vec();
+        params.push(&table);
+        let portal = tx.bind(&stmt, &params).await.doing(doing)?;
         let table_stmt = tx.prepare(TABLE_SQL).await.doing(doing)?;
         Ok(Batch {
             tx,
             portal,
             table_stmt,
             tables: HashMap::new(),
+            layouts,
+            no_table: Arc::new(MasterTable {
+                name: TableName {
+                    schema: "pgreplica".into(),
+                    name: "execute".into(),
+                },
+                columns: Vec::new(),
+                key: Vec::new(),
+            }),
+            skipped: HashSet::new(),
             buffered: Vec::new().into_iter(),
             done: false,
             snapshot,
         })
+    }
+
+    /// Passes the events of these tables (quoted names) on without reading
+    /// their rows: the caller skips them (tables being cloned), and rows logged
+    /// with a definition that no longer holds must not stop it.
+    pub fn skip(&mut self, tables: HashSet<String>) {
+        self.skipped = tables;
     }
 
     /// The next event and its table, or `None` at the end of the batch.
@@ -255,6 +331,17 @@ impl<'t> Batch<'t> {
             b'U' => Op::Update,
             b'D' => Op::Delete,
             b'T' => Op::Truncate,
+            b'X' => {
+                let sql: Option<String> = row.get(4);
+                let event = Event {
+                    id,
+                    table: 0,
+                    op: Op::Execute,
+                    old: None,
+                    new: Some(vec![sql]),
+                };
+                return Ok(Some((self.no_table.clone(), event)));
+            }
             other => {
                 return Err(Error::Query {
                     doing: doing.into(),
@@ -262,7 +349,24 @@ impl<'t> Batch<'t> {
                 });
             }
         };
-        let table = self.table(oid, id).await?;
+        let table = match self
+            .layouts
+            .iter()
+            .find(|(x, tables)| *x > id && tables.contains_key(&oid))
+        {
+            Some((_, tables)) => tables[&oid].clone(),
+            None => self.table(oid, id).await?,
+        };
+        if self.skipped.contains(&table.name.quoted()) {
+            let event = Event {
+                id,
+                table: oid,
+                op,
+                old: None,
+                new: None,
+            };
+            return Ok(Some((table, event)));
+        }
         let fields = |text: Option<String>| -> Result<Option<Fields>, Error> {
             let Some(text) = text else { return Ok(None) };
             let fields = record::parse(&text).map_err(|e| Error::Query {
@@ -273,10 +377,15 @@ impl<'t> Batch<'t> {
                 return Err(Error::Schema {
                     table: table.name.clone(),
                     message: format!(
-                        "event {id} has {} columns but the master's table now has {} ({}): its definition changed after the event was logged",
+                        "event {id} has {} columns but the master's table now has {} ({}): its \
+                         definition changed after the event was logged, without pgreplica \
+                         execute. To recover: make the same change on the slave, then \
+                         pgreplica clone CONF --table {} --truncate (its pending events are \
+                         replaced by a fresh copy). Make schema changes with pgreplica execute.",
                         fields.len(),
                         table.columns.len(),
-                        table.columns.join(", ")
+                        table.columns.join(", "),
+                        table.name
                     ),
                 });
             }

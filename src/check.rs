@@ -9,7 +9,7 @@
 //! whatever the table's size.
 
 use crate::apply::{self, SESSION_SQL};
-use crate::batch::{Batch, Snapshot, current_snapshot};
+use crate::batch::{Batch, Op, Snapshot, current_snapshot};
 use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
@@ -219,6 +219,9 @@ async fn in_flight(
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
     let mut events = Batch::between(master, position, snapshot.clone(), None).await?;
     while let Some((table, event)) = events.next().await? {
+        if event.op == Op::Execute {
+            continue;
+        }
         let entry = keys.entry(event.table).or_default();
         for row in [&event.old, &event.new].into_iter().flatten() {
             entry.insert(table.key_text(row));

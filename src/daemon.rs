@@ -52,11 +52,16 @@ UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(),
 
 // Every slave of every set reading this master is registered: the log is kept
 // until the one furthest behind has applied it.
-// At most CLEANUP_ROWS at a time, so that one cleanup stays short.
+// At most CLEANUP_ROWS at a time, so that one cleanup stays short; and only
+// once every slave of the set ($2) is registered, so that a slave whose task
+// has not reached the master yet is never cleaned past.
 const CLEANUP_SQL: &str = "
 DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM pgreplica.log
      WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
+       AND NOT EXISTS (SELECT FROM unnest($2::int[]) AS n(slave)
+                        WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
+                                           WHERE s.set_name = $1 AND s.slave = n.slave))
      LIMIT 100000))";
 const CLEANUP_ROWS: u64 = 100_000;
 
@@ -468,9 +473,10 @@ impl Slave {
             };
             bounded(report, "master", heartbeat * 2).await?;
             if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
+                let slaves: Vec<i32> = set.slaves.keys().map(|&n| n as i32).collect();
                 let cleanup = async {
                     master
-                        .execute(CLEANUP_SQL, &[])
+                        .execute(CLEANUP_SQL, &[&set.name, &slaves])
                         .await
                         .doing("cleaning the master's log")
                 };
@@ -597,6 +603,7 @@ pub(crate) async fn apply_batch(
     let Some(mut batch) = Batch::open(&master_tx, &prev).await? else {
         return Ok((prev, Applied::default()));
     };
+    batch.skip(cloning.clone());
     let mut applier = Applier::new(&slave_tx, statements, exact);
     while let Some((table, event)) = batch.next().await? {
         if !cloning.contains(&table.name.quoted()) {

@@ -105,6 +105,14 @@ enum Command {
         #[arg(long = "table")]
         tables: Vec<String>,
     },
+    /// Run a statement (DDL) on the master and queue it, so that every slave runs
+    /// it at the same point between the data changes
+    Execute {
+        /// The set's config file
+        config: PathBuf,
+        /// The SQL to run, e.g. 'ALTER TABLE shop.orders ADD COLUMN note text'
+        sql: String,
+    },
     /// Start two throwaway local servers and replicate between them
     Demo,
 }
@@ -449,6 +457,21 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             let differences = check::check(&set, &tables).await?;
             println!("{differences} difference(s)");
             Ok(differences == 0)
+        }
+        Command::Execute { config, sql } => {
+            let set = Config::load(&config)?;
+            init_logging(1);
+            let client = db::connect(&set.master, None).await?;
+            client
+                .execute("SELECT pgreplica.execute($1)", &[&sql])
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", db::pg_message(&e)))
+                .context("running the statement on the master")?;
+            println!(
+                "done on the master and queued: every slave of {} runs it in order",
+                set.name
+            );
+            Ok(true)
         }
         Command::Demo => {
             init_logging(1);

@@ -349,6 +349,29 @@ async fn two_slaves_keep_their_own_positions_while_one_is_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slave_that_never_reached_the_master_is_not_cleaned_past() {
+    let s = Setup::new(2, ITEMS).await;
+    // Slave 2 is down from the start: its task never registers on the master.
+    s.slaves[1].stop("fast").unwrap();
+    let m = s.master().await;
+    m.batch_execute("INSERT INTO items SELECT g, 'row', g FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert!(!s.run_once().status.success(), "slave 2 is down");
+    }
+    s.assert_same(0, ALL).await;
+    assert_eq!(
+        count(&m, "pgreplica.log").await,
+        50,
+        "the log waits for slave 2"
+    );
+    s.slaves[1].restart().unwrap();
+    s.sync();
+    s.assert_same(1, ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn applied_events_are_cleaned_from_the_master_log() {
     let s = Setup::new(1, ITEMS).await;
     let m = s.master().await;
