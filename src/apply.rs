@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS pgreplica.cloning (
     tbl       text NOT NULL,   -- the master's table, quoted schema.name
     snapshot  text,            -- master snapshot the copy reflects; NULL until copied
     copied_at timestamptz,
+    deferred  text,            -- foreign keys of a created table, added at the handover
     PRIMARY KEY (set_name, tbl)
 )";
 

@@ -89,10 +89,6 @@ const CLONING_SQL: &str =
 
 const DONE_SQL: &str = "DELETE FROM pgreplica.cloning WHERE set_name = $1 AND tbl = $2";
 
-/// Deferred SQL (foreign keys of created tables), run at the handover.
-const DEFERRED_SETUP_SQL: &str = "
-ALTER TABLE pgreplica.cloning ADD COLUMN IF NOT EXISTS deferred text";
-
 const DEFER_SQL: &str =
     "UPDATE pgreplica.cloning SET deferred = $3 WHERE set_name = $1 AND tbl = $2";
 
@@ -127,10 +123,6 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     let mut master = db::connect(&set.master, set.keepalive).await?;
     let mut slave_client = db::connect(dsn, set.keepalive).await?;
     apply::prepare_slave(&slave_client).await?;
-    slave_client
-        .batch_execute(DEFERRED_SETUP_SQL)
-        .await
-        .doing("preparing pgreplica.cloning on the slave")?;
     let (tables, to_attach) = chosen_tables(&master, &options.tables).await?;
 
     // Tables copied by an earlier, interrupted clone are not copied again.
@@ -456,9 +448,7 @@ impl Job {
         self.progress.done(&name);
         Ok(())
     }
-}
 
-impl Job {
     /// Runs part of a table's definition from the master on the slave.
     async fn create(
         &self,

