@@ -144,6 +144,18 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
             println!("{name}: being cloned, not compared");
             continue;
         }
+        let on_slave: bool = slave_tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await
+            .doing("reading the slave's catalog")?
+            .get(0);
+        if !on_slave {
+            println!(
+                "{name}: the table is missing on the slave (pgreplica clone creates and copies it)"
+            );
+            total += 1;
+            continue;
+        }
         let skip = in_flight.remove(&table.oid).unwrap_or_default();
         let key_types = [
             key_types(&master_tx, table).await?,
@@ -498,7 +510,10 @@ async fn key_types(tx: &Transaction<'_>, table: &Table) -> Result<Vec<String>, E
     if rows.len() != names.len() {
         return Err(Error::Schema {
             table: table.name.clone(),
-            message: format!("the slave lacks key column(s) of {}", names.join(", ")),
+            message: format!(
+                "a key column ({}) is missing on one side: make both definitions the same",
+                names.join(", ")
+            ),
         });
     }
     Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -51,6 +51,18 @@ async fn check_names_a_changed_a_missing_and_an_extra_row_of_a_million() {
         assert!(report.contains(line), "check reports {line}:\n{report}");
     }
     println!("peak RSS of pgreplica check over 1,000,000 rows: {rss:.1} MB");
+    // A table missing on the slave is a difference too, not a failure to check.
+    s.slave(0)
+        .await
+        .batch_execute("DROP TABLE big")
+        .await
+        .unwrap();
+    let (code, report, _) = check_measured(&conf);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains("\"public\".\"big\": the table is missing on the slave"),
+        "{report}"
+    );
     assert!(rss < 64.0, "check's memory stays bounded ({rss:.1} MB)");
 }
 
