@@ -179,7 +179,7 @@ async fn main() {
         // pgreplica.
         let mut m = fresh(&master, "pr").await;
         let s = fresh(&slave, "pr").await;
-        capture::install(&mut m, &[]).await.unwrap();
+        capture::install(&mut m, &[], None).await.unwrap();
         let conf = write_conf(&master, &slave, "pr");
         let mut child = daemon(&conf);
         phase(&m, &s, -1, &[]).await;
@@ -222,7 +222,7 @@ async fn main() {
     for backlog in backlogs {
         let mut m = fresh(&master, "mem").await;
         let s = fresh(&slave, "mem").await;
-        capture::install(&mut m, &[]).await.unwrap();
+        capture::install(&mut m, &[], None).await.unwrap();
         let conf = write_conf(&master, &slave, "mem");
         let mut chunk = 0;
         while chunk < backlog {

@@ -23,7 +23,7 @@ END $$;";
 async fn timed(client: &mut Client, with_capture: bool, work: &[&str]) -> f64 {
     client.batch_execute(SETUP).await.unwrap();
     if with_capture {
-        capture::install(client, &["test".to_string()])
+        capture::install(client, &["test".to_string()], None)
             .await
             .unwrap();
         client

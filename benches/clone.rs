@@ -64,7 +64,7 @@ async fn main() {
     eprintln!("pgbench -i -s {scale} ...");
     shell(&format!("{} -i -q -s {scale} '{source}'", tool("pgbench")));
     let mut client = db::connect(&source, None).await.unwrap();
-    capture::install(&mut client, &[]).await.unwrap();
+    capture::install(&mut client, &[], None).await.unwrap();
     client.batch_execute("VACUUM ANALYZE").await.unwrap();
     let dir = std::env::temp_dir().join(format!("pgreplica-bench-clone-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

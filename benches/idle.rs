@@ -50,7 +50,7 @@ async fn main() {
     admin.batch_execute("CREATE DATABASE app").await.unwrap();
     let mut client = db::connect(&master.dsn("app"), None).await.unwrap();
     client.batch_execute(SCHEMA).await.unwrap();
-    capture::install(&mut client, &[]).await.unwrap();
+    capture::install(&mut client, &[], None).await.unwrap();
     let dir = std::env::temp_dir().join(format!("pgreplica-bench-idle-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let slave_admin = db::connect(&slave.dsn("postgres"), None).await.unwrap();

@@ -49,11 +49,28 @@ CREATE TABLE IF NOT EXISTS pgreplica.slave (
     PRIMARY KEY (set_name, slave)
 );
 
--- Tables attached to capture.
+-- Tables attached to capture, and what is captured of each (set with
+-- pgreplica.set_options, from the [TABLE] sections of a set's config).
 CREATE TABLE IF NOT EXISTS pgreplica.tables (
     reloid      oid PRIMARY KEY,
     attached_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE pgreplica.tables
+    ADD COLUMN IF NOT EXISTS operations text NOT NULL DEFAULT 'IUDT', -- logged: I U D T
+    ADD COLUMN IF NOT EXISTS filter     text,   -- SQL boolean over new.* and old.*
+    ADD COLUMN IF NOT EXISTS columns    text[], -- only these columns are logged
+    ADD COLUMN IF NOT EXISTS exclude    text[]; -- these columns are not logged
+
+-- The columns of a table that are logged, in row order: all of them, or those
+-- its options keep. The key is always among them (set_options makes sure).
+CREATE OR REPLACE FUNCTION pgreplica.logged_columns(tbl regclass) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}')
+      FROM pg_attribute a LEFT JOIN pgreplica.tables t ON t.reloid = a.attrelid
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+       AND (t.columns IS NULL OR a.attname = ANY (t.columns))
+       AND (t.exclude IS NULL OR a.attname <> ALL (t.exclude))
+$$;
 
 -- The capture function's name for a table.
 CREATE OR REPLACE FUNCTION pgreplica.capture_name(tbl regclass) RETURNS text
@@ -75,49 +92,79 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Attaches capture to one table: generates its capture function (statement-level,
--- with transition tables) and its triggers. Idempotent; returns NULL on success or
--- the reason the table cannot be replicated.
+-- with transition tables) and its triggers, following the table's options in
+-- pgreplica.tables. Idempotent; returns NULL on success or the reason the table
+-- cannot be replicated.
 --
 -- An UPDATE statement's old and new rows are paired by primary key: a key present
--- on both sides is an update (logged only when the row's text changed), a key only
--- among the old rows a delete, a key only among the new rows an insert. That is
--- exactly the statement's net effect, also when it changes primary keys. Deletes
--- are logged first and inserts last, so that a slave never sees a transient
--- duplicate key.
+-- on both sides is an update (logged only when the logged columns' text changed),
+-- a key only among the old rows a delete, a key only among the new rows an
+-- insert. That is exactly the statement's net effect, also when it changes
+-- primary keys. Deletes are logged first and inserts last, so that a slave never
+-- sees a transient duplicate key.
+--
+-- The row filter sees the row as `new` and `old`; the one a change lacks (old for
+-- an insert, new for a delete or for the insert half of a key change) is all NULL.
 CREATE OR REPLACE FUNCTION pgreplica.attach(tbl regclass) RETURNS text
 LANGUAGE plpgsql SET client_min_messages = warning AS $attach$
 DECLARE
     why  text := pgreplica.unsupported(tbl);
     fn   text := pgreplica.capture_name(tbl);
+    opts record;
     keys text[];
+    cols text[];
     k1   text;
     body text;
+    -- How a row is logged: its text form, or that of the logged columns only.
+    old_text text := '(old.*)::text';
+    new_text text := '(new.*)::text';
+    -- Where a filter needs the row a change lacks.
+    no_old text := '';
+    no_new text := '';
+    cond   text := 'true';
 BEGIN
     IF why IS NOT NULL THEN
         RETURN why;
     END IF;
+    SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude
+      INTO opts
+      FROM (SELECT 1) AS one LEFT JOIN pgreplica.tables t ON t.reloid = tbl;
     SELECT array_agg(quote_ident(a.attname) ORDER BY array_position(i.indkey::int2[], a.attnum))
       INTO keys
       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
      WHERE i.indrelid = tbl AND i.indisprimary;
     k1 := keys[1];
+    IF opts.columns IS NOT NULL OR opts.exclude IS NOT NULL THEN
+        SELECT array_agg(quote_ident(c)) INTO cols FROM unnest(pgreplica.logged_columns(tbl)) c;
+        old_text := format('ROW(%s)::text', (SELECT string_agg('old.' || c, ', ') FROM unnest(cols) c));
+        new_text := format('ROW(%s)::text', (SELECT string_agg('new.' || c, ', ') FROM unnest(cols) c));
+    END IF;
+    IF opts.filter IS NOT NULL THEN
+        cond := '(' || opts.filter || ')';
+        no_old := format(' LEFT JOIN ONLY %s AS old ON false', tbl);
+        no_new := format(' LEFT JOIN ONLY %s AS new ON false', tbl);
+    END IF;
     body := format($body$
+#variable_conflict use_column
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
-        SELECT TG_RELID, 'I', current_setting('pgreplica.origin', true), (n.*)::text
-          FROM pgreplica_new n;
+        SELECT TG_RELID, 'I', current_setting('pgreplica.origin', true), %4$s
+          FROM pgreplica_new new%6$s
+         WHERE %8$s;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
-        SELECT TG_RELID, 'D', current_setting('pgreplica.origin', true), (o.*)::text
-          FROM pgreplica_old o;
+        SELECT TG_RELID, 'D', current_setting('pgreplica.origin', true), %5$s
+          FROM pgreplica_old old%7$s
+         WHERE %8$s;
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
         SELECT TG_RELID, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
                current_setting('pgreplica.origin', true), ot, nt
-          FROM (SELECT CASE WHEN o.%1$s IS NOT NULL THEN (o.*)::text END AS ot,
-                       CASE WHEN n.%1$s IS NOT NULL THEN (n.*)::text END AS nt
-                  FROM pgreplica_old o FULL JOIN pgreplica_new n ON (%2$s) = (%3$s)) AS pair
+          FROM (SELECT CASE WHEN old.%1$s IS NOT NULL THEN %5$s END AS ot,
+                       CASE WHEN new.%1$s IS NOT NULL THEN %4$s END AS nt
+                  FROM pgreplica_old old FULL JOIN pgreplica_new new ON (%2$s) = (%3$s)
+                 WHERE %8$s) AS pair
          WHERE ot IS DISTINCT FROM nt
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
     ELSE
@@ -128,8 +175,9 @@ BEGIN
     RETURN NULL;
 END
 $body$, k1,
-        (SELECT string_agg('o.' || k, ', ') FROM unnest(keys) k),
-        (SELECT string_agg('n.' || k, ', ') FROM unnest(keys) k));
+        (SELECT string_agg('old.' || k, ', ') FROM unnest(keys) k),
+        (SELECT string_agg('new.' || k, ', ') FROM unnest(keys) k),
+        new_text, old_text, no_old, no_new, cond);
     -- SECURITY DEFINER: application roles write the log only through this function.
     -- The SET clauses make every value's text form independent of the writer's
     -- session: instants in UTC, ISO dates, floats with all their digits.
@@ -145,47 +193,129 @@ $body$, k1,
         SET jit = off
         AS %L$f$, fn, body);
     EXECUTE format('REVOKE ALL ON FUNCTION pgreplica.%I() FROM PUBLIC', fn);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_delete ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_truncate ON %s', tbl);
-    EXECUTE format('CREATE TRIGGER pgreplica_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS pgreplica_new'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
-    EXECUTE format('CREATE TRIGGER pgreplica_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS pgreplica_old'
-                   ' NEW TABLE AS pgreplica_new FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
-    EXECUTE format('CREATE TRIGGER pgreplica_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS pgreplica_old'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
-    EXECUTE format('CREATE TRIGGER pgreplica_truncate AFTER TRUNCATE ON %s'
-                   ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
+    PERFORM pgreplica.drop_triggers(tbl);
+    IF strpos(opts.operations, 'I') > 0 THEN
+        EXECUTE format('CREATE TRIGGER pgreplica_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS pgreplica_new'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
+    END IF;
+    IF strpos(opts.operations, 'U') > 0 THEN
+        EXECUTE format('CREATE TRIGGER pgreplica_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS pgreplica_old'
+                       ' NEW TABLE AS pgreplica_new FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
+    END IF;
+    IF strpos(opts.operations, 'D') > 0 THEN
+        EXECUTE format('CREATE TRIGGER pgreplica_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS pgreplica_old'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
+    END IF;
+    IF strpos(opts.operations, 'T') > 0 THEN
+        EXECUTE format('CREATE TRIGGER pgreplica_truncate AFTER TRUNCATE ON %s'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
+    END IF;
     INSERT INTO pgreplica.tables (reloid) VALUES (tbl) ON CONFLICT DO NOTHING;
     RETURN NULL;
 END
 $attach$;
 
--- Removes capture from one table. Its events already in the log stay.
-CREATE OR REPLACE FUNCTION pgreplica.detach(tbl regclass) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Drops a table's capture triggers.
+CREATE OR REPLACE FUNCTION pgreplica.drop_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_insert ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_update ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_delete ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgreplica_truncate ON %s', tbl);
+END
+$$;
+
+-- Sets what is captured of a table and attaches it: the operations logged
+-- (letters of 'IUDT'), a row filter (a boolean SQL expression over new.* and
+-- old.*, evaluated with search_path pg_catalog: qualify your own functions), and
+-- the columns logged (only `columns`, or all but `exclude`; NULL for all).
+-- Refuses, naming the table, an option that cannot work. When the logged
+-- columns change, an execute event without a statement marks the point, so that
+-- the events logged before it are read with the columns they had. Returns
+-- whether anything changed.
+CREATE OR REPLACE FUNCTION pgreplica.set_options(
+    tbl regclass, operations text, filter text, columns text[], exclude text[])
+RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    why    text := pgreplica.unsupported(tbl);
+    before jsonb := pgreplica.layouts();
+    known  text[];
+    wrong  text;
+BEGIN
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'table %: cannot be replicated: %', tbl, why;
+    END IF;
+    IF operations !~ '^[IUDT]+$' THEN
+        RAISE EXCEPTION 'table %: operations ''%'' are not letters of IUDT', tbl, operations;
+    END IF;
+    SELECT array_agg(a.attname::text) INTO known FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped;
+    SELECT string_agg(c, ', ') INTO wrong
+      FROM unnest(coalesce(columns, '{}') || coalesce(exclude, '{}')) c WHERE c <> ALL (known);
+    IF wrong IS NOT NULL THEN
+        RAISE EXCEPTION 'table %: no such column: %', tbl, wrong;
+    END IF;
+    SELECT string_agg(a.attname, ', ') INTO wrong
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = tbl AND i.indisprimary
+       AND (a.attname <> ALL (coalesce(columns, known)) OR a.attname = ANY (coalesce(exclude, '{}')));
+    IF wrong IS NOT NULL THEN
+        RAISE EXCEPTION 'table %: the primary key column % must be replicated', tbl, wrong;
+    END IF;
+    IF filter IS NOT NULL THEN
+        IF strpos(filter, ';') > 0 THEN
+            RAISE EXCEPTION 'table %: filter "%" is more than one expression (it has a ";")', tbl, filter;
+        END IF;
+        BEGIN
+            EXECUTE format('SELECT 1 FROM ONLY %s AS new, ONLY %s AS old WHERE false AND (%s)',
+                           tbl, tbl, filter);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'table %: filter "%" does not compile: %', tbl, filter, SQLERRM;
+        END;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgreplica.tables t WHERE t.reloid = tbl
+                  AND t.operations = set_options.operations
+                  AND t.filter IS NOT DISTINCT FROM set_options.filter
+                  AND t.columns IS NOT DISTINCT FROM set_options.columns
+                  AND t.exclude IS NOT DISTINCT FROM set_options.exclude)
+       AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname LIKE 'pgreplica\_%') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO pgreplica.tables AS t (reloid, operations, filter, columns, exclude)
+    VALUES (tbl, operations, filter, columns, exclude)
+    ON CONFLICT (reloid) DO UPDATE
+       SET operations = excluded.operations, filter = excluded.filter,
+           columns = excluded.columns, exclude = excluded.exclude;
+    PERFORM pgreplica.attach(tbl);
+    IF before -> tbl::oid::text IS DISTINCT FROM pgreplica.layouts() -> tbl::oid::text THEN
+        INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
+        VALUES (0, 'X', current_setting('pgreplica.origin', true), before::text, '');
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Removes capture from one table. Its events already in the log stay.
+CREATE OR REPLACE FUNCTION pgreplica.detach(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgreplica.drop_triggers(tbl);
     EXECUTE format('DROP FUNCTION IF EXISTS pgreplica.%I()', pgreplica.capture_name(tbl));
     DELETE FROM pgreplica.tables WHERE reloid = tbl;
 END
 $$;
 
--- The definitions of the attached tables, by oid: schema, name, columns in
--- order, primary key. An execute event keeps them from before its statement,
+-- The definitions of the attached tables, by oid: schema, name, logged columns
+-- in order, primary key. An execute event keeps them from before its statement,
 -- so that the events logged before it are read with the columns they had.
 CREATE OR REPLACE FUNCTION pgreplica.layouts() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(jsonb_object_agg(c.oid::text, jsonb_build_object(
                'schema', n.nspname,
                'name', c.relname,
-               'columns', ARRAY(SELECT a.attname::text FROM pg_attribute a
-                                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                                 ORDER BY a.attnum),
+               'columns', pgreplica.logged_columns(c.oid),
                'key', ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
                                 ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
                              WHERE i.indrelid = c.oid AND i.indisprimary

@@ -267,6 +267,10 @@ impl<'t> Applier<'t> {
             .as_ref()
             .and_then(|n| n.first().cloned().flatten())
             .ok_or_else(|| malformed(&event, "an execute event without its statement"))?;
+        if sql.is_empty() {
+            // Marks a change of what the master logs (pgreplica.set_options).
+            return Ok(());
+        }
         self.tx
             .batch_execute(&sql)
             .await

@@ -145,9 +145,7 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
 ORDER BY ev_id";
 
 const TABLE_SQL: &str = "
-SELECT n.nspname, c.relname,
-       ARRAY(SELECT a.attname::text FROM pg_attribute a
-              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid),
        ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
                  ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
               WHERE i.indrelid = c.oid AND i.indisprimary)

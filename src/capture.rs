@@ -1,7 +1,10 @@
 //! Capture on a master: installs the log and attaches triggers (runs the `sql/` files).
 
+use crate::config::Config;
+use crate::db::pg_message;
 use crate::error::{Context, Error};
-use tokio_postgres::Client;
+use crate::ident::TableName;
+use tokio_postgres::{Client, GenericClient};
 
 /// The capture schema, as shipped in `sql/pgreplica.sql`.
 pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
@@ -18,8 +21,13 @@ pub struct TableReport {
 }
 
 /// Installs (or upgrades) capture and attaches every table with a primary key, or
-/// only `tables` when some are named. Safe to run again.
-pub async fn install(client: &mut Client, tables: &[String]) -> Result<Vec<TableReport>, Error> {
+/// only `tables` when some are named, then sets the capture options of `set`'s
+/// `[TABLE]` sections. Safe to run again.
+pub async fn install(
+    client: &mut Client,
+    tables: &[String],
+    set: Option<&Config>,
+) -> Result<Vec<TableReport>, Error> {
     let tx = client.transaction().await.doing("installing capture")?;
     tx.batch_execute(INSTALL_SQL)
         .await
@@ -51,6 +59,9 @@ pub async fn install(client: &mut Client, tables: &[String]) -> Result<Vec<Table
             });
         }
     }
+    if let Some(set) = set {
+        configure(&tx, set).await?;
+    }
     tx.commit().await.doing("installing capture")?;
     Ok(reports)
 }
@@ -74,4 +85,47 @@ pub async fn uninstall(client: &Client) -> Result<i64, Error> {
     };
     client.batch_execute(UNINSTALL_SQL).await.doing(doing)?;
     Ok(pending)
+}
+
+const OPTIONS_SQL: &str =
+    "SELECT pgreplica.set_options($1::text::regclass, $2, $3, $4::text[], $5::text[])";
+
+/// Sets what the master captures of the tables of `set`'s `[TABLE]` sections
+/// (`pgreplica.set_options`); returns the tables whose options changed. A table
+/// without a section keeps its options.
+pub async fn configure(client: &impl GenericClient, set: &Config) -> Result<Vec<TableName>, Error> {
+    let mut changed = Vec::new();
+    for t in &set.tables {
+        let row = client
+            .query_one(
+                OPTIONS_SQL,
+                &[
+                    &t.table.quoted(),
+                    &t.operations,
+                    &t.filter,
+                    &t.columns,
+                    &t.exclude,
+                ],
+            )
+            .await
+            .map_err(|e| Error::Options {
+                path: set.path.clone(),
+                line: t.line,
+                message: pg_message(&e),
+            })?;
+        if row.get::<_, bool>(0) {
+            changed.push(t.table.clone());
+        }
+    }
+    Ok(changed)
+}
+
+/// Checks that the master accepts `set`'s capture options, changing nothing.
+pub async fn check_options(client: &mut Client, set: &Config) -> Result<(), Error> {
+    let tx = client
+        .transaction()
+        .await
+        .doing("checking the capture options")?;
+    configure(&tx, set).await?;
+    tx.rollback().await.doing("checking the capture options")
 }

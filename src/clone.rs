@@ -14,6 +14,7 @@
 //! A hold in the master's registry keeps the log from being cleaned past the
 //! copy until the handover.
 
+use crate::adapt::Adapter;
 use crate::apply::{self, Applier, Statements};
 use crate::batch::{Batch, Snapshot};
 use crate::capture;
@@ -145,7 +146,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     mark(&mut slave_client, &set.name, &todo).await?;
     // Attached only now: the daemon already skips these tables' events.
     if !to_attach.is_empty() {
-        for report in capture::install(&mut master, &to_attach).await? {
+        for report in capture::install(&mut master, &to_attach, None).await? {
             if let Some(why) = report.skipped {
                 return Err(Error::Query {
                     doing: format!("attaching capture to {}", report.table),
@@ -687,6 +688,8 @@ async fn handover(
 ) -> Result<(), Error> {
     let doing = "handing the copied tables over to replication";
     let mut statements = Statements::default();
+    let mut adapter = Adapter::new(set)?;
+    let mut adapted = Vec::new();
     loop {
         let tx = slave_client.transaction().await.doing(doing)?;
         let (progress, _) = apply::lock_set(&tx, &set.name).await?;
@@ -724,6 +727,7 @@ async fn handover(
                 &mut master,
                 &mut slave_client,
                 &mut statements,
+                &mut adapter,
                 &set.name,
                 &target,
                 false,
@@ -740,8 +744,12 @@ async fn handover(
                 .doing(doing)?
                 .get(0);
             let mut events = Batch::between(&master_tx, since, target.clone(), oid).await?;
+            adapter.begin();
             while let Some((t, event)) = events.next().await? {
-                applier.apply(&t, event).await?;
+                adapter.adapt(&t, event, &mut adapted)?;
+                for (t, event) in adapted.drain(..) {
+                    applier.apply(&t, event).await?;
+                }
             }
         }
         let applied = applier

@@ -1,5 +1,6 @@
 //! Configuration files: PyReplica's INI format read into a typed, validated `Config`.
 
+use crate::ident::{TableName, parse_ident};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,9 +44,46 @@ pub struct Config {
     pub http: Option<std::net::SocketAddr>,
     /// The `[SMTP]` section, when present.
     pub smtp: Option<Smtp>,
+    /// The `[TABLE schema.name]` sections.
+    pub tables: Vec<TableConfig>,
+    /// `TRANSFORM_TIME_LIMIT`: the longest one call of a transform may run.
+    pub transform_time: Duration,
+    /// `TRANSFORM_MEMORY_LIMIT` (MB): the memory all of a set's transforms may use.
+    pub transform_memory: usize,
     /// Accepted but noteworthy lines, to be logged by the caller.
     pub warnings: Vec<String>,
 }
+
+/// A `[TABLE schema.name]` section: what is captured of one master table (applied
+/// on the master by install and by the daemon) and how it lands on the slaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableConfig {
+    /// The master table.
+    pub table: TableName,
+    /// The section's line, for messages.
+    pub line: usize,
+    /// `OPERATIONS`: the operations captured, as letters of `IUDT`.
+    pub operations: String,
+    /// `FILTER`: only changes for which this SQL boolean over `new.*` and `old.*`
+    /// holds are captured.
+    pub filter: Option<String>,
+    /// `COLUMNS`: only these columns are captured.
+    pub columns: Option<Vec<String>>,
+    /// `EXCLUDE_COLUMNS`: these columns are not captured.
+    pub exclude: Option<Vec<String>>,
+    /// `SLAVE_TABLE`: the table's name on the slaves.
+    pub slave_table: Option<TableName>,
+    /// `RENAME_COLUMNS`: master column → slave column.
+    pub renames: Vec<(String, String)>,
+    /// `TRANSFORM`: a Lua script that reshapes each row on its way to the slaves.
+    pub transform: Option<PathBuf>,
+}
+
+/// Default `TRANSFORM_TIME_LIMIT`.
+pub const DEFAULT_TRANSFORM_TIME: Duration = Duration::from_secs(1);
+
+/// Default `TRANSFORM_MEMORY_LIMIT`, in MB.
+pub const DEFAULT_TRANSFORM_MEMORY: usize = 64;
 
 /// PyReplica's `[SMTP]` section.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +238,9 @@ impl Config {
             logfile: None,
             user: None,
             smtp: None,
+            tables: Vec::new(),
+            transform_time: DEFAULT_TRANSFORM_TIME,
+            transform_memory: DEFAULT_TRANSFORM_MEMORY,
             warnings: Vec::new(),
         };
         for (index, raw) in text.lines().enumerate() {
@@ -212,12 +253,27 @@ impl Config {
                 let name = rest.strip_suffix(']').ok_or_else(|| {
                     line_err(line, trimmed, "a section header ends with ']'".into())
                 })?;
-                let name = name.trim().to_ascii_uppercase();
+                let name = name.trim();
+                if let Some(table) = table_section(name) {
+                    let table = TableName::parse(table)
+                        .map_err(|m| line_err(line, &format!("[{name}]"), m))?;
+                    if let Some(first) = config.tables.iter().find(|t| t.table == table) {
+                        return Err(line_err(
+                            line,
+                            &format!("[{name}]"),
+                            format!("given twice (first on line {})", first.line),
+                        ));
+                    }
+                    config.tables.push(TableConfig::new(table, line));
+                    section = Some(format!("TABLE {line}"));
+                    continue;
+                }
+                let name = name.to_ascii_uppercase();
                 if name != "MAIN" && name != "SMTP" {
                     return Err(line_err(
                         line,
                         &format!("[{name}]"),
-                        "unknown section; expected [MAIN] or [SMTP]".into(),
+                        "unknown section; expected [MAIN], [SMTP] or [TABLE schema.name]".into(),
                     ));
                 }
                 if name == "SMTP" && config.smtp.is_none() {
@@ -248,6 +304,13 @@ impl Config {
             if section == "SMTP" {
                 let smtp = config.smtp.get_or_insert_with(Smtp::default);
                 smtp_key(smtp, &key, value).map_err(|m| line_err(line, &key, m))?;
+            } else if section.starts_with("TABLE") {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                if let Some(table) = config.tables.last_mut() {
+                    table
+                        .key(&key, value, dir)
+                        .map_err(|m| line_err(line, &key, m))?;
+                }
             } else {
                 main_key(&mut config, &key, value, line).map_err(|m| line_err(line, &key, m))?;
             }
@@ -265,6 +328,15 @@ impl Config {
         }
         if config.slaves.is_empty() {
             return Err(missing("DSN1", "at least one slave's connection string"));
+        }
+        for t in &config.tables {
+            if t.columns.is_some() && t.exclude.is_some() {
+                return Err(line_err(
+                    t.line,
+                    &format!("[TABLE {}]", t.table),
+                    "COLUMNS and EXCLUDE_COLUMNS exclude each other; give one".into(),
+                ));
+            }
         }
         if let Some(smtp) = &config.smtp
             && (smtp.server.is_empty() || smtp.from.is_empty() || smtp.to.is_empty())
@@ -308,6 +380,14 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.lag_warning_events = (events > 0).then_some(events);
         }
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
+        "TRANSFORM_TIME_LIMIT" => config.transform_time = parse_seconds(&value)?,
+        "TRANSFORM_MEMORY_LIMIT" => {
+            config.transform_memory = value
+                .parse()
+                .ok()
+                .filter(|mb| *mb > 0)
+                .ok_or_else(|| format!("'{value}' is not a number of megabytes"))?
+        }
         "USER" => config.user = Some(value),
         "HTTP" => {
             config.http = Some(value.parse().map_err(|_| {
@@ -329,7 +409,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());
@@ -384,6 +464,75 @@ fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The table of a `[TABLE schema.name]` header.
+fn table_section(header: &str) -> Option<&str> {
+    let (word, rest) = header.split_once(char::is_whitespace)?;
+    word.eq_ignore_ascii_case("TABLE").then(|| rest.trim())
+}
+
+impl TableConfig {
+    fn new(table: TableName, line: usize) -> TableConfig {
+        TableConfig {
+            table,
+            line,
+            operations: "IUDT".into(),
+            filter: None,
+            columns: None,
+            exclude: None,
+            slave_table: None,
+            renames: Vec::new(),
+            transform: None,
+        }
+    }
+
+    fn key(&mut self, key: &str, value: String, dir: &Path) -> Result<(), String> {
+        let names = |value: &str| -> Result<Vec<String>, String> {
+            value.split(',').map(parse_ident).collect()
+        };
+        match key {
+            "OPERATIONS" => {
+                let mut letters = String::new();
+                for op in value.split(',').map(|o| o.trim().to_ascii_lowercase()) {
+                    let letter = match op.as_str() {
+                        "insert" => 'I',
+                        "update" => 'U',
+                        "delete" => 'D',
+                        "truncate" => 'T',
+                        _ => {
+                            return Err(format!(
+                                "'{op}' is not one of insert, update, delete, truncate"
+                            ));
+                        }
+                    };
+                    if !letters.contains(letter) {
+                        letters.push(letter);
+                    }
+                }
+                self.operations = letters;
+            }
+            "FILTER" if value.is_empty() => return Err("empty filter".into()),
+            "FILTER" => self.filter = Some(value),
+            "COLUMNS" => self.columns = Some(names(&value)?),
+            "EXCLUDE_COLUMNS" => self.exclude = Some(names(&value)?),
+            "SLAVE_TABLE" => self.slave_table = Some(TableName::parse(&value)?),
+            "RENAME_COLUMNS" => {
+                for pair in value.split(',') {
+                    let (from, to) = pair.split_once(':').ok_or_else(|| {
+                        format!("'{}' is not master_column:slave_column", pair.trim())
+                    })?;
+                    self.renames.push((parse_ident(from)?, parse_ident(to)?));
+                }
+            }
+            "TRANSFORM" if value.is_empty() => return Err("empty script path".into()),
+            "TRANSFORM" => self.transform = Some(dir.join(value)),
+            _ => {
+                return Err("unknown key; [TABLE] takes OPERATIONS, FILTER, COLUMNS, EXCLUDE_COLUMNS, SLAVE_TABLE, RENAME_COLUMNS, TRANSFORM".into());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A duration in (possibly fractional) seconds, 0 or more.
@@ -496,6 +645,42 @@ TO_ADDRS=hostmaster@somewhere.com;dbadmin@somewhere.com";
         let e = parse("[MAIN]\nNAME=x\nNAME=y\n").unwrap_err();
         assert!(
             e.to_string().contains("given twice (first on line 2)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn table_sections_say_what_is_captured_and_where_it_lands() {
+        let c = parse(
+            "[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\n[table public.sales]\nOPERATIONS=insert, update\n\
+             FILTER=new.region = 'north'\nEXCLUDE_COLUMNS=notes, \"Secret\"\n\
+             SLAVE_TABLE=warehouse.sales_2026\nRENAME_COLUMNS=amount:total, region:area\n\
+             TRANSFORM=sales.lua\n[TABLE Other]\n",
+        )
+        .unwrap();
+        let t = &c.tables[0];
+        assert_eq!(t.table.to_string(), "\"public\".\"sales\"");
+        assert_eq!(t.operations, "IU");
+        assert_eq!(t.filter.as_deref(), Some("new.region = 'north'"));
+        assert_eq!(t.exclude, Some(vec!["notes".into(), "Secret".into()]));
+        assert_eq!(t.slave_table.as_ref().unwrap().name, "sales_2026");
+        assert_eq!(t.renames[1], ("region".into(), "area".into()));
+        assert_eq!(t.transform.as_deref(), Some(Path::new("sales.lua")));
+        assert_eq!(c.tables[1].table.name, "other");
+        assert_eq!(c.tables[1].operations, "IUDT");
+        let e = parse("[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\n[TABLE t]\nOPERATIONS=insert,upsert\n")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("shop.conf:6: OPERATIONS: 'upsert'"),
+            "{e}"
+        );
+        let e = parse("[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\n[TABLE t]\nCOLUMNS=a\nEXCLUDE_COLUMNS=b\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("exclude each other"), "{e}");
+        let e = parse("[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\n[TABLE t]\n[TABLE public.t]\n").unwrap_err();
+        assert!(
+            e.to_string().contains("given twice (first on line 5)"),
             "{e}"
         );
     }

@@ -1,7 +1,9 @@
 //! The daemon: one task per slave of each set, woken by NOTIFY, reconnecting with backoff.
 
+use crate::adapt::Adapter;
 use crate::apply::{self, Applied, Applier, Statements};
 use crate::batch::{Batch, Snapshot};
+use crate::capture;
 use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
@@ -96,7 +98,8 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(sets) = reload.recv() => {
-                if !valid(&sets) {
+                let changed = sets.iter().filter(|s| !running.iter().any(|r| *r.config == **s));
+                if !valid(&sets) || !adaptable(changed).await {
                     tracing::error!("reload refused: the running sets carry on unchanged");
                     continue;
                 }
@@ -126,6 +129,28 @@ pub async fn run(
     }
     for set in running {
         set.stop(true).await;
+    }
+    true
+}
+
+/// Checks that the master accepts the capture options of these sets and that
+/// their transform scripts load. A master that cannot be reached now is checked
+/// when the set starts.
+async fn adaptable(sets: impl Iterator<Item = &Config>) -> bool {
+    for set in sets.filter(|s| !s.tables.is_empty()) {
+        if let Err(e) = Adapter::new(set) {
+            tracing::error!("{e}");
+            return false;
+        }
+        match db::connect(&set.master, set.keepalive).await {
+            Ok(mut master) => {
+                if let Err(e) = capture::check_options(&mut master, set).await {
+                    tracing::error!("{e}");
+                    return false;
+                }
+            }
+            Err(e) => tracing::warn!("set {}: capture options not checked: {e}", set.name),
+        }
     }
     true
 }
@@ -408,6 +433,10 @@ impl Slave {
         let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
         apply::prepare_slave(&slave_client).await?;
         let mut prev = register(&master, &slave_client, &set, slave).await?;
+        if !set.tables.is_empty() {
+            capture::configure(&master, &set).await?;
+        }
+        let mut adapter = Adapter::new(&set)?;
         let mut statements = Statements::default();
         let mut last_cleanup: Option<Instant> = None;
         let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
@@ -418,6 +447,7 @@ impl Slave {
                 &mut master,
                 &mut slave_client,
                 &mut statements,
+                &mut adapter,
                 &set.name,
                 &prev,
                 self.exact,
@@ -589,6 +619,7 @@ pub(crate) async fn apply_batch(
     master: &mut Client,
     slave: &mut Client,
     statements: &mut Statements,
+    adapter: &mut Adapter,
     set: &str,
     prev: &Snapshot,
     exact: bool,
@@ -605,9 +636,14 @@ pub(crate) async fn apply_batch(
     };
     batch.skip(cloning.clone());
     let mut applier = Applier::new(&slave_tx, statements, exact);
+    adapter.begin();
+    let mut adapted = Vec::new();
     while let Some((table, event)) = batch.next().await? {
         if !cloning.contains(&table.name.quoted()) {
-            applier.apply(&table, event).await?;
+            adapter.adapt(&table, event, &mut adapted)?;
+            for (table, event) in adapted.drain(..) {
+                applier.apply(&table, event).await?;
+            }
         }
     }
     let snapshot = batch.snapshot.clone();

@@ -61,7 +61,7 @@ pub async fn run() -> Result<bool, Error> {
 
     let mut master = db::connect(&master_pg.dsn("shop"), None).await?;
     println!("\n$ pgreplica install --dsn '{}'", master_pg.dsn("shop"));
-    for report in capture::install(&mut master, &[]).await? {
+    for report in capture::install(&mut master, &[], None).await? {
         match report.skipped {
             None => println!("  {}: replicated", report.table),
             Some(why) => println!("  {}: skipped ({why})", report.table),

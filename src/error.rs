@@ -51,6 +51,29 @@ pub enum Error {
         /// What differs and how to fix it.
         message: String,
     },
+    /// A `[TABLE]` section's capture options were refused by the master.
+    #[error("{path}:{line}: {message}")]
+    Options {
+        /// The config file.
+        path: std::path::PathBuf,
+        /// The section's line.
+        line: usize,
+        /// The master's reason, naming the table and the option.
+        message: String,
+    },
+    /// A transform script failed or was stopped on a row; nothing of the batch
+    /// is applied.
+    #[error("table {table}, key {key}, event {event}: transform {message}")]
+    Transform {
+        /// The master table.
+        table: TableName,
+        /// The row's primary key, as `(col)=(value)`.
+        key: String,
+        /// The event's id in the master's log.
+        event: i64,
+        /// The script's file and line, and what went wrong.
+        message: String,
+    },
     /// A server connection ended while waiting for notifications.
     #[error("connection to the {0} was lost")]
     Lost(&'static str),

@@ -5,6 +5,7 @@
 //! slave together with its progress, `daemon` runs it all; `config` and `db` read
 //! the files and connection strings, `status` reports.
 
+pub mod adapt;
 pub mod apply;
 pub mod batch;
 pub mod capture;
@@ -24,6 +25,7 @@ pub mod progress;
 pub mod record;
 pub mod service;
 pub mod status;
+pub mod transform;
 
 pub use config::Config;
 pub use error::Error;

@@ -26,9 +26,12 @@ struct Cli {
 enum Command {
     /// Install capture on a master and attach it to tables (safe to run again)
     Install {
-        /// The master's connection string
-        #[arg(long)]
-        dsn: String,
+        /// A set's config file: its master (DSN0), and the capture options of
+        /// its [TABLE] sections
+        config: Option<PathBuf>,
+        /// The master's connection string (instead of a config file)
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        dsn: Option<String>,
         /// Attach only this table (schema.name); repeatable. Default: every table with a primary key
         #[arg(long = "table")]
         tables: Vec<String>,
@@ -299,10 +302,20 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 async fn main_inner(cli: Cli) -> Result<bool> {
     match cli.command {
-        Command::Install { dsn, tables } => {
+        Command::Install {
+            config,
+            dsn,
+            tables,
+        } => {
             init_logging(1);
+            let set = config.map(|path| Config::load(&path)).transpose()?;
+            let dsn = set
+                .as_ref()
+                .map(|s| s.master.clone())
+                .or(dsn)
+                .unwrap_or_default();
             let mut client = db::connect(&dsn, None).await?;
-            let reports = capture::install(&mut client, &tables).await?;
+            let reports = capture::install(&mut client, &tables, set.as_ref()).await?;
             for r in &reports {
                 match &r.skipped {
                     None => println!("{}: replicated", r.table),

@@ -120,7 +120,7 @@ async fn sighup_starts_added_sets_stops_removed_ones_and_reopens_the_log() {
             .unwrap();
     }
     let mut m2 = connect(&s.master.dsn("app2")).await;
-    capture::install(&mut m2, &[]).await.unwrap();
+    capture::install(&mut m2, &[], None).await.unwrap();
     std::fs::write(
         conf_dir.join("app2.conf"),
         format!(

@@ -48,7 +48,7 @@ impl Setup {
                 .unwrap();
         }
         let mut client = connect(&master.dsn("app")).await;
-        capture::install(&mut client, &[]).await.unwrap();
+        capture::install(&mut client, &[], None).await.unwrap();
         let dir = std::env::temp_dir().join(format!(
             "pgreplica-test-{}-{}",
             std::process::id(),

@@ -1,0 +1,249 @@
+//! How a master table's events land on a slave: the renames and transforms of
+//! a set's `[TABLE]` sections, between reading a batch and applying it.
+
+use crate::batch::{Event, MasterTable, Op};
+use crate::config::Config;
+use crate::error::Error;
+use crate::ident::TableName;
+use crate::record::Fields;
+use crate::transform::{NamedRow, Scripts};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A master table's way to the slave.
+struct Route {
+    slave: Option<TableName>,
+    renames: HashMap<String, String>,
+    script: Option<usize>,
+}
+
+/// Adapts the events of one set's batches; tables without a section pass unchanged.
+pub struct Adapter {
+    routes: HashMap<TableName, Route>,
+    scripts: Scripts,
+    /// The adapted definitions of the current batch, by master definition
+    /// (its address) and the columns a transform added.
+    tables: HashMap<(usize, Vec<String>), Renamed>,
+}
+
+/// Events ready for the applier, with the definitions they are read with.
+pub type Adapted = Vec<(Arc<MasterTable>, Event)>;
+
+/// A master definition (the pair keeps it alive, so its address stays its own)
+/// and its definition on the slave.
+type Renamed = (Arc<MasterTable>, Arc<MasterTable>);
+
+impl Adapter {
+    /// Reads the set's `[TABLE]` sections and loads their transform scripts.
+    pub fn new(set: &Config) -> Result<Adapter, Error> {
+        let mut scripts =
+            Scripts::new(set.transform_memory << 20, set.transform_time).map_err(|message| {
+                Error::Options {
+                    path: set.path.clone(),
+                    line: 0,
+                    message,
+                }
+            })?;
+        let mut routes = HashMap::new();
+        for t in &set.tables {
+            let script = match &t.transform {
+                Some(path) => Some(scripts.load(path).map_err(|m| Error::Options {
+                    path: set.path.clone(),
+                    line: t.line,
+                    message: format!("[TABLE {}] TRANSFORM {}: {m}", t.table, path.display()),
+                })?),
+                None => None,
+            };
+            if t.slave_table.is_some() || !t.renames.is_empty() || script.is_some() {
+                let route = Route {
+                    slave: t.slave_table.clone(),
+                    renames: t.renames.iter().cloned().collect(),
+                    script,
+                };
+                routes.insert(t.table.clone(), route);
+            }
+        }
+        Ok(Adapter {
+            routes,
+            scripts,
+            tables: HashMap::new(),
+        })
+    }
+
+    /// Forgets the definitions of the previous batch.
+    pub fn begin(&mut self) {
+        self.tables.clear();
+    }
+
+    /// Adds to `out` what `event` of `table` becomes on the slave: itself,
+    /// renamed, or the rows its transform gives back.
+    pub fn adapt(
+        &mut self,
+        table: &Arc<MasterTable>,
+        event: Event,
+        out: &mut Adapted,
+    ) -> Result<(), Error> {
+        let Some(route) = self.routes.get(&table.name) else {
+            out.push((table.clone(), event));
+            return Ok(());
+        };
+        let script = route.script;
+        let renamed = self.renamed(table, &[])?;
+        let Some(script) =
+            script.filter(|_| matches!(event.op, Op::Insert | Op::Update | Op::Delete))
+        else {
+            out.push((renamed, event));
+            return Ok(());
+        };
+        let id = event.id;
+        let mut run = |op: &str, row: Option<Fields>| match row {
+            Some(row) => self.run(script, op, table, &renamed, id, row),
+            None => Ok(Vec::new()),
+        };
+        match event.op {
+            Op::Insert => {
+                for (t, row) in run("insert", event.new)? {
+                    out.push((t, change(id, Op::Insert, None, Some(row))));
+                }
+            }
+            Op::Delete => {
+                for (t, row) in run("delete", event.old)? {
+                    out.push((t, change(id, Op::Delete, Some(row), None)));
+                }
+            }
+            _ => {
+                let olds = run("update", event.old)?;
+                let mut news = run("update", event.new)?;
+                pair(id, olds, &mut news, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The definition `table`'s rows have on the slave, with `extra` columns
+    /// added by a transform.
+    fn renamed(
+        &mut self,
+        table: &Arc<MasterTable>,
+        extra: &[String],
+    ) -> Result<Arc<MasterTable>, Error> {
+        let id = (Arc::as_ptr(table) as usize, extra.to_vec());
+        if let Some((_, t)) = self.tables.get(&id) {
+            return Ok(t.clone());
+        }
+        let route = &self.routes[&table.name];
+        if let Some((missing, _)) = route
+            .renames
+            .iter()
+            .find(|(from, _)| !table.columns.contains(from))
+        {
+            return Err(Error::Schema {
+                table: table.name.clone(),
+                message: format!(
+                    "RENAME_COLUMNS names column {missing}, which the master does not log (it logs {})",
+                    table.columns.join(", ")
+                ),
+            });
+        }
+        let mut columns: Vec<String> = table
+            .columns
+            .iter()
+            .map(|c| route.renames.get(c).unwrap_or(c).clone())
+            .collect();
+        columns.extend(extra.iter().cloned());
+        let adapted = Arc::new(MasterTable {
+            name: route.slave.clone().unwrap_or_else(|| table.name.clone()),
+            columns,
+            key: table.key.clone(),
+        });
+        self.tables.insert(id, (table.clone(), adapted.clone()));
+        Ok(adapted)
+    }
+
+    /// Runs the script on one row (its text fields, named as on the slave).
+    fn run(
+        &mut self,
+        script: usize,
+        op: &str,
+        table: &Arc<MasterTable>,
+        renamed: &MasterTable,
+        event: i64,
+        row: Fields,
+    ) -> Result<Vec<(Arc<MasterTable>, Fields)>, Error> {
+        let failed = |message: String, row: &Fields| Error::Transform {
+            message: match self.scripts.name(script) {
+                name if message.starts_with(name) => message,
+                name => format!("{name}: {message}"),
+            },
+            table: table.name.clone(),
+            key: table.key_text(row),
+            event,
+        };
+        let named: NamedRow = renamed
+            .columns
+            .iter()
+            .cloned()
+            .zip(row.iter().cloned())
+            .collect();
+        let results = self
+            .scripts
+            .call(script, op, &named)
+            .map_err(|m| failed(m, &row))?;
+        let mut rows = Vec::with_capacity(results.len());
+        for result in results {
+            let mut fields: Fields = vec![None; renamed.columns.len()];
+            let mut extra: Vec<(String, Option<String>)> = Vec::new();
+            for (name, value) in result {
+                match renamed.columns.iter().position(|c| *c == name) {
+                    Some(i) => fields[i] = value,
+                    None => extra.push((name, value)),
+                }
+            }
+            extra.sort();
+            let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
+            fields.extend(extra.into_iter().map(|(_, v)| v));
+            rows.push((self.renamed(table, &names)?, fields));
+        }
+        Ok(rows)
+    }
+}
+
+/// An event of `op` made from a transformed row.
+fn change(id: i64, op: Op, old: Option<Fields>, new: Option<Fields>) -> Event {
+    Event {
+        id,
+        table: 0,
+        op,
+        old,
+        new,
+    }
+}
+
+/// An update's transformed rows, paired by table and key as the capture trigger
+/// pairs an UPDATE statement's rows: both sides an update, old only a delete
+/// (sent first), new only an insert (sent last).
+fn pair(
+    id: i64,
+    olds: Vec<(Arc<MasterTable>, Fields)>,
+    news: &mut Vec<(Arc<MasterTable>, Fields)>,
+    out: &mut Adapted,
+) {
+    let mut updates = Vec::new();
+    for (t, old) in olds {
+        let key = t.key_text(&old);
+        let found = news
+            .iter()
+            .position(|(n, new)| Arc::ptr_eq(n, &t) && n.key_text(new) == key);
+        match found {
+            Some(i) => {
+                let (_, new) = news.remove(i);
+                updates.push((t, change(id, Op::Update, Some(old), Some(new))));
+            }
+            None => out.push((t, change(id, Op::Delete, Some(old), None))),
+        }
+    }
+    out.extend(updates);
+    for (t, new) in news.drain(..) {
+        out.push((t, change(id, Op::Insert, None, Some(new))));
+    }
+}

@@ -1,0 +1,298 @@
+//! Transform scripts: Lua functions that reshape rows, sandboxed and limited in time and memory.
+//!
+//! A script is a file that defines `transform(op, row)`. `op` is `"insert"`,
+//! `"update"` or `"delete"`; `row` is a table of column name → text (`nil` for
+//! NULL). It returns the row to apply (changed or not), nothing to drop it, or
+//! several rows. For an update the function is called on the row before and on
+//! the row after the change, and the results are paired in order.
+//!
+//! Lua 5.4 (through mlua) rather than Rhai: it enforces a real memory limit
+//! (its allocator counts every byte), its instruction hook bounds run time, its
+//! errors carry the script's file and line, and it is several times faster per
+//! call, which matters on a path that runs for every row.
+
+use mlua::{HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often (in Lua instructions) a running script's time is checked.
+const CHECK_EVERY: u32 = 10_000;
+
+/// The scripts of one set, in one Lua state.
+pub struct Scripts {
+    lua: Lua,
+    functions: Vec<(String, mlua::Function)>,
+    limit: Duration,
+    /// The running call's deadline, in nanoseconds since `epoch`.
+    deadline: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+/// A row as text fields (`None` for NULL), by column name.
+pub type NamedRow = Vec<(String, Option<String>)>;
+
+impl Scripts {
+    /// An empty Lua state with only the safe libraries (no files, no OS), a
+    /// memory limit in bytes, and a time limit per call.
+    pub fn new(memory: usize, limit: Duration) -> Result<Scripts, String> {
+        let libs = StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8;
+        let lua = Lua::new_with(libs, LuaOptions::default()).map_err(|e| e.to_string())?;
+        let globals = lua.globals();
+        for unsafe_global in ["dofile", "loadfile", "load", "print", "collectgarbage"] {
+            globals
+                .raw_set(unsafe_global, Value::Nil)
+                .map_err(|e| e.to_string())?;
+        }
+        lua.set_memory_limit(memory).map_err(|e| e.to_string())?;
+        let deadline = Arc::new(AtomicU64::new(u64::MAX));
+        let epoch = Instant::now();
+        let hook_deadline = deadline.clone();
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(CHECK_EVERY),
+            move |_, _| {
+                let now = epoch.elapsed().as_nanos() as u64;
+                if now > hook_deadline.load(Ordering::Relaxed) {
+                    return Err(mlua::Error::RuntimeError(format!(
+                        "ran longer than its time limit ({} s)",
+                        limit.as_secs_f64()
+                    )));
+                }
+                Ok(VmState::Continue)
+            },
+        );
+        Ok(Scripts {
+            lua,
+            functions: Vec::new(),
+            limit,
+            deadline,
+            epoch,
+        })
+    }
+
+    /// Loads a script file; returns its number for [`Scripts::call`]. A script
+    /// already loaded is not loaded again.
+    pub fn load(&mut self, path: &Path) -> Result<usize, String> {
+        let name = path.display().to_string();
+        if let Some(i) = self.functions.iter().position(|(n, _)| *n == name) {
+            return Ok(i);
+        }
+        let source = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+        // Each script has its own globals, so that every one can define `transform`.
+        let env = self.lua.create_table().map_err(lua_message)?;
+        let meta = self.lua.create_table().map_err(lua_message)?;
+        meta.raw_set("__index", self.lua.globals())
+            .map_err(lua_message)?;
+        env.set_metatable(Some(meta));
+        self.arm();
+        self.lua
+            .load(source)
+            .set_name(format!("@{name}"))
+            .set_environment(env.clone())
+            .exec()
+            .map_err(lua_message)?;
+        let function = match env.raw_get::<Value>("transform").map_err(lua_message)? {
+            Value::Function(f) => f,
+            _ => return Err("defines no function transform(op, row)".into()),
+        };
+        self.functions.push((name, function));
+        Ok(self.functions.len() - 1)
+    }
+
+    /// The file of script `script`.
+    pub fn name(&self, script: usize) -> &str {
+        &self.functions[script].0
+    }
+
+    /// Runs script `script` on one row; returns the rows it gives back.
+    pub fn call(&self, script: usize, op: &str, row: &NamedRow) -> Result<Vec<NamedRow>, String> {
+        let lua = &self.lua;
+        let table = lua
+            .create_table_with_capacity(0, row.len())
+            .map_err(lua_message)?;
+        for (name, value) in row {
+            if let Some(value) = value {
+                table
+                    .raw_set(name.as_str(), value.as_str())
+                    .map_err(lua_message)?;
+            }
+        }
+        self.arm();
+        let results: mlua::MultiValue = self.functions[script]
+            .1
+            .call((op, table))
+            .map_err(lua_message)?;
+        let mut rows = Vec::with_capacity(results.len());
+        for (i, result) in results.into_iter().enumerate() {
+            let Value::Table(t) = result else {
+                if result.is_nil() && i == 0 {
+                    continue;
+                }
+                return Err(format!(
+                    "returned a {} as row {}, not a table",
+                    result.type_name(),
+                    i + 1
+                ));
+            };
+            let mut out = NamedRow::with_capacity(row.len());
+            for pair in t.pairs::<String, Value>() {
+                let (name, value) = pair.map_err(lua_message)?;
+                out.push((name, text(value)?));
+            }
+            rows.push(out);
+        }
+        Ok(rows)
+    }
+
+    /// Starts the time limit of a call.
+    fn arm(&self) {
+        let deadline = (self.epoch.elapsed() + self.limit).as_nanos() as u64;
+        self.deadline.store(deadline, Ordering::Relaxed);
+    }
+}
+
+/// A value returned for a column, as the text PostgreSQL reads.
+fn text(value: Value) -> Result<Option<String>, String> {
+    Ok(match value {
+        Value::Nil => None,
+        Value::String(s) => Some(s.to_str().map_err(lua_message)?.to_string()),
+        Value::Integer(i) => Some(i.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Boolean(b) => Some(b.to_string()),
+        other => return Err(format!("a column's value is a {}", other.type_name())),
+    })
+}
+
+/// A Lua error's first line: the script, line and message, without Lua's
+/// stack traceback.
+fn lua_message(e: mlua::Error) -> String {
+    let text = match &e {
+        mlua::Error::CallbackError { cause, .. } => cause.to_string(),
+        mlua::Error::MemoryError(_) => "used more than its memory limit".to_string(),
+        other => other.to_string(),
+    };
+    let first = text.lines().next().unwrap_or_default();
+    first
+        .trim_start_matches("runtime error: ")
+        .trim_start_matches("syntax error: ")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(source: &str) -> (Scripts, usize, tempfile_path::TempScript) {
+        let file = tempfile_path::TempScript::new(source);
+        let mut scripts = Scripts::new(16 << 20, Duration::from_millis(200)).unwrap();
+        let n = scripts.load(&file.path).unwrap();
+        (scripts, n, file)
+    }
+
+    mod tempfile_path {
+        pub struct TempScript {
+            pub path: std::path::PathBuf,
+        }
+        impl TempScript {
+            pub fn new(source: &str) -> TempScript {
+                let path = std::env::temp_dir().join(format!(
+                    "pgreplica-test-{}-{}.lua",
+                    std::process::id(),
+                    rand::random::<u32>()
+                ));
+                std::fs::write(&path, source).unwrap();
+                TempScript { path }
+            }
+        }
+        impl Drop for TempScript {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+
+    fn row(pairs: &[(&str, Option<&str>)]) -> NamedRow {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.map(String::from)))
+            .collect()
+    }
+
+    #[test]
+    fn a_script_changes_drops_and_splits_rows() {
+        let (s, n, _f) = script(
+            "function transform(op, row)
+               if row.kind == 'skip' then return end
+               if row.kind == 'pair' then
+                 local a, b = {id = row.id, kind = 'a'}, {id = row.id .. '0', kind = 'b'}
+                 return a, b
+               end
+               row.amount = tonumber(row.amount) * 100
+               row.note = nil
+               return row
+             end",
+        );
+        let out = s
+            .call(
+                n,
+                "insert",
+                &row(&[
+                    ("id", Some("1")),
+                    ("kind", Some("x")),
+                    ("amount", Some("2.5")),
+                    ("note", Some("n")),
+                ]),
+            )
+            .unwrap();
+        let mut got = out[0].clone();
+        got.sort();
+        assert_eq!(
+            got,
+            row(&[
+                ("amount", Some("250")),
+                ("id", Some("1")),
+                ("kind", Some("x"))
+            ])
+        );
+        assert!(
+            s.call(n, "insert", &row(&[("kind", Some("skip"))]))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.call(
+                n,
+                "delete",
+                &row(&[("id", Some("7")), ("kind", Some("pair"))])
+            )
+            .unwrap()
+            .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn errors_name_the_script_and_line_and_limits_hold() {
+        let (s, n, f) = script("function transform(op, row)\n  return row.x.y\nend\n");
+        let e = s.call(n, "insert", &row(&[])).unwrap_err();
+        let name = f.path.display().to_string();
+        assert!(e.starts_with(&format!("{name}:2:")), "{e}");
+        let (s, n, _f) = script("function transform(op, row) while true do end end");
+        let e = s.call(n, "insert", &row(&[])).unwrap_err();
+        assert!(e.contains("time limit"), "{e}");
+        let (s, n, _f) = script(
+            "function transform(op, row) local t = {} for i = 1, 1e9 do t[i] = ('x'):rep(100) .. i end end",
+        );
+        let e = s.call(n, "insert", &row(&[])).unwrap_err();
+        assert!(e.contains("memory limit"), "{e}");
+        let (s, n, _f) = script("function transform(op, row) return io.open('/etc/passwd') end");
+        assert!(s.call(n, "insert", &row(&[])).is_err());
+        let file = tempfile_path::TempScript::new("function transform(op, row) return row");
+        let e = Scripts::new(1 << 20, Duration::from_secs(1))
+            .unwrap()
+            .load(&file.path)
+            .unwrap_err();
+        assert!(e.contains(&file.path.display().to_string()), "{e}");
+    }
+}

@@ -1,0 +1,300 @@
+//! Adaptation: what is captured of a table (operations, row filter, columns),
+//! and how it lands on the slave (renames, transform scripts).
+
+mod support;
+
+use std::time::Duration;
+use support::{Setup, pgreplica, text};
+
+const SALES: &str =
+    "CREATE TABLE sales (id int PRIMARY KEY, region text, amount numeric, notes text)";
+
+fn install(s: &Setup) -> std::process::Output {
+    pgreplica(&["install", s.conf.to_str().unwrap()])
+}
+
+async fn logged(s: &Setup) -> Vec<(String, Option<String>, Option<String>)> {
+    s.master()
+        .await
+        .query(
+            "SELECT ev_op::text, ev_old, ev_new FROM pgreplica.log
+              WHERE ev_table = 'sales'::regclass ORDER BY ev_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filtered_rows_excluded_columns_and_operations_never_enter_the_log() {
+    let s = Setup::with_schemas(
+        1,
+        SALES,
+        "CREATE TABLE sales (id int PRIMARY KEY, region text, amount numeric)",
+    )
+    .await;
+    s.configure(
+        "[TABLE public.sales]\nOPERATIONS=insert, update\n\
+         FILTER=new.region = 'north' OR old.region = 'north'\nEXCLUDE_COLUMNS=notes\n",
+    );
+    let out = install(&s);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = s.master().await;
+    m.batch_execute(
+        "INSERT INTO sales VALUES (1, 'north', 10, 'secret'), (2, 'south', 20, 'secret');
+         UPDATE sales SET notes = 'also secret';
+         UPDATE sales SET amount = amount + 1;
+         DELETE FROM sales WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    let log = logged(&s).await;
+    assert_eq!(
+        log,
+        vec![
+            ("I".into(), None, Some("(1,north,10)".into())),
+            (
+                "U".into(),
+                Some("(1,north,10)".into()),
+                Some("(1,north,11)".into())
+            ),
+        ],
+        "only north rows, no notes, no delete"
+    );
+    s.sync();
+    let rows = s.text(Some(0), "SELECT * FROM sales ORDER BY id").await;
+    assert_eq!(String::from_utf8(rows).unwrap(), "1\tnorth\t11\n");
+
+    // Back to everything: an empty section resets the options.
+    std::fs::write(
+        &s.conf,
+        std::fs::read_to_string(&s.conf)
+            .unwrap()
+            .split("[TABLE")
+            .next()
+            .unwrap()
+            .to_string()
+            + "[TABLE public.sales]\n",
+    )
+    .unwrap();
+    let out = install(&s);
+    assert!(out.status.success(), "{}", text(&out));
+    m.batch_execute("INSERT INTO sales VALUES (3, 'south', 30, 'x')")
+        .await
+        .unwrap();
+    let log = logged(&s).await;
+    assert_eq!(log.last().unwrap().2.as_deref(), Some("(3,south,30,x)"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_filter_that_does_not_compile_is_refused_at_install_and_at_reload() {
+    let s = Setup::new(1, SALES).await;
+    s.configure("[TABLE sales]\nFILTER=new.regio = 'north'\n");
+    let out = install(&s);
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("app.conf:7:")
+            && said.contains("sales")
+            && said.contains("new.regio = 'north'")
+            && said.contains("regio"),
+        "{said}"
+    );
+    let conf = std::fs::read_to_string(&s.conf).unwrap();
+    let good = conf.replace("new.regio", "new.region");
+    std::fs::write(&s.conf, &good).unwrap();
+    let mut daemon = s.spawn();
+    s.arrives(
+        "INSERT INTO sales VALUES (1, 'north', 1, '')",
+        "SELECT * FROM sales ORDER BY id",
+    )
+    .await;
+    std::fs::write(&s.conf, &conf).unwrap();
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGHUP) };
+    let start = std::time::Instant::now();
+    while !s.daemon_log().contains("reload refused") && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = s.daemon_log();
+    assert!(
+        log.contains("reload refused") && log.contains("new.regio"),
+        "{log}"
+    );
+    // The running set carries on with the filter it had.
+    s.master()
+        .await
+        .batch_execute("INSERT INTO sales VALUES (2, 'south', 2, ''), (3, 'north', 3, '')")
+        .await
+        .unwrap();
+    s.wait_same(
+        0,
+        "SELECT * FROM sales WHERE region = 'north' ORDER BY id",
+        Duration::from_secs(20),
+    )
+    .await;
+    daemon.terminate();
+    let rows = s.text(Some(0), "SELECT id FROM sales ORDER BY id").await;
+    assert_eq!(String::from_utf8(rows).unwrap(), "1\n3\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renamed_table_schema_and_columns_land_on_the_slave() {
+    let s = Setup::with_schemas(
+        1,
+        SALES,
+        "CREATE SCHEMA warehouse;
+         CREATE TABLE warehouse.sales_2026 (total numeric, id int PRIMARY KEY, area text, notes text)",
+    )
+    .await;
+    s.configure(
+        "[TABLE public.sales]\nSLAVE_TABLE=warehouse.sales_2026\nRENAME_COLUMNS=amount:total, region:area\n",
+    );
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO sales SELECT g, 'r' || g, g * 1.5, NULL FROM generate_series(1, 100) g;
+             UPDATE sales SET amount = amount * 2 WHERE id % 3 = 0;
+             UPDATE sales SET region = 'moved', id = id + 1000 WHERE id % 7 = 0;
+             DELETE FROM sales WHERE id % 5 = 0;",
+        )
+        .await
+        .unwrap();
+    s.sync();
+    let master = s
+        .text(None, "SELECT id, region, amount FROM sales ORDER BY id")
+        .await;
+    let slave = s
+        .text(
+            Some(0),
+            "SELECT id, area, total FROM warehouse.sales_2026 ORDER BY id",
+        )
+        .await;
+    assert_eq!(
+        String::from_utf8(master).unwrap(),
+        String::from_utf8(slave).unwrap()
+    );
+}
+
+const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)";
+
+/// Drops `ignore` rows, upper-cases items, and splits a `set` into its two parts.
+const SCRIPT: &str = "-- order lines for the warehouse
+function transform(op, row)
+  if row.item == 'ignore' then return end
+  if row.id == '13' and broken then error('cannot ship order 13') end
+  if row.item == 'set' then
+    return {id = row.id * 1000 + 1, item = 'PART-A', qty = row.qty},
+           {id = row.id * 1000 + 2, item = 'PART-B', qty = row.qty}
+  end
+  row.item = string.upper(row.item)
+  return row
+end
+";
+
+/// What the slave must hold, computed from the master's rows.
+const EXPECTED: &str = "
+SELECT id, upper(item), qty FROM orders WHERE item NOT IN ('ignore', 'set')
+UNION ALL SELECT id * 1000 + 1, 'PART-A', qty FROM orders WHERE item = 'set'
+UNION ALL SELECT id * 1000 + 2, 'PART-B', qty FROM orders WHERE item = 'set'
+ORDER BY 1";
+
+/// `run --once`, which must fail; what it said.
+fn run_fails(s: &Setup) -> String {
+    let out = s.run_once();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    said
+}
+
+fn with_script(s: &Setup, script: &str) -> std::path::PathBuf {
+    let path = s.conf.with_file_name("orders.lua");
+    std::fs::write(&path, script).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transform_drops_changes_and_splits_rows() {
+    let s = Setup::new(1, ORDERS).await;
+    with_script(&s, SCRIPT);
+    s.configure("[TABLE orders]\nTRANSFORM=orders.lua\n");
+    let m = s.master().await;
+    m.batch_execute(
+        "INSERT INTO orders SELECT g, (ARRAY['pen', 'ignore', 'set'])[g % 3 + 1], g FROM generate_series(1, 300) g",
+    )
+    .await
+    .unwrap();
+    s.sync();
+    let expected = s.text(None, EXPECTED).await;
+    let slave = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
+    assert_eq!(
+        String::from_utf8_lossy(&expected),
+        String::from_utf8_lossy(&slave)
+    );
+    // Updates reach both parts of a set; a row turning into 'ignore' leaves the
+    // slave, one turning from 'ignore' into 'pen' arrives; deletes follow.
+    m.batch_execute(
+        "UPDATE orders SET qty = qty + 1000 WHERE id % 2 = 0;
+         UPDATE orders SET item = CASE item WHEN 'pen' THEN 'ignore' WHEN 'ignore' THEN 'pen' ELSE item END
+          WHERE id % 5 = 0;
+         DELETE FROM orders WHERE id % 7 = 0;",
+    )
+    .await
+    .unwrap();
+    s.sync();
+    let expected = s.text(None, EXPECTED).await;
+    let slave = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
+    assert_eq!(
+        String::from_utf8_lossy(&expected),
+        String::from_utf8_lossy(&slave)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_error_stops_the_slave_naming_script_line_and_row_and_skips_nothing() {
+    let s = Setup::new(1, ORDERS).await;
+    let script = with_script(&s, &SCRIPT.replace("and broken", ""));
+    s.configure("[TABLE orders]\nTRANSFORM=orders.lua\n");
+    s.master()
+        .await
+        .batch_execute("INSERT INTO orders SELECT g, 'pen', g FROM generate_series(1, 20) g")
+        .await
+        .unwrap();
+    let said = run_fails(&s);
+    assert!(
+        said.contains(&format!("{}:4: cannot ship order 13", script.display()))
+            && said.contains("(id)=(13)")
+            && said.contains("table \"public\".\"orders\""),
+        "{said}"
+    );
+    let slave = s.slave(0).await;
+    assert_eq!(
+        support::count(&slave, "orders").await,
+        0,
+        "nothing of the batch applied"
+    );
+    with_script(&s, SCRIPT);
+    s.sync();
+    assert_eq!(support::count(&slave, "orders").await, 20);
+
+    // A script that never ends is stopped at its time limit.
+    with_script(&s, "function transform(op, row) while true do end end");
+    let conf = std::fs::read_to_string(&s.conf).unwrap();
+    std::fs::write(
+        &s.conf,
+        conf.replace("[MAIN]\nNAME", "[MAIN]\nTRANSFORM_TIME_LIMIT=0.2\nNAME"),
+    )
+    .unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO orders VALUES (100, 'pen', 1)")
+        .await
+        .unwrap();
+    let said = run_fails(&s);
+    assert!(
+        said.contains("time limit (0.2 s)") && said.contains("(id)=(100)"),
+        "{said}"
+    );
+}
