@@ -48,9 +48,7 @@ impl std::fmt::Display for Difference {
 }
 
 const TABLES_SQL: &str = "
-SELECT c.oid, n.nspname, c.relname,
-       ARRAY(SELECT a.attname::text FROM pg_attribute a
-              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+SELECT c.oid, n.nspname, c.relname, pgreplica.logged_columns(c.oid),
        ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum ORDER BY k.n)
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
@@ -67,12 +65,54 @@ SELECT format_type(a.atttypid, a.atttypmod)
 const LOCK_SQL: &str = "SELECT pg_advisory_lock(hashtext('pgreplica'), hashtext($1))";
 const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock(hashtext('pgreplica'), hashtext($1))";
 
-/// A replicated table as compared: names on the master, key positions.
+/// A replicated table as compared: names on the master and on the slave (its
+/// `[TABLE]` section may rename it and its columns), key positions.
 struct Table {
     oid: u32,
     name: TableName,
     columns: Vec<String>,
     key: Vec<usize>,
+    slave_name: TableName,
+    slave_columns: Vec<String>,
+}
+
+impl Table {
+    fn name(&self, side: Side) -> &TableName {
+        match side {
+            Side::Master => &self.name,
+            Side::Slave => &self.slave_name,
+        }
+    }
+
+    fn columns(&self, side: Side) -> &[String] {
+        match side {
+            Side::Master => &self.columns,
+            Side::Slave => &self.slave_columns,
+        }
+    }
+
+    /// Follows the set's `[TABLE]` section; `Err` says why the table cannot be
+    /// compared row for row.
+    fn adapt(&mut self, set: &Config) -> Result<(), &'static str> {
+        let Some(section) = set.section(&self.name) else {
+            return Ok(());
+        };
+        if section.transform.is_some() {
+            return Err("its rows are transformed (TRANSFORM)");
+        }
+        if section.filter.is_some() || section.operations != "IUDT" {
+            return Err("the slave holds only part of its changes (FILTER or OPERATIONS)");
+        }
+        if let Some(slave) = &section.slave_table {
+            self.slave_name = slave.clone();
+        }
+        for (from, to) in &section.renames {
+            for c in self.slave_columns.iter_mut().filter(|c| *c == from) {
+                *c = to.clone();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks every slave of `set`; prints what it finds and returns the number of
@@ -130,7 +170,7 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
 
     let master_tx = db::read_snapshot(&mut master, "reading the master").await?;
     let snapshot = current_snapshot(&master_tx).await?;
-    let tables = replicated(&master_tx, only).await?;
+    let mut tables = replicated(&master_tx, only).await?;
     let mut in_flight = in_flight(&master_tx, &position, &snapshot).await?;
     let flying: usize = in_flight.values().map(HashSet::len).sum();
     println!(
@@ -138,14 +178,22 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
          {flying} row(s) changing in between are left out"
     );
     let mut total = 0;
-    for table in &tables {
+    for table in &mut tables {
         let name = table.name.quoted();
         if cloning.contains(&name) {
             println!("{name}: being cloned, not compared");
             continue;
         }
+        if let Err(why) = table.adapt(set) {
+            println!("{name}: not compared: {why}");
+            continue;
+        }
+        let table = &*table;
         let on_slave: bool = slave_tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&table.slave_name.quoted()],
+            )
             .await
             .doing("reading the slave's catalog")?
             .get(0);
@@ -158,8 +206,8 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
         }
         let skip = in_flight.remove(&table.oid).unwrap_or_default();
         let key_types = [
-            key_types(&master_tx, table).await?,
-            key_types(&slave_tx, table).await?,
+            key_types(&master_tx, table, Side::Master).await?,
+            key_types(&slave_tx, table, Side::Slave).await?,
         ];
         let mut compare = Compare {
             master: &master_tx,
@@ -209,12 +257,15 @@ async fn replicated(master: &Transaction<'_>, only: &[String]) -> Result<Vec<Tab
             .iter()
             .filter_map(|k| columns.iter().position(|c| c == k))
             .collect();
+        let name = TableName {
+            schema: r.get(1),
+            name: r.get(2),
+        };
         tables.push(Table {
             oid,
-            name: TableName {
-                schema: r.get(1),
-                name: r.get(2),
-            },
+            slave_name: name.clone(),
+            name,
+            slave_columns: columns.clone(),
             columns,
             key,
         });
@@ -337,11 +388,11 @@ impl Compare<'_> {
             hi: None,
         };
         let (condition, params) = self.condition(side, &range);
-        let keys = self.key_list("::text");
+        let keys = self.key_list(side, "::text");
         let sql = format!(
             "SELECT {keys} FROM ONLY {t} WHERE {condition} ORDER BY {order} OFFSET {offset} LIMIT 1",
-            t = self.table.name,
-            order = self.key_list(""),
+            t = self.table.name(side),
+            order = self.key_list(side, ""),
             offset = (n - 1).max(0),
         );
         let row = self
@@ -358,8 +409,8 @@ impl Compare<'_> {
         let sql = format!(
             "SELECT count(*), coalesce(sum(hashtextextended({row}::text, 0)), 0)::text \
              FROM ONLY {t} WHERE {condition}",
-            row = self.row(),
-            t = self.table.name,
+            row = self.row(side),
+            t = self.table.name(side),
         );
         let r = self
             .tx(side)
@@ -404,9 +455,9 @@ impl Compare<'_> {
         let (condition, params) = self.condition(side, range);
         let sql = format!(
             "SELECT {keys}, {row}::text FROM ONLY {t} WHERE {condition}",
-            keys = self.key_list("::text"),
-            row = self.row(),
-            t = self.table.name,
+            keys = self.key_list(side, "::text"),
+            row = self.row(side),
+            t = self.table.name(side),
         );
         let rows = self
             .tx(side)
@@ -450,17 +501,23 @@ impl Compare<'_> {
     }
 
     /// The row of the master's columns, in the master's order.
-    fn row(&self) -> String {
-        let columns: Vec<String> = self.table.columns.iter().map(|c| quote_ident(c)).collect();
+    fn row(&self, side: Side) -> String {
+        let columns: Vec<String> = self
+            .table
+            .columns(side)
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect();
         format!("ROW({})", columns.join(", "))
     }
 
-    fn key_list(&self, suffix: &str) -> String {
+    fn key_list(&self, side: Side, suffix: &str) -> String {
+        let columns = self.table.columns(side);
         let keys: Vec<String> = self
             .table
             .key
             .iter()
-            .map(|&k| format!("{}{suffix}", quote_ident(&self.table.columns[k])))
+            .map(|&k| format!("{}{suffix}", quote_ident(&columns[k])))
             .collect();
         keys.join(", ")
     }
@@ -475,7 +532,7 @@ impl Compare<'_> {
     /// `(k) > (lo) AND (k) <= (hi)`, the bounds as text parameters cast to the
     /// key columns' types on that side.
     fn condition(&self, side: Side, range: &Range) -> (String, Vec<String>) {
-        let key = format!("({})", self.key_list(""));
+        let key = format!("({})", self.key_list(side, ""));
         let types = &self.key_types[usize::from(side == Side::Slave)];
         let mut parts = vec!["true".to_string()];
         let mut params = Vec::new();
@@ -497,19 +554,17 @@ fn refs(params: &[String]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 /// The types of a table's key columns, in key order, on one server.
-async fn key_types(tx: &Transaction<'_>, table: &Table) -> Result<Vec<String>, Error> {
-    let names: Vec<&str> = table
-        .key
-        .iter()
-        .map(|&k| table.columns[k].as_str())
-        .collect();
+async fn key_types(tx: &Transaction<'_>, table: &Table, side: Side) -> Result<Vec<String>, Error> {
+    let columns = table.columns(side);
+    let names: Vec<&str> = table.key.iter().map(|&k| columns[k].as_str()).collect();
+    let name = table.name(side);
     let rows = tx
-        .query(KEY_TYPES_SQL, &[&table.name.quoted(), &names])
+        .query(KEY_TYPES_SQL, &[&name.quoted(), &names])
         .await
-        .doing(&format!("reading {}'s key types", table.name))?;
+        .doing(&format!("reading {name}'s key types"))?;
     if rows.len() != names.len() {
         return Err(Error::Schema {
-            table: table.name.clone(),
+            table: name.clone(),
             message: format!(
                 "a key column ({}) is missing on one side: make both definitions the same",
                 names.join(", ")

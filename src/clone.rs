@@ -16,7 +16,7 @@
 
 use crate::adapt::Adapter;
 use crate::apply::{self, Applier, Statements};
-use crate::batch::{Batch, Snapshot};
+use crate::batch::{Batch, Event, MasterTable, Op, Snapshot};
 use crate::capture;
 use crate::config::Config;
 use crate::daemon;
@@ -24,6 +24,7 @@ use crate::db::{self, pg_message, redact};
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
 use crate::progress::Progress;
+use crate::record;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -142,7 +143,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     if !done.is_empty() {
         tracing::info!("{} tables were copied by an earlier run", done.len());
     }
-    refuse_non_empty(&slave_client, &todo, options.truncate).await?;
+    refuse_non_empty(set, &slave_client, &todo, options.truncate).await?;
     mark(&mut slave_client, &set.name, &todo).await?;
     // Attached only now: the daemon already skips these tables' events.
     if !to_attach.is_empty() {
@@ -156,6 +157,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
             tracing::info!("{}: replicated from now on", report.table);
         }
     }
+    capture::configure(&master, set).await?;
     master
         .execute(HOLD_SQL, &[&set.name, &-(slave as i32)])
         .await
@@ -225,13 +227,18 @@ async fn chosen_tables(
     Ok((chosen, to_attach))
 }
 
-async fn refuse_non_empty(slave: &Client, tables: &[Table], truncate: bool) -> Result<(), Error> {
+async fn refuse_non_empty(
+    set: &Config,
+    slave: &Client,
+    tables: &[Table],
+    truncate: bool,
+) -> Result<(), Error> {
     if truncate {
         return Ok(());
     }
     let mut full = Vec::new();
     for t in tables {
-        let name = t.name.quoted();
+        let name = set.slave_name(&t.name).quoted();
         let exists: bool = slave
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
             .await
@@ -305,9 +312,8 @@ async fn copy_tables(
     let mut workers = Vec::new();
     for _ in 0..jobs {
         let job = Job {
-            master_dsn: set.master.clone(),
+            config: set.clone(),
             slave_dsn: dsn.to_string(),
-            set: set.name.clone(),
             snapshot: snapshot.clone(),
             exported: exported.clone(),
             queue: queue.clone(),
@@ -334,9 +340,8 @@ async fn copy_tables(
 
 /// One copying connection pair.
 struct Job {
-    master_dsn: String,
+    config: Config,
     slave_dsn: String,
-    set: String,
     snapshot: String,
     exported: String,
     queue: Arc<Mutex<VecDeque<Table>>>,
@@ -345,7 +350,8 @@ struct Job {
 
 impl Job {
     async fn run(self) -> Result<(), Error> {
-        let master = db::connect(&self.master_dsn, None).await?;
+        let master = db::connect(&self.config.master, None).await?;
+        let mut adapter = Adapter::new(&self.config)?;
         let mut slave = db::connect(&self.slave_dsn, None).await?;
         slave
             .batch_execute(apply::SESSION_SQL)
@@ -367,7 +373,13 @@ impl Job {
             let Some(table) = next else {
                 return Ok(());
             };
-            self.copy(&master, &mut slave, &table).await?;
+            match self.config.section(&table.name) {
+                Some(section) if section.reshapes() => {
+                    self.copy_adapted(&master, &mut slave, &table, &mut adapter)
+                        .await?
+                }
+                _ => self.copy(&master, &mut slave, &table).await?,
+            }
         }
     }
 
@@ -389,17 +401,26 @@ impl Job {
                 .doing(&format!("emptying {name} on the slave"))?;
             None
         } else {
-            let ddl = table_ddl(&self.master_dsn, &t.name)?;
+            let ddl = table_ddl(&self.config.master, &t.name)?;
             self.create(&tx, &t.name, &ddl.before).await?;
             Some(ddl)
         };
         let (columns, binary) = copy_columns(master, &tx, &t.name).await?;
         let list = columns.join(", ");
         let format = if binary { "binary" } else { "text" };
+        let filter = self
+            .config
+            .section(&t.name)
+            .and_then(|s| s.filter.as_deref());
+        let source = match filter {
+            None => format!("SELECT {list} FROM ONLY {name}"),
+            Some(_) => {
+                let list: Vec<String> = columns.iter().map(|c| format!("new.{c}")).collect();
+                format!("SELECT {} {}", list.join(", "), filtered(&name, filter))
+            }
+        };
         let out = master
-            .copy_out(&format!(
-                "COPY (SELECT {list} FROM ONLY {name}) TO STDOUT (FORMAT {format})"
-            ))
+            .copy_out(&format!("COPY ({source}) TO STDOUT (FORMAT {format})"))
             .await
             .doing(&format!("reading {name} on the master"))?;
         let sink = tx
@@ -436,18 +457,116 @@ impl Job {
             .doing(&format!("writing {name} on the slave"))?;
         if let Some(ddl) = &ddl {
             self.create(&tx, &t.name, &ddl.after).await?;
-            tx.execute(DEFER_SQL, &[&self.set, &name, &ddl.deferred])
+            tx.execute(DEFER_SQL, &[&self.config.name, &name, &ddl.deferred])
                 .await
                 .doing("recording the copy on the slave")?;
         }
-        tx.execute(COPIED_SQL, &[&self.set, &name, &self.snapshot])
+        self.copied(tx, &name).await
+    }
+
+    /// Records a table's copy in its slave transaction and commits it.
+    async fn copied(&self, tx: tokio_postgres::Transaction<'_>, name: &str) -> Result<(), Error> {
+        tx.execute(COPIED_SQL, &[&self.config.name, &name, &self.snapshot])
             .await
             .doing("recording the copy on the slave")?;
         tx.commit()
             .await
             .doing(&format!("committing the copy of {name}"))?;
-        self.progress.done(&name);
+        self.progress.done(name);
         Ok(())
+    }
+
+    /// Copies a table whose `[TABLE]` section reshapes its rows: each row of the
+    /// snapshot goes the way a logged insert goes (column list, renames,
+    /// transform) into the slave's existing table, in one slave transaction.
+    async fn copy_adapted(
+        &self,
+        master: &Client,
+        slave: &mut Client,
+        t: &Table,
+        adapter: &mut Adapter,
+    ) -> Result<(), Error> {
+        let name = t.name.quoted();
+        let target = self.config.slave_name(&t.name);
+        let row = master
+            .query_one(LOGGED_SQL, &[&t.oid])
+            .await
+            .doing("reading the master's catalog")?;
+        let (columns, keys): (Vec<String>, Vec<String>) = (row.get(0), row.get(1));
+        let table = Arc::new(MasterTable {
+            name: t.name.clone(),
+            key: keys
+                .iter()
+                .filter_map(|k| columns.iter().position(|c| c == k))
+                .collect(),
+            columns,
+        });
+        let tx = slave
+            .transaction()
+            .await
+            .doing("starting the slave's transaction")?;
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&target.quoted()])
+            .await
+            .doing("reading the slave's catalog")?
+            .get(0);
+        if !exists {
+            return Err(Error::Schema {
+                table: target,
+                message: format!(
+                    "missing on the slave: create it there first (its [TABLE {name}] section \
+                     reshapes the rows, so clone does not create it from the master's definition)"
+                ),
+            });
+        }
+        tx.batch_execute(&format!("TRUNCATE ONLY {target}"))
+            .await
+            .doing(&format!("emptying {target} on the slave"))?;
+        let list: Vec<String> = table
+            .columns
+            .iter()
+            .map(|c| format!("new.{}", quote_ident(c)))
+            .collect();
+        let filter = self
+            .config
+            .section(&t.name)
+            .and_then(|s| s.filter.as_deref());
+        let sql = format!(
+            "SELECT ROW({})::text {}",
+            list.join(", "),
+            filtered(&name, filter)
+        );
+        let no_params: [&str; 0] = [];
+        let rows = master
+            .query_raw(&sql, no_params)
+            .await
+            .doing(&format!("reading {name} on the master"))?;
+        futures_util::pin_mut!(rows);
+        let mut statements = Statements::default();
+        let mut applier = Applier::new(&tx, &mut statements, false);
+        let mut adapted = Vec::new();
+        adapter.begin();
+        while let Some(row) = rows.next().await {
+            let text: String = row.doing(&format!("reading {name} on the master"))?.get(0);
+            self.progress.add(&name, 1, text.len() as u64);
+            let fields = record::parse(&text).map_err(|e| Error::Query {
+                doing: format!("reading {name} on the master"),
+                message: e.to_string(),
+            })?;
+            let event = Event {
+                id: 0,
+                table: t.oid,
+                op: Op::Insert,
+                old: None,
+                new: Some(fields),
+            };
+            adapter.adapt(&table, event, &mut adapted)?;
+            for (table, event) in adapted.drain(..) {
+                applier.apply(&table, event).await?;
+            }
+        }
+        applier.finish(None).await?;
+        self.copied(tx, &name).await
     }
 
     /// Runs part of a table's definition from the master on the slave.
@@ -469,6 +588,23 @@ impl Job {
             .await
             .doing("setting up the slave session")
     }
+}
+
+/// The logged columns of a master table and its key.
+const LOGGED_SQL: &str = "
+SELECT pgreplica.logged_columns($1::oid),
+       ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
+                 ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = $1::oid AND i.indisprimary
+              ORDER BY array_position(i.indkey::int2[], a.attnum))";
+
+/// `FROM` a master table whose rows pass its `FILTER`, seen as `new` as the
+/// capture trigger sees an inserted row (`old` all NULL).
+fn filtered(table: &str, filter: Option<&str>) -> String {
+    format!(
+        "FROM ONLY {table} AS new LEFT JOIN ONLY {table} AS old ON false WHERE {}",
+        filter.map_or("true".to_string(), |f| format!("({f})"))
+    )
 }
 
 /// The columns to copy (the master's, minus those the slave computes) and

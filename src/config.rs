@@ -189,6 +189,18 @@ const SMTP_KEYS: &[&str] = &[
 ];
 
 impl Config {
+    /// The `[TABLE]` section of a master table, if any.
+    pub fn section(&self, table: &TableName) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.table == *table)
+    }
+
+    /// A master table's name on the slaves.
+    pub fn slave_name(&self, table: &TableName) -> TableName {
+        self.section(table)
+            .and_then(|t| t.slave_table.clone())
+            .unwrap_or_else(|| table.clone())
+    }
+
     /// Reads and validates one file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -473,6 +485,16 @@ fn table_section(header: &str) -> Option<&str> {
 }
 
 impl TableConfig {
+    /// Whether rows land on the slave in another shape or place than the
+    /// master's table (columns, renames, transform).
+    pub fn reshapes(&self) -> bool {
+        self.columns.is_some()
+            || self.exclude.is_some()
+            || self.slave_table.is_some()
+            || !self.renames.is_empty()
+            || self.transform.is_some()
+    }
+
     fn new(table: TableName, line: usize) -> TableConfig {
         TableConfig {
             table,

@@ -298,3 +298,81 @@ async fn a_script_error_stops_the_slave_naming_script_line_and_row_and_skips_not
         "{said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_and_check_follow_the_table_sections() {
+    let s = Setup::with_schemas(
+        1,
+        &format!("{SALES}; {ORDERS}; CREATE TABLE regions (id int PRIMARY KEY, region text)"),
+        &format!(
+            "CREATE SCHEMA warehouse;
+             CREATE TABLE warehouse.sales_2026 (id int PRIMARY KEY, area text, total numeric);
+             {ORDERS}"
+        ),
+    )
+    .await;
+    with_script(&s, SCRIPT);
+    s.configure(
+        "[TABLE public.sales]\nSLAVE_TABLE=warehouse.sales_2026\n\
+         RENAME_COLUMNS=amount:total, region:area\nEXCLUDE_COLUMNS=notes\n\
+         [TABLE orders]\nTRANSFORM=orders.lua\n\
+         [TABLE regions]\nFILTER=new.region = 'north'\n",
+    );
+    let m = s.master().await;
+    m.batch_execute(
+        "INSERT INTO sales SELECT g, 'r' || g, g, 'secret' FROM generate_series(1, 500) g;
+         INSERT INTO orders SELECT g, (ARRAY['pen', 'ignore', 'set'])[g % 3 + 1], g FROM generate_series(1, 500) g;
+         INSERT INTO regions SELECT g, (ARRAY['north', 'south'])[g % 2 + 1] FROM generate_series(1, 500) g;",
+    )
+    .await
+    .unwrap();
+    let out = pgreplica(&["clone", s.conf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    m.batch_execute(
+        "UPDATE sales SET amount = amount * 2 WHERE id % 3 = 0;
+         UPDATE orders SET qty = qty + 1 WHERE id % 4 = 0;
+         INSERT INTO regions VALUES (1001, 'north'), (1002, 'south');",
+    )
+    .await
+    .unwrap();
+    s.sync();
+    let sales = s
+        .text(
+            Some(0),
+            "SELECT id, area, total FROM warehouse.sales_2026 ORDER BY id",
+        )
+        .await;
+    let master = s
+        .text(None, "SELECT id, region, amount FROM sales ORDER BY id")
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&master),
+        String::from_utf8_lossy(&sales)
+    );
+    let orders = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
+    assert_eq!(
+        String::from_utf8_lossy(&s.text(None, EXPECTED).await),
+        String::from_utf8_lossy(&orders)
+    );
+    let regions = s.text(Some(0), "SELECT * FROM regions ORDER BY id").await;
+    let north = s
+        .text(
+            None,
+            "SELECT * FROM regions WHERE region = 'north' ORDER BY id",
+        )
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&north),
+        String::from_utf8_lossy(&regions)
+    );
+
+    let out = pgreplica(&["check", s.conf.to_str().unwrap()]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("\"public\".\"sales\": 500 rows, equal")
+            && said.contains("\"public\".\"orders\": not compared: its rows are transformed")
+            && said.contains("\"public\".\"regions\": not compared"),
+        "{said}"
+    );
+}
