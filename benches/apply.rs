@@ -1,5 +1,5 @@
-//! Apply throughput against PostgreSQL's built-in logical replication, and the
-//! daemon's memory while draining a backlog. Prints medians of RUNS runs (default
+//! Apply throughput against PostgreSQL's built-in logical replication, the cost
+//! of a transform script, and the daemon's memory while draining a backlog. Prints medians of RUNS runs (default
 //! 5) as ratios to the built-in replication measured in the same run.
 //!
 //!     cargo bench --bench apply                       # ROWS=1000000 RUNS=5 BACKLOGS=1000000,5000000
@@ -122,17 +122,27 @@ fn peak_rss_mb(child: &Child) -> f64 {
     kb / 1024.0
 }
 
-fn write_conf(master: &Cluster, slave: &Cluster, db: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("pgreplica-bench-{}.conf", std::process::id()));
-    std::fs::write(
-        &path,
-        format!(
-            "[MAIN]\nNAME=bench\nDSN0={}\nDSN1={}\n",
-            master.dsn(db),
-            slave.dsn(db)
-        ),
-    )
-    .unwrap();
+/// A simple transform: one column changed on every row.
+const SCRIPT: &str = "function transform(op, row)
+  row.payload = string.upper(row.payload)
+  return row
+end";
+
+/// The set's config file; with `transform`, table t's rows go through SCRIPT.
+fn write_conf(master: &Cluster, slave: &Cluster, db: &str, transform: bool) -> std::path::PathBuf {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("pgreplica-bench-{}.conf", std::process::id()));
+    let mut text = format!(
+        "[MAIN]\nNAME=bench\nDSN0={}\nDSN1={}\n",
+        master.dsn(db),
+        slave.dsn(db)
+    );
+    if transform {
+        let script = dir.join(format!("pgreplica-bench-{}.lua", std::process::id()));
+        std::fs::write(&script, SCRIPT).unwrap();
+        text.push_str(&format!("[TABLE t]\nTRANSFORM={}\n", script.display()));
+    }
+    std::fs::write(&path, text).unwrap();
     path
 }
 
@@ -156,6 +166,7 @@ async fn main() {
     let mut builtin = vec![Vec::new(); phases.len()];
     let mut ours = vec![Vec::new(); phases.len()];
     let mut master_side = vec![Vec::new(); phases.len()];
+    let mut transformed = vec![Vec::new(); phases.len()];
     for run in 0..runs {
         // Built-in logical replication.
         let m = fresh(&master, "bi").await;
@@ -176,20 +187,26 @@ async fn main() {
         s.batch_execute("DROP SUBSCRIPTION s").await.unwrap();
         drop(m);
 
-        // pgreplica.
-        let mut m = fresh(&master, "pr").await;
-        let s = fresh(&slave, "pr").await;
-        capture::install(&mut m, &[], None).await.unwrap();
-        let conf = write_conf(&master, &slave, "pr");
-        let mut child = daemon(&conf);
-        phase(&m, &s, -1, &[]).await;
-        for (i, (_, work)) in phases.iter().enumerate() {
-            let (total, committed) = phase(&m, &s, i as i32, work).await;
-            ours[i].push(total);
-            master_side[i].push(committed);
+        // pgreplica, then pgreplica with a transform.
+        for transform in [false, true] {
+            let mut m = fresh(&master, "pr").await;
+            let s = fresh(&slave, "pr").await;
+            capture::install(&mut m, &[], None).await.unwrap();
+            let conf = write_conf(&master, &slave, "pr", transform);
+            let mut child = daemon(&conf);
+            phase(&m, &s, -1, &[]).await;
+            for (i, (_, work)) in phases.iter().enumerate() {
+                let (total, committed) = phase(&m, &s, i as i32, work).await;
+                if transform {
+                    transformed[i].push(total);
+                } else {
+                    ours[i].push(total);
+                    master_side[i].push(committed);
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
         eprintln!("run {} of {runs} done", run + 1);
     }
     println!(
@@ -219,11 +236,21 @@ async fn main() {
          had committed the whole workload; the slave cannot finish before that)\n"
     );
 
+    println!(
+        "A transform (one column changed on every row) against none, same runs\n\n{:<28} {:>14} {:>16} {:>14}",
+        "workload", "pgreplica (s)", "+ transform (s)", "throughput"
+    );
+    for (i, (name, _)) in phases.iter().enumerate() {
+        let (o, t) = (median(ours[i].clone()), median(transformed[i].clone()));
+        println!("{name:<28} {o:>14.2} {t:>16.2} {:>13.0}%", o / t * 100.0);
+    }
+    println!("(throughput: with the transform, as a share of pgreplica's without)\n");
+
     for backlog in backlogs {
         let mut m = fresh(&master, "mem").await;
         let s = fresh(&slave, "mem").await;
         capture::install(&mut m, &[], None).await.unwrap();
-        let conf = write_conf(&master, &slave, "mem");
+        let conf = write_conf(&master, &slave, "mem", false);
         let mut chunk = 0;
         while chunk < backlog {
             let end = (chunk + 500_000).min(backlog);

@@ -1,6 +1,7 @@
 //! Capture overhead: PyReplica's own benchmark and a bulk variant, with pgreplica's
 //! capture against no trigger, on one throwaway server. Prints medians of RUNS runs
-//! (default 5) as ratios to the no-trigger baseline measured in the same run.
+//! (default 5) as ratios to the no-trigger baseline measured in the same run, and
+//! the added cost of a row filter.
 //!
 //!     cargo bench --bench capture
 
@@ -19,13 +20,32 @@ BEGIN
     END LOOP;
 END $$;";
 
-/// Seconds taken by `work` on a fresh `test` table, with or without capture.
-async fn timed(client: &mut Client, with_capture: bool, work: &[&str]) -> f64 {
+/// What the master does on writes to `test`.
+#[derive(Clone, Copy, PartialEq)]
+enum Capture {
+    None,
+    All,
+    /// With a row filter that every row passes: its cost alone.
+    Filtered(&'static str),
+}
+
+/// Seconds taken by `work` on a fresh `test` table.
+async fn timed(client: &mut Client, capture: Capture, work: &[&str]) -> f64 {
     client.batch_execute(SETUP).await.unwrap();
+    let with_capture = capture != Capture::None;
     if with_capture {
         capture::install(client, &["test".to_string()], None)
             .await
             .unwrap();
+        if let Capture::Filtered(filter) = capture {
+            client
+                .execute(
+                    "SELECT pgreplica.set_options('test', 'IUDT', $1, NULL, NULL)",
+                    &[&filter],
+                )
+                .await
+                .unwrap();
+        }
         client
             .batch_execute("TRUNCATE pgreplica.log")
             .await
@@ -42,6 +62,9 @@ async fn timed(client: &mut Client, with_capture: bool, work: &[&str]) -> f64 {
     }
     took
 }
+
+/// Row filters measured: over the new row only, and over both rows.
+const FILTERS: [&str; 2] = ["new.b", "new.b OR old.b"];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -76,16 +99,30 @@ async fn main() {
     ];
     println!("PostgreSQL {version}, medians of {runs} runs, alternating baseline and capture\n");
     println!(
-        "{:<58} {:>10} {:>10} {:>8}",
-        "workload", "none (s)", "capture", "ratio"
+        "{:<58} {:>9} {:>8} {:>7} {:>13} {:>18}",
+        "workload", "none (s)", "capture", "ratio", FILTERS[0], FILTERS[1]
     );
     for (name, work) in cases {
-        let (mut base, mut with) = (Vec::new(), Vec::new());
+        let mut times = vec![Vec::new(); 4];
         for _ in 0..runs {
-            base.push(timed(&mut client, false, work).await);
-            with.push(timed(&mut client, true, work).await);
+            times[0].push(timed(&mut client, Capture::None, work).await);
+            times[1].push(timed(&mut client, Capture::All, work).await);
+            for (i, filter) in FILTERS.iter().enumerate() {
+                times[2 + i].push(timed(&mut client, Capture::Filtered(filter), work).await);
+            }
         }
-        let (b, w) = (median(base), median(with));
-        println!("{name:<58} {b:>10.3} {w:>10.3} {:>7.2}x", w / b);
+        let t: Vec<f64> = times.into_iter().map(median).collect();
+        println!(
+            "{name:<58} {:>9.3} {:>8.3} {:>6.2}x {:>12.1}% {:>17.1}%",
+            t[0],
+            t[1],
+            t[1] / t[0],
+            (t[2] / t[1] - 1.0) * 100.0,
+            (t[3] / t[1] - 1.0) * 100.0
+        );
     }
+    println!(
+        "\n(the filter columns: what a row filter that every row passes adds to capture;\n \
+         one that names old.* also joins an all-NULL old row on inserts)"
+    );
 }
