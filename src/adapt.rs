@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::ident::TableName;
 use crate::record::Fields;
-use crate::transform::{NamedRow, Scripts};
+use crate::transform::Scripts;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -179,30 +179,18 @@ impl Adapter {
             key: table.key_text(row),
             event,
         };
-        let named: NamedRow = renamed
-            .columns
-            .iter()
-            .cloned()
-            .zip(row.iter().cloned())
-            .collect();
         let results = self
             .scripts
-            .call(script, op, &named)
+            .call(script, op, &renamed.columns, &row)
             .map_err(|m| failed(m, &row))?;
         let mut rows = Vec::with_capacity(results.len());
-        for result in results {
-            let mut fields: Fields = vec![None; renamed.columns.len()];
-            let mut extra: Vec<(String, Option<String>)> = Vec::new();
-            for (name, value) in result {
-                match renamed.columns.iter().position(|c| *c == name) {
-                    Some(i) => fields[i] = value,
-                    None => extra.push((name, value)),
-                }
-            }
-            extra.sort();
-            let names: Vec<String> = extra.iter().map(|(n, _)| n.clone()).collect();
-            fields.extend(extra.into_iter().map(|(_, v)| v));
-            rows.push((self.renamed(table, &names)?, fields));
+        for mut result in results {
+            result.added.sort();
+            let names: Vec<String> = result.added.iter().map(|(n, _)| n.clone()).collect();
+            result
+                .fields
+                .extend(result.added.into_iter().map(|(_, v)| v));
+            rows.push((self.renamed(table, &names)?, result.fields));
         }
         Ok(rows)
     }

@@ -11,6 +11,7 @@
 //! errors carry the script's file and line, and it is several times faster per
 //! call, which matters on a path that runs for every row.
 
+use crate::record::Fields;
 use mlua::{HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
 use std::path::Path;
 use std::sync::Arc;
@@ -30,8 +31,15 @@ pub struct Scripts {
     epoch: Instant,
 }
 
-/// A row as text fields (`None` for NULL), by column name.
-pub type NamedRow = Vec<(String, Option<String>)>;
+/// A row a script gave back: the values of the columns it was given (in their
+/// order), and the columns it added, by name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Returned {
+    /// One value per column given, `None` for NULL or absent.
+    pub fields: Fields,
+    /// Columns the script added, in the order it set them.
+    pub added: Vec<(String, Option<String>)>,
+}
 
 impl Scripts {
     /// An empty Lua state with only the safe libraries (no files, no OS), a
@@ -105,13 +113,20 @@ impl Scripts {
         &self.functions[script].0
     }
 
-    /// Runs script `script` on one row; returns the rows it gives back.
-    pub fn call(&self, script: usize, op: &str, row: &NamedRow) -> Result<Vec<NamedRow>, String> {
+    /// Runs script `script` on one row (`columns` names its fields); returns
+    /// the rows it gives back.
+    pub fn call(
+        &self,
+        script: usize,
+        op: &str,
+        columns: &[String],
+        row: &Fields,
+    ) -> Result<Vec<Returned>, String> {
         let lua = &self.lua;
         let table = lua
             .create_table_with_capacity(0, row.len())
             .map_err(lua_message)?;
-        for (name, value) in row {
+        for (name, value) in columns.iter().zip(row) {
             if let Some(value) = value {
                 table
                     .raw_set(name.as_str(), value.as_str())
@@ -135,10 +150,18 @@ impl Scripts {
                     i + 1
                 ));
             };
-            let mut out = NamedRow::with_capacity(row.len());
-            for pair in t.pairs::<String, Value>() {
+            let mut out = Returned {
+                fields: vec![None; columns.len()],
+                added: Vec::new(),
+            };
+            for pair in t.pairs::<mlua::String, Value>() {
                 let (name, value) = pair.map_err(lua_message)?;
-                out.push((name, text(value)?));
+                let name = name.to_str().map_err(lua_message)?;
+                let value = text(value)?;
+                match columns.iter().position(|c| *c == *name) {
+                    Some(at) => out.fields[at] = value,
+                    None => out.added.push((name.to_string(), value)),
+                }
             }
             rows.push(out);
         }
@@ -212,11 +235,19 @@ mod tests {
         }
     }
 
-    fn row(pairs: &[(&str, Option<&str>)]) -> NamedRow {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.map(String::from)))
-            .collect()
+    fn call(
+        s: &Scripts,
+        n: usize,
+        op: &str,
+        pairs: &[(&str, Option<&str>)],
+    ) -> Result<Vec<Returned>, String> {
+        let columns: Vec<String> = pairs.iter().map(|(c, _)| c.to_string()).collect();
+        let row: Fields = pairs.iter().map(|(_, v)| v.map(String::from)).collect();
+        s.call(n, op, &columns, &row)
+    }
+
+    fn values(v: &[Option<&str>]) -> Fields {
+        v.iter().map(|v| v.map(String::from)).collect()
     }
 
     #[test]
@@ -233,61 +264,54 @@ mod tests {
                return row
              end",
         );
-        let out = s
-            .call(
-                n,
-                "insert",
-                &row(&[
-                    ("id", Some("1")),
-                    ("kind", Some("x")),
-                    ("amount", Some("2.5")),
-                    ("note", Some("n")),
-                ]),
-            )
-            .unwrap();
-        let mut got = out[0].clone();
-        got.sort();
-        assert_eq!(
-            got,
-            row(&[
-                ("amount", Some("250")),
+        let out = call(
+            &s,
+            n,
+            "insert",
+            &[
                 ("id", Some("1")),
-                ("kind", Some("x"))
-            ])
+                ("kind", Some("x")),
+                ("amount", Some("2.5")),
+                ("note", Some("n")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out[0].fields,
+            values(&[Some("1"), Some("x"), Some("250"), None])
         );
         assert!(
-            s.call(n, "insert", &row(&[("kind", Some("skip"))]))
+            call(&s, n, "insert", &[("kind", Some("skip"))])
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(
-            s.call(
-                n,
-                "delete",
-                &row(&[("id", Some("7")), ("kind", Some("pair"))])
-            )
-            .unwrap()
-            .len(),
-            2
-        );
+        let split = call(
+            &s,
+            n,
+            "delete",
+            &[("id", Some("7")), ("kind", Some("pair"))],
+        )
+        .unwrap();
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[1].fields, values(&[Some("70"), Some("b")]));
     }
 
     #[test]
     fn errors_name_the_script_and_line_and_limits_hold() {
         let (s, n, f) = script("function transform(op, row)\n  return row.x.y\nend\n");
-        let e = s.call(n, "insert", &row(&[])).unwrap_err();
+        let e = call(&s, n, "insert", &[]).unwrap_err();
         let name = f.path.display().to_string();
         assert!(e.starts_with(&format!("{name}:2:")), "{e}");
         let (s, n, _f) = script("function transform(op, row) while true do end end");
-        let e = s.call(n, "insert", &row(&[])).unwrap_err();
+        let e = call(&s, n, "insert", &[]).unwrap_err();
         assert!(e.contains("time limit"), "{e}");
         let (s, n, _f) = script(
             "function transform(op, row) local t = {} for i = 1, 1e9 do t[i] = ('x'):rep(100) .. i end end",
         );
-        let e = s.call(n, "insert", &row(&[])).unwrap_err();
+        let e = call(&s, n, "insert", &[]).unwrap_err();
         assert!(e.contains("memory limit"), "{e}");
         let (s, n, _f) = script("function transform(op, row) return io.open('/etc/passwd') end");
-        assert!(s.call(n, "insert", &row(&[])).is_err());
+        assert!(call(&s, n, "insert", &[]).is_err());
         let file = tempfile_path::TempScript::new("function transform(op, row) return row");
         let e = Scripts::new(1 << 20, Duration::from_secs(1))
             .unwrap()
