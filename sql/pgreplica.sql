@@ -155,18 +155,18 @@ BEGIN
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
-        SELECT TG_RELID, 'I', current_setting('pgreplica.origin', true), %4$s
+        SELECT TG_RELID, 'I', nullif(current_setting('pgreplica.origin', true), ''), %4$s
           FROM pgreplica_new new%6$s
          WHERE %8$s;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
-        SELECT TG_RELID, 'D', current_setting('pgreplica.origin', true), %5$s
+        SELECT TG_RELID, 'D', nullif(current_setting('pgreplica.origin', true), ''), %5$s
           FROM pgreplica_old old%7$s
          WHERE %8$s;
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
         SELECT TG_RELID, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
-               current_setting('pgreplica.origin', true), ot, nt
+               nullif(current_setting('pgreplica.origin', true), ''), ot, nt
           FROM (SELECT CASE WHEN old.%1$s IS NOT NULL THEN %5$s END AS ot,
                        CASE WHEN new.%1$s IS NOT NULL THEN %4$s END AS nt
                   FROM pgreplica_old old FULL JOIN pgreplica_new new ON (%2$s) = (%3$s)
@@ -175,7 +175,7 @@ BEGIN
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
     ELSE
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin)
-        VALUES (TG_RELID, 'T', current_setting('pgreplica.origin', true));
+        VALUES (TG_RELID, 'T', nullif(current_setting('pgreplica.origin', true), ''));
     END IF;
     PERFORM pg_notify('pgreplica', '');
     RETURN NULL;
@@ -297,7 +297,7 @@ BEGIN
     PERFORM pgreplica.attach(tbl);
     IF before -> tbl::oid::text IS DISTINCT FROM pgreplica.layouts() -> tbl::oid::text THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
-        VALUES (0, 'X', current_setting('pgreplica.origin', true), before::text, '');
+        VALUES (0, 'X', nullif(current_setting('pgreplica.origin', true), ''), before::text, '');
     END IF;
     RETURN true;
 END
@@ -346,7 +346,7 @@ BEGIN
         PERFORM pgreplica.attach(tbl);
     END LOOP;
     INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
-    VALUES (0, 'X', current_setting('pgreplica.origin', true), before::text, sql);
+    VALUES (0, 'X', nullif(current_setting('pgreplica.origin', true), ''), before::text, sql);
     PERFORM pg_notify('pgreplica', '');
 END
 $$;

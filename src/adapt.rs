@@ -1,7 +1,8 @@
-//! How a master table's events land on a slave: the renames and transforms of
-//! a set's `[TABLE]` sections, between reading a batch and applying it.
+//! What a slave takes of a master's log and how it lands: the origins it skips
+//! (multi-master), and the renames and transforms of the set's `[TABLE]`
+//! sections, between reading a batch and applying it.
 
-use crate::batch::{Event, MasterTable, Op};
+use crate::batch::{Event, MasterTable, Op, Origins};
 use crate::config::Config;
 use crate::error::Error;
 use crate::ident::TableName;
@@ -17,8 +18,11 @@ struct Route {
     script: Option<usize>,
 }
 
-/// Adapts the events of one set's batches; tables without a section pass unchanged.
+/// Adapts the events of one set's batches for one slave; tables without a
+/// section pass unchanged.
 pub struct Adapter {
+    /// The events the slave takes, by origin.
+    pub origins: Origins,
     routes: HashMap<TableName, Route>,
     scripts: Scripts,
     /// The adapted definitions of the current batch, by master definition
@@ -34,8 +38,9 @@ pub type Adapted = Vec<(Arc<MasterTable>, Event)>;
 type Renamed = (Arc<MasterTable>, Arc<MasterTable>);
 
 impl Adapter {
-    /// Reads the set's `[TABLE]` sections and loads their transform scripts.
-    pub fn new(set: &Config) -> Result<Adapter, Error> {
+    /// Reads the set's `[TABLE]` sections and loads their transform scripts,
+    /// for slave `slave` of the set.
+    pub fn new(set: &Config, slave: u32) -> Result<Adapter, Error> {
         let mut scripts =
             Scripts::new(set.transform_memory << 20, set.transform_time).map_err(|message| {
                 Error::Options {
@@ -64,6 +69,7 @@ impl Adapter {
             }
         }
         Ok(Adapter {
+            origins: set.origins(slave),
             routes,
             scripts,
             tables: HashMap::new(),
@@ -100,21 +106,22 @@ impl Adapter {
             Some(row) => self.run(script, op, table, &renamed, id, row),
             None => Ok(Vec::new()),
         };
+        let (old, new) = (event.old.clone(), event.new.clone());
         match event.op {
             Op::Insert => {
-                for (t, row) in run("insert", event.new)? {
-                    out.push((t, change(id, Op::Insert, None, Some(row))));
+                for (t, row) in run("insert", new)? {
+                    out.push((t, change(&event, Op::Insert, None, Some(row))));
                 }
             }
             Op::Delete => {
-                for (t, row) in run("delete", event.old)? {
-                    out.push((t, change(id, Op::Delete, Some(row), None)));
+                for (t, row) in run("delete", old)? {
+                    out.push((t, change(&event, Op::Delete, Some(row), None)));
                 }
             }
             _ => {
-                let olds = run("update", event.old)?;
-                let mut news = run("update", event.new)?;
-                pair(id, olds, &mut news, out);
+                let olds = run("update", old)?;
+                let mut news = run("update", new)?;
+                pair(&event, olds, &mut news, out);
             }
         }
         Ok(())
@@ -197,13 +204,14 @@ impl Adapter {
 }
 
 /// An event of `op` made from a transformed row.
-fn change(id: i64, op: Op, old: Option<Fields>, new: Option<Fields>) -> Event {
+fn change(from: &Event, op: Op, old: Option<Fields>, new: Option<Fields>) -> Event {
     Event {
-        id,
-        table: 0,
+        id: from.id,
+        table: from.table,
         op,
         old,
         new,
+        origin: from.origin.clone(),
     }
 }
 
@@ -211,7 +219,7 @@ fn change(id: i64, op: Op, old: Option<Fields>, new: Option<Fields>) -> Event {
 /// pairs an UPDATE statement's rows: both sides an update, old only a delete
 /// (sent first), new only an insert (sent last).
 fn pair(
-    id: i64,
+    event: &Event,
     olds: Vec<(Arc<MasterTable>, Fields)>,
     news: &mut Vec<(Arc<MasterTable>, Fields)>,
     out: &mut Adapted,
@@ -225,13 +233,13 @@ fn pair(
         match found {
             Some(i) => {
                 let (_, new) = news.remove(i);
-                updates.push((t, change(id, Op::Update, Some(old), Some(new))));
+                updates.push((t, change(event, Op::Update, Some(old), Some(new))));
             }
-            None => out.push((t, change(id, Op::Delete, Some(old), None))),
+            None => out.push((t, change(event, Op::Delete, Some(old), None))),
         }
     }
     out.extend(updates);
     for (t, new) in news.drain(..) {
-        out.push((t, change(id, Op::Insert, None, Some(new))));
+        out.push((t, change(event, Op::Insert, None, Some(new))));
     }
 }

@@ -67,6 +67,8 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> 
   FROM pg_attribute a
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
+const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
+
 /// Statements, and events in them, kept in flight before the oldest is awaited.
 const WINDOW: usize = 256;
 const WINDOW_EVENTS: usize = 4 * RUN_ROWS;
@@ -210,6 +212,8 @@ pub struct Applier<'t> {
     /// error names its event.
     exact: bool,
     counts: Applied,
+    /// The origin the slave's capture now stamps on changes.
+    origin: Option<String>,
 }
 
 impl<'t> Applier<'t> {
@@ -231,6 +235,7 @@ impl<'t> Applier<'t> {
             run: None,
             exact,
             counts: Applied::default(),
+            origin: None,
         }
     }
 
@@ -238,6 +243,16 @@ impl<'t> Applier<'t> {
     pub async fn apply(&mut self, table: &Arc<MasterTable>, event: Event) -> Result<(), Error> {
         if event.op == Op::Execute {
             return self.execute(event).await;
+        }
+        if event.origin.is_some() && event.origin != self.origin {
+            // The slave's own capture (multi-master) logs the change with its
+            // origin, so that it never goes back there.
+            self.flush().await?;
+            self.tx
+                .execute(ORIGIN_SQL, &[&event.origin])
+                .await
+                .doing("marking the changes' origin on the slave")?;
+            self.origin = event.origin.clone();
         }
         let plan = self.plan(table).await?;
         self.counts.events += 1;

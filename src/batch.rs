@@ -102,6 +102,20 @@ pub struct Event {
     pub old: Option<Fields>,
     /// The row after the change (insert, update).
     pub new: Option<Fields>,
+    /// The node where the change was made, when nodes are named (multi-master).
+    pub origin: Option<String>,
+}
+
+/// Which events of a master a slave takes, by the node they came from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origins {
+    /// The master's node name: the origin of its own changes.
+    pub master: Option<String>,
+    /// The slave's node name: changes that came from it never go back.
+    pub slave: Option<String>,
+    /// Only the master's own changes, none it applied from other nodes (a mesh,
+    /// or the spokes of a star).
+    pub local_only: bool,
 }
 
 /// A master table as the log describes it: its name, columns in row order, and key.
@@ -134,7 +148,7 @@ const SNAPSHOT_SQL: &str = "SELECT txid_current_snapshot()::text";
 // snapshot, and those that started since. Visibility then keeps exactly the ones
 // that committed in between.
 const EVENTS_SQL: &str = "
-SELECT ev_id, ev_table, ev_op, ev_old, ev_new FROM (
+SELECT ev_id, ev_table, ev_op, ev_old, ev_new, ev_origin FROM (
     SELECT * FROM pgreplica.log WHERE ev_txid = ANY ($3::bigint[])
     UNION ALL
     SELECT * FROM pgreplica.log WHERE ev_txid >= $4 AND ev_txid < $5
@@ -142,6 +156,8 @@ SELECT ev_id, ev_table, ev_op, ev_old, ev_new FROM (
 WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND NOT txid_visible_in_snapshot(ev_txid, $1::text::txid_snapshot)
   AND ($6::oid IS NULL OR ev_table = $6)
+  AND ($7::text IS NULL OR ev_origin IS DISTINCT FROM $7)
+  AND (NOT $8 OR ev_origin IS NULL)
 ORDER BY ev_id";
 
 const TABLE_SQL: &str = "
@@ -226,6 +242,8 @@ pub struct Batch<'t> {
     no_table: Arc<MasterTable>,
     /// Tables (quoted names) whose events are passed on without their rows.
     skipped: HashSet<String>,
+    /// The master's node name, origin of the events logged without one.
+    master_node: Option<String>,
     buffered: std::vec::IntoIter<tokio_postgres::Row>,
     done: bool,
     /// The snapshot this batch ends at.
@@ -238,21 +256,26 @@ impl<'t> Batch<'t> {
     pub async fn open(
         tx: &'t Transaction<'t>,
         prev: &Snapshot,
+        origins: &Origins,
     ) -> Result<Option<Batch<'t>>, Error> {
         let snapshot = current_snapshot(tx).await?;
         if prev.same_as(&snapshot) {
             return Ok(None);
         }
-        Batch::between(tx, prev, snapshot, None).await.map(Some)
+        Batch::between(tx, prev, snapshot, None, origins)
+            .await
+            .map(Some)
     }
 
     /// Opens the events of transactions visible in `snapshot` and not in `prev`,
-    /// only those of the master table `table` when one is given.
+    /// only those of the master table `table` when one is given, and only those
+    /// `origins` lets through.
     pub async fn between(
         tx: &'t Transaction<'t>,
         prev: &Snapshot,
         snapshot: Snapshot,
         table: Option<u32>,
+        origins: &Origins,
     ) -> Result<Batch<'t>, Error> {
         let doing = "reading the master's log";
         let (prev_text, snapshot_text) = (prev.to_string(), snapshot.to_string());
@@ -272,6 +295,8 @@ impl<'t> Batch<'t> {
         let stmt = tx.prepare(EVENTS_SQL).await.doing(doing)?;
         let mut params = range.to_vec();
         params.push(&table);
+        params.push(&origins.slave);
+        params.push(&origins.local_only);
         let portal = tx.bind(&stmt, &params).await.doing(doing)?;
         let table_stmt = tx.prepare(TABLE_SQL).await.doing(doing)?;
         Ok(Batch {
@@ -289,6 +314,7 @@ impl<'t> Batch<'t> {
                 key: Vec::new(),
             }),
             skipped: HashSet::new(),
+            master_node: origins.master.clone(),
             buffered: Vec::new().into_iter(),
             done: false,
             snapshot,
@@ -324,6 +350,9 @@ impl<'t> Batch<'t> {
         };
         let id: i64 = row.get(0);
         let oid: u32 = row.get(1);
+        let origin: Option<String> = row
+            .get::<_, Option<String>>(5)
+            .or_else(|| self.master_node.clone());
         let op = match row.get::<_, i8>(2) as u8 {
             b'I' => Op::Insert,
             b'U' => Op::Update,
@@ -337,6 +366,7 @@ impl<'t> Batch<'t> {
                     op: Op::Execute,
                     old: None,
                     new: Some(vec![sql]),
+                    origin,
                 };
                 return Ok(Some((self.no_table.clone(), event)));
             }
@@ -362,6 +392,7 @@ impl<'t> Batch<'t> {
                 op,
                 old: None,
                 new: None,
+                origin,
             };
             return Ok(Some((table, event)));
         }
@@ -395,6 +426,7 @@ impl<'t> Batch<'t> {
             op,
             old: fields(row.get(3))?,
             new: fields(row.get(4))?,
+            origin,
         };
         Ok(Some((table, event)))
     }

@@ -9,7 +9,7 @@
 //! whatever the table's size.
 
 use crate::apply::{self, SESSION_SQL};
-use crate::batch::{Batch, Op, Snapshot, current_snapshot};
+use crate::batch::{Batch, Op, Origins, Snapshot, current_snapshot};
 use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
@@ -280,7 +280,9 @@ async fn in_flight(
     snapshot: &Snapshot,
 ) -> Result<HashMap<u32, HashSet<String>>, Error> {
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
-    let mut events = Batch::between(master, position, snapshot.clone(), None).await?;
+    // Every origin: a row in flight is left out whichever node changed it.
+    let all = Origins::default();
+    let mut events = Batch::between(master, position, snapshot.clone(), None, &all).await?;
     while let Some((table, event)) = events.next().await? {
         if event.op == Op::Execute {
             continue;

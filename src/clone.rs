@@ -163,7 +163,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
         .await
         .doing("keeping the master's log for the clone")?;
     if !todo.is_empty() {
-        copy_tables(set, dsn, &master, todo, options.jobs.max(1)).await?;
+        copy_tables(set, slave, &master, todo, options.jobs.max(1)).await?;
     }
     handover(set, slave, master, slave_client).await?;
     Ok(())
@@ -285,7 +285,7 @@ async fn mark(slave: &mut Client, set: &str, tables: &[Table]) -> Result<(), Err
 /// Copies `tables` over `jobs` connection pairs that share one exported snapshot.
 async fn copy_tables(
     set: &Config,
-    dsn: &str,
+    slave: u32,
     master: &Client,
     tables: Vec<Table>,
     jobs: usize,
@@ -313,7 +313,8 @@ async fn copy_tables(
     for _ in 0..jobs {
         let job = Job {
             config: set.clone(),
-            slave_dsn: dsn.to_string(),
+            slave,
+            slave_dsn: set.slaves[&slave].clone(),
             snapshot: snapshot.clone(),
             exported: exported.clone(),
             queue: queue.clone(),
@@ -341,6 +342,7 @@ async fn copy_tables(
 /// One copying connection pair.
 struct Job {
     config: Config,
+    slave: u32,
     slave_dsn: String,
     snapshot: String,
     exported: String,
@@ -351,7 +353,7 @@ struct Job {
 impl Job {
     async fn run(self) -> Result<(), Error> {
         let master = db::connect(&self.config.master, None).await?;
-        let mut adapter = Adapter::new(&self.config)?;
+        let mut adapter = Adapter::new(&self.config, self.slave)?;
         let mut slave = db::connect(&self.slave_dsn, None).await?;
         slave
             .batch_execute(apply::SESSION_SQL)
@@ -559,6 +561,7 @@ impl Job {
                 op: Op::Insert,
                 old: None,
                 new: Some(fields),
+                origin: self.config.origins(self.slave).master,
             };
             adapter.adapt(&table, event, &mut adapted)?;
             for (table, event) in adapted.drain(..) {
@@ -824,7 +827,7 @@ async fn handover(
 ) -> Result<(), Error> {
     let doing = "handing the copied tables over to replication";
     let mut statements = Statements::default();
-    let mut adapter = Adapter::new(set)?;
+    let mut adapter = Adapter::new(set, slave)?;
     let mut adapted = Vec::new();
     loop {
         let tx = slave_client.transaction().await.doing(doing)?;
@@ -879,7 +882,8 @@ async fn handover(
                 .await
                 .doing(doing)?
                 .get(0);
-            let mut events = Batch::between(&master_tx, since, target.clone(), oid).await?;
+            let mut events =
+                Batch::between(&master_tx, since, target.clone(), oid, &adapter.origins).await?;
             adapter.begin();
             while let Some((t, event)) = events.next().await? {
                 adapter.adapt(&t, event, &mut adapted)?;

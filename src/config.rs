@@ -1,5 +1,6 @@
 //! Configuration files: PyReplica's INI format read into a typed, validated `Config`.
 
+use crate::batch::Origins;
 use crate::ident::{TableName, parse_ident};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,11 @@ pub struct Config {
     pub master: String,
     /// The slaves by number (`DSN1`, `DSN2`, …); the number is the slave's identity.
     pub slaves: BTreeMap<u32, String>,
+    /// `NODE0`, `NODE1`, …: node names of the master and slaves (multi-master).
+    pub nodes: BTreeMap<u32, String>,
+    /// `FORWARD=local`: slaves take only the master's own changes, not those it
+    /// applied from other nodes (a mesh, or a star's spokes).
+    pub local_only: bool,
     /// `SKIP_USER`: the replication role in a multi-master setup.
     pub skip_user: Option<String>,
     /// Heartbeat interval (`KEEPALIVE`); `None` when off.
@@ -194,6 +200,15 @@ impl Config {
         self.tables.iter().find(|t| t.table == *table)
     }
 
+    /// Which of the master's events slave `slave` takes, by origin.
+    pub fn origins(&self, slave: u32) -> Origins {
+        Origins {
+            master: self.nodes.get(&0).cloned(),
+            slave: self.nodes.get(&slave).cloned(),
+            local_only: self.local_only,
+        }
+    }
+
     /// A master table's name on the slaves.
     pub fn slave_name(&self, table: &TableName) -> TableName {
         self.section(table)
@@ -240,6 +255,8 @@ impl Config {
             name: String::new(),
             master: String::new(),
             slaves: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            local_only: false,
             skip_user: None,
             keepalive: None,
             debug_level: 1,
@@ -372,6 +389,13 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.name = value;
         }
         "SKIP_USER" => config.skip_user = Some(value),
+        "FORWARD" => {
+            config.local_only = match value.to_ascii_lowercase().as_str() {
+                "all" => false,
+                "local" => true,
+                _ => return Err(format!("'{value}' is not all or local")),
+            }
+        }
         "KEEPALIVE" => config.keepalive = parse_keepalive(&value)?,
         "DEBUG_LEVEL" => {
             config.debug_level = match value.parse::<u8>() {
@@ -416,12 +440,21 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
         "SLAVE_FIELD" => config.warnings.push(format!(
             "line {line}: SLAVE_FIELD is not needed: pgreplica keeps each slave's progress on the slave itself; the key is ignored"
         )),
+        _ if key.starts_with("NODE") => {
+            let number = key[4..]
+                .parse::<u32>()
+                .map_err(|_| "expected NODE0 (the master), NODE1, … (the slaves)".to_string())?;
+            if value.is_empty() || value.contains(char::is_whitespace) {
+                return Err(format!("'{value}' is not a node name (one word)"));
+            }
+            config.nodes.insert(number, value);
+        }
         _ => {
             let number = key
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());

@@ -138,7 +138,7 @@ pub async fn run(
 /// when the set starts.
 async fn adaptable(sets: impl Iterator<Item = &Config>) -> bool {
     for set in sets.filter(|s| !s.tables.is_empty()) {
-        if let Err(e) = Adapter::new(set) {
+        if let Err(e) = Adapter::new(set, 0) {
             tracing::error!("{e}");
             return false;
         }
@@ -436,7 +436,7 @@ impl Slave {
         if !set.tables.is_empty() {
             capture::configure(&master, &set).await?;
         }
-        let mut adapter = Adapter::new(&set)?;
+        let mut adapter = Adapter::new(&set, slave)?;
         let mut statements = Statements::default();
         let mut last_cleanup: Option<Instant> = None;
         let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
@@ -631,7 +631,7 @@ pub(crate) async fn apply_batch(
     let (progress, cloning) = apply::lock_set(&slave_tx, set).await?;
     let prev = progress.unwrap_or_else(|| prev.clone());
     let master_tx = db::read_snapshot(master, "starting a read on the master").await?;
-    let Some(mut batch) = Batch::open(&master_tx, &prev).await? else {
+    let Some(mut batch) = Batch::open(&master_tx, &prev, &adapter.origins).await? else {
         return Ok((prev, Applied::default()));
     };
     batch.skip(cloning.clone());

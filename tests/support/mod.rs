@@ -97,15 +97,7 @@ impl Setup {
 
     /// `pgreplica run` in the background.
     pub fn spawn(&self) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-            .args(["run", self.conf.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(self.dir.join("daemon.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
-        Daemon(child)
+        spawn_run(std::slice::from_ref(&self.conf), &self.dir.join("daemon.log"))
     }
 
     /// What the background daemons logged so far.
@@ -177,6 +169,18 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `pgreplica run` of these files in the background, logging to `log`.
+pub fn spawn_run(confs: &[PathBuf], log: &std::path::Path) -> Daemon {
+    let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .arg("run")
+        .args(confs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap();
+    Daemon(child)
 }
 
 /// A background `pgreplica run`, killed when dropped.
