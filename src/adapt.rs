@@ -1,9 +1,10 @@
 //! What a slave takes of a master's log and how it lands: the origins it skips
-//! (multi-master), and the renames and transforms of the set's `[TABLE]`
-//! sections, between reading a batch and applying it.
+//! and its conflict policy (multi-master), and the renames and transforms of the
+//! set's `[TABLE]` sections, between reading a batch and applying it.
 
 use crate::batch::{Event, MasterTable, Op, Origins};
 use crate::config::Config;
+use crate::conflict::Resolver;
 use crate::error::Error;
 use crate::ident::TableName;
 use crate::record::Fields;
@@ -23,6 +24,8 @@ struct Route {
 pub struct Adapter {
     /// The events the slave takes, by origin.
     pub origins: Origins,
+    /// How the slave settles conflicts, when the set says.
+    pub resolver: Option<Resolver>,
     routes: HashMap<TableName, Route>,
     scripts: Scripts,
     /// The adapted definitions of the current batch, by master definition
@@ -70,6 +73,7 @@ impl Adapter {
         }
         Ok(Adapter {
             origins: set.origins(slave),
+            resolver: Resolver::new(set, slave),
             routes,
             scripts,
             tables: HashMap::new(),
@@ -212,6 +216,7 @@ fn change(from: &Event, op: Op, old: Option<Fields>, new: Option<Fields>) -> Eve
         old,
         new,
         origin: from.origin.clone(),
+        time: from.time,
     }
 }
 

@@ -10,6 +10,9 @@
 //! applies nothing twice.
 
 use crate::batch::{Event, MasterTable, Op, Snapshot};
+use crate::conflict::{
+    Conflict, Kind, LOCAL_LOG_SQL, Policy, RECORD_SQL, RESOLVED_SQL, Resolver, Version, Winner,
+};
 use crate::db::pg_message;
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
@@ -21,6 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, CopyInSink, GenericClient, Row, Statement, Transaction};
 
@@ -85,7 +89,10 @@ pub async fn prepare_slave(client: &Client) -> Result<(), Error> {
         .await
         .doing("setting up the slave session")?;
     client
-        .batch_execute(&format!("{PROGRESS_SETUP_SQL}; {CLONING_SETUP_SQL}"))
+        .batch_execute(&format!(
+            "{PROGRESS_SETUP_SQL}; {CLONING_SETUP_SQL}; {}",
+            crate::conflict::SETUP_SQL
+        ))
         .await
         .doing(
             "creating pgreplica.progress on the slave (the slave's role needs CREATE on the database)",
@@ -214,6 +221,8 @@ pub struct Applier<'t> {
     counts: Applied,
     /// The origin the slave's capture now stamps on changes.
     origin: Option<String>,
+    /// The set's conflict policies, when it has some.
+    resolver: Option<&'t Resolver>,
 }
 
 impl<'t> Applier<'t> {
@@ -224,6 +233,7 @@ impl<'t> Applier<'t> {
         tx: &'t Transaction<'t>,
         statements: &'t mut Statements,
         exact: bool,
+        resolver: Option<&'t Resolver>,
     ) -> Applier<'t> {
         Applier {
             tx,
@@ -236,6 +246,7 @@ impl<'t> Applier<'t> {
             exact,
             counts: Applied::default(),
             origin: None,
+            resolver,
         }
     }
 
@@ -256,6 +267,15 @@ impl<'t> Applier<'t> {
         }
         let plan = self.plan(table).await?;
         self.counts.events += 1;
+        let event = match (self.resolver, event.op) {
+            (Some(resolver), Op::Insert | Op::Update | Op::Delete) => {
+                match self.resolve(resolver, &plan, event).await? {
+                    Some(event) => event,
+                    None => return Ok(()),
+                }
+            }
+            _ => event,
+        };
         match event.op {
             Op::Insert => self.insert(plan, event).await,
             Op::Update | Op::Delete => self.change(plan, event).await,
@@ -300,6 +320,224 @@ impl<'t> Applier<'t> {
         self.plans.clear();
         self.statements.0.clear();
         Ok(())
+    }
+
+    /// Settles a change under the set's conflict policy before it is applied:
+    /// reads (and locks) the slave's row, and returns the event to apply: the
+    /// master's as it is, one rewritten so that the master's version wins over
+    /// the slave's row, or none when the slave's row stays.
+    async fn resolve(
+        &mut self,
+        resolver: &Resolver,
+        plan: &Arc<Plan>,
+        event: Event,
+    ) -> Result<Option<Event>, Error> {
+        let (Some(row), Some(remote)) = (
+            if event.op == Op::Insert {
+                &event.new
+            } else {
+                &event.old
+            },
+            if event.op == Op::Delete {
+                &event.old
+            } else {
+                &event.new
+            },
+        ) else {
+            return Err(malformed(&event, "a change without its rows"));
+        };
+        self.flush().await?;
+        let master = &plan.master;
+        let local = Self::local_row(self.tx, plan, row).await?;
+        // An update is compared on the columns it changes, a delete on all.
+        let compared: Vec<usize> = (0..row.len())
+            .filter(|&i| !plan.generated[i] && (event.op == Op::Delete || row[i] != remote[i]))
+            .collect();
+        let differs = |l: &Fields| compared.iter().any(|&i| l[i] != row[i]);
+        let kind = match (event.op, &local) {
+            (Op::Insert, Some(_)) => Kind::InsertExisting,
+            (Op::Update, None) => Kind::UpdateMissing,
+            (Op::Delete, None) => Kind::DeleteMissing,
+            (Op::Update, Some(l)) if differs(l) => Kind::UpdateChanged,
+            (Op::Delete, Some(l)) if differs(l) => Kind::DeleteChanged,
+            _ => return Ok(Some(event)),
+        };
+        let all: Vec<usize> = (0..master.columns.len()).collect();
+        let conflict = Conflict {
+            set: resolver.set.clone(),
+            table: plan.slave.clone(),
+            key: master.key_text(row),
+            kind,
+            event: event.id,
+            origin: event.origin.clone(),
+            local: local.as_ref().map(|l| columns_text(master, l, &all)),
+            remote: Some(columns_text(master, remote, &all)),
+        };
+        let policy = resolver.policy(&master.name);
+        let local_version = match policy {
+            Policy::Newest | Policy::Priority => Self::local_version(self.tx, plan, row).await?,
+            _ => Version {
+                time: None,
+                node: None,
+            },
+        };
+        let remote_version = Version {
+            time: event.time,
+            node: event.origin.clone(),
+        };
+        let (winner, by) = match resolver.decide(policy, &local_version, &remote_version) {
+            Some(winner) => (winner, format!("{policy:?}").to_lowercase()),
+            None => (Self::by_hand(self.tx, &conflict).await?, "hand".to_string()),
+        };
+        self.tx
+            .execute(
+                RECORD_SQL,
+                &[
+                    &conflict.set,
+                    &conflict.table.quoted(),
+                    &conflict.key,
+                    &kind.to_string(),
+                    &conflict.event,
+                    &conflict.origin,
+                    &conflict.local,
+                    &conflict.remote,
+                    &winner.name(),
+                    &by,
+                ],
+            )
+            .await
+            .doing("recording a conflict in pgreplica.conflicts on the slave")?;
+        let note = format!("{conflict}; resolved: {} ({by})", winner.name());
+        tracing::warn!("{note}");
+        self.counts.conflicts += 1;
+        if self.counts.notes.len() < NOTES {
+            self.counts.notes.push(note);
+        }
+        Ok(match (winner, kind) {
+            (Winner::Local, _) | (_, Kind::DeleteMissing) => None,
+            (Winner::Remote, Kind::UpdateMissing) => Some(Event {
+                op: Op::Insert,
+                old: None,
+                ..event
+            }),
+            (Winner::Remote, Kind::InsertExisting) => Some(Event {
+                op: Op::Update,
+                old: local,
+                ..event
+            }),
+            (Winner::Remote, _) => Some(Event {
+                old: local,
+                ..event
+            }),
+        })
+    }
+
+    /// The slave's row with `row`'s key, locked, as text in the master's columns.
+    async fn local_row(
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        row: &Fields,
+    ) -> Result<Option<Fields>, Error> {
+        let master = &plan.master;
+        let list: Vec<String> = master
+            .columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(c)))
+            .collect();
+        let keys: Vec<String> = master
+            .key
+            .iter()
+            .map(|&k| quote_ident(&master.columns[k]))
+            .collect();
+        let params: Vec<String> = master
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| format!("${}::text::{}", n + 1, plan.types[k]))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM ONLY {} WHERE ({}) = ({}) FOR UPDATE",
+            list.join(", "),
+            plan.slave,
+            keys.join(", "),
+            params.join(", ")
+        );
+        let values: Vec<Option<String>> = master.key.iter().map(|&k| row[k].clone()).collect();
+        let found = tx.query_opt(&sql, &refs(&values)).await.doing(&format!(
+            "reading the slave's row of a conflict in {}",
+            plan.slave
+        ))?;
+        Ok(found.map(|r| (0..master.columns.len()).map(|i| r.get(i)).collect()))
+    }
+
+    /// When and on which node the slave's row last changed, from the slave's
+    /// own log (multi-master); unknown when the log no longer holds it.
+    async fn local_version(
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        row: &Fields,
+    ) -> Result<Version, Error> {
+        let doing = "reading the slave's log for a conflict";
+        let name = plan.slave.quoted();
+        let logged: bool = tx
+            .query_one(LOCAL_LOG_SQL, &[&name])
+            .await
+            .doing(doing)?
+            .get(0);
+        let unknown = Version {
+            time: None,
+            node: None,
+        };
+        if !logged {
+            return Ok(unknown);
+        }
+        let master = &plan.master;
+        let matches: Vec<String> = master
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| {
+                format!(
+                    "(coalesce(ev_new, ev_old)::{name}).{} = ${}::text::{}",
+                    quote_ident(&master.columns[k]),
+                    n + 2,
+                    plan.types[k]
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT extract(epoch FROM ev_time)::float8, ev_origin FROM pgreplica.log \
+              WHERE ev_table = $1::text::regclass::oid AND ev_op IN ('I', 'U', 'D') AND {} \
+              ORDER BY ev_id DESC LIMIT 1",
+            matches.join(" AND ")
+        );
+        let mut values: Vec<Option<String>> = vec![Some(name)];
+        values.extend(master.key.iter().map(|&k| row[k].clone()));
+        let found = tx.query_opt(&sql, &refs(&values)).await.doing(doing)?;
+        Ok(found.map_or(unknown, |r| Version {
+            time: r.get(0),
+            node: r.get(1),
+        }))
+    }
+
+    /// The DBA's resolution of a conflict under policy `stop`, or the error
+    /// that stops the slave until there is one.
+    async fn by_hand(tx: &Transaction<'_>, conflict: &Conflict) -> Result<Winner, Error> {
+        let found = tx
+            .query_opt(
+                RESOLVED_SQL,
+                &[
+                    &conflict.set,
+                    &conflict.event,
+                    &conflict.table.quoted(),
+                    &conflict.key,
+                ],
+            )
+            .await
+            .doing("reading the resolutions of conflicts on the slave")?;
+        found
+            .and_then(|r| Winner::parse(r.get(0)))
+            .ok_or_else(|| Error::Conflict(Box::new(conflict.clone())))
     }
 
     /// Sends what is queued, checks every result, and records `progress` (set,
@@ -686,6 +924,10 @@ fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) {
         )
     };
     (sql, params)
+}
+
+fn refs(values: &[Option<String>]) -> Vec<&(dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 
 fn field(row: &Option<Fields>, i: usize) -> Option<String> {

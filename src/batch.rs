@@ -104,6 +104,8 @@ pub struct Event {
     pub new: Option<Fields>,
     /// The node where the change was made, when nodes are named (multi-master).
     pub origin: Option<String>,
+    /// When the master logged it, in seconds since the epoch.
+    pub time: Option<f64>,
 }
 
 /// Which events of a master a slave takes, by the node they came from.
@@ -148,7 +150,7 @@ const SNAPSHOT_SQL: &str = "SELECT txid_current_snapshot()::text";
 // snapshot, and those that started since. Visibility then keeps exactly the ones
 // that committed in between.
 const EVENTS_SQL: &str = "
-SELECT ev_id, ev_table, ev_op, ev_old, ev_new, ev_origin FROM (
+SELECT ev_id, ev_table, ev_op, ev_old, ev_new, ev_origin, extract(epoch FROM ev_time)::float8 FROM (
     SELECT * FROM pgreplica.log WHERE ev_txid = ANY ($3::bigint[])
     UNION ALL
     SELECT * FROM pgreplica.log WHERE ev_txid >= $4 AND ev_txid < $5
@@ -353,6 +355,7 @@ impl<'t> Batch<'t> {
         let origin: Option<String> = row
             .get::<_, Option<String>>(5)
             .or_else(|| self.master_node.clone());
+        let time: Option<f64> = row.get(6);
         let op = match row.get::<_, i8>(2) as u8 {
             b'I' => Op::Insert,
             b'U' => Op::Update,
@@ -367,6 +370,7 @@ impl<'t> Batch<'t> {
                     old: None,
                     new: Some(vec![sql]),
                     origin,
+                    time,
                 };
                 return Ok(Some((self.no_table.clone(), event)));
             }
@@ -393,6 +397,7 @@ impl<'t> Batch<'t> {
                 old: None,
                 new: None,
                 origin,
+                time,
             };
             return Ok(Some((table, event)));
         }
@@ -427,6 +432,7 @@ impl<'t> Batch<'t> {
             old: fields(row.get(3))?,
             new: fields(row.get(4))?,
             origin,
+            time,
         };
         Ok(Some((table, event)))
     }

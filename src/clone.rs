@@ -545,7 +545,8 @@ impl Job {
             .doing(&format!("reading {name} on the master"))?;
         futures_util::pin_mut!(rows);
         let mut statements = Statements::default();
-        let mut applier = Applier::new(&tx, &mut statements, false);
+        // A copy meets no conflicts: the slave's table was emptied.
+        let mut applier = Applier::new(&tx, &mut statements, false, None);
         let mut adapted = Vec::new();
         adapter.begin();
         while let Some(row) = rows.next().await {
@@ -562,6 +563,7 @@ impl Job {
                 old: None,
                 new: Some(fields),
                 origin: self.config.origins(self.slave).master,
+                time: None,
             };
             adapter.adapt(&table, event, &mut adapted)?;
             for (table, event) in adapted.drain(..) {
@@ -875,7 +877,8 @@ async fn handover(
             continue;
         }
         let master_tx = db::read_snapshot(&mut master, "reading the master's log").await?;
-        let mut applier = Applier::new(&tx, &mut statements, false);
+        let resolver = adapter.resolver.clone();
+        let mut applier = Applier::new(&tx, &mut statements, false, resolver.as_ref());
         for (table, since) in &copied {
             let oid: Option<u32> = master_tx
                 .query_one("SELECT to_regclass($1)::oid", &[table])

@@ -1,6 +1,7 @@
 //! Configuration files: PyReplica's INI format read into a typed, validated `Config`.
 
 use crate::batch::Origins;
+use crate::conflict::Policy;
 use crate::ident::{TableName, parse_ident};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,11 @@ pub struct Config {
     /// `FORWARD=local`: slaves take only the master's own changes, not those it
     /// applied from other nodes (a mesh, or a star's spokes).
     pub local_only: bool,
+    /// `CONFLICT`: how the set settles conflicts; `None` logs them and applies
+    /// what it can.
+    pub conflict: Option<Policy>,
+    /// `PRIORITY`: node names, the first winning (policy `priority`, and ties of `newest`).
+    pub priority: Vec<String>,
     /// `SKIP_USER`: the replication role in a multi-master setup.
     pub skip_user: Option<String>,
     /// Heartbeat interval (`KEEPALIVE`); `None` when off.
@@ -83,6 +89,8 @@ pub struct TableConfig {
     pub renames: Vec<(String, String)>,
     /// `TRANSFORM`: a Lua script that reshapes each row on its way to the slaves.
     pub transform: Option<PathBuf>,
+    /// `CONFLICT`: this table's conflict policy, over the set's.
+    pub conflict: Option<Policy>,
 }
 
 /// Default `TRANSFORM_TIME_LIMIT`.
@@ -257,6 +265,8 @@ impl Config {
             slaves: BTreeMap::new(),
             nodes: BTreeMap::new(),
             local_only: false,
+            conflict: None,
+            priority: Vec::new(),
             skip_user: None,
             keepalive: None,
             debug_level: 1,
@@ -389,6 +399,14 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.name = value;
         }
         "SKIP_USER" => config.skip_user = Some(value),
+        "CONFLICT" => config.conflict = Some(Policy::parse(&value)?),
+        "PRIORITY" => {
+            config.priority = value
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect()
+        }
         "FORWARD" => {
             config.local_only = match value.to_ascii_lowercase().as_str() {
                 "all" => false,
@@ -454,7 +472,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());
@@ -539,6 +557,7 @@ impl TableConfig {
             slave_table: None,
             renames: Vec::new(),
             transform: None,
+            conflict: None,
         }
     }
 
@@ -580,10 +599,11 @@ impl TableConfig {
                     self.renames.push((parse_ident(from)?, parse_ident(to)?));
                 }
             }
+            "CONFLICT" => self.conflict = Some(Policy::parse(&value)?),
             "TRANSFORM" if value.is_empty() => return Err("empty script path".into()),
             "TRANSFORM" => self.transform = Some(dir.join(value)),
             _ => {
-                return Err("unknown key; [TABLE] takes OPERATIONS, FILTER, COLUMNS, EXCLUDE_COLUMNS, SLAVE_TABLE, RENAME_COLUMNS, TRANSFORM".into());
+                return Err("unknown key; [TABLE] takes OPERATIONS, FILTER, COLUMNS, EXCLUDE_COLUMNS, SLAVE_TABLE, RENAME_COLUMNS, TRANSFORM, CONFLICT".into());
             }
         }
         Ok(())

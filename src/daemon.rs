@@ -5,6 +5,7 @@ use crate::apply::{self, Applied, Applier, Statements};
 use crate::batch::{Batch, Snapshot};
 use crate::capture;
 use crate::config::Config;
+use crate::conflict;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::mail::{Kind, Mailer};
@@ -380,6 +381,11 @@ impl Slave {
             }
             self.metrics
                 .update(&self.set.name, self.number, |m| m.errors += 1);
+            if let Error::Conflict(conflict) = &error
+                && let Err(e) = conflict::record_stop(&self.set, self.number, conflict).await
+            {
+                tracing::warn!("could not record the conflict on the slave: {e}");
+            }
             record_error(&self.set, self.number, &error).await;
             self.mail_error(&error);
             if self.once {
@@ -635,7 +641,8 @@ pub(crate) async fn apply_batch(
         return Ok((prev, Applied::default()));
     };
     batch.skip(cloning.clone());
-    let mut applier = Applier::new(&slave_tx, statements, exact);
+    let resolver = adapter.resolver.clone();
+    let mut applier = Applier::new(&slave_tx, statements, exact, resolver.as_ref());
     adapter.begin();
     let mut adapted = Vec::new();
     while let Some((table, event)) = batch.next().await? {

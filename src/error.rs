@@ -74,6 +74,12 @@ pub enum Error {
         /// The script's file and line, and what went wrong.
         message: String,
     },
+    /// A conflict under policy `stop`: the set waits for the DBA.
+    #[error(
+        "{0}; the slave stops here (CONFLICT=stop): see pgreplica conflicts CONF, and resolve it \
+         with --resolve ID keep-local|apply-remote"
+    )]
+    Conflict(Box<crate::conflict::Conflict>),
     /// A server connection ended while waiting for notifications.
     #[error("connection to the {0} was lost")]
     Lost(&'static str),

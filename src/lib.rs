@@ -13,6 +13,7 @@ pub mod check;
 pub mod clone;
 pub mod cluster;
 pub mod config;
+pub mod conflict;
 pub mod daemon;
 pub mod db;
 pub mod demo;

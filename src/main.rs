@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pgreplica::metrics::Metrics;
 use pgreplica::service::{self, LogFile};
-use pgreplica::{Config, capture, check, clone, daemon, db, demo, http, status};
+use pgreplica::{Config, capture, check, clone, conflict, daemon, db, demo, http, status};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -107,6 +107,17 @@ enum Command {
         /// Only this table (schema.name); repeatable. Default: every replicated table
         #[arg(long = "table")]
         tables: Vec<String>,
+    },
+    /// List the conflicts recorded on the slaves, or resolve one that stopped a slave
+    Conflicts {
+        /// The set's config file
+        config: PathBuf,
+        /// Only this slave (DSN<n>); needed with --resolve when the set has several
+        #[arg(long)]
+        slave: Option<u32>,
+        /// Resolve conflict ID: keep-local or apply-remote; the slave resumes
+        #[arg(long, num_args = 2, value_names = ["ID", "RESOLUTION"])]
+        resolve: Option<Vec<String>>,
     },
     /// Run a statement (DDL) on the master and queue it, so that every slave runs
     /// it at the same point between the data changes
@@ -470,6 +481,45 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             let differences = check::check(&set, &tables).await?;
             println!("{differences} difference(s)");
             Ok(differences == 0)
+        }
+        Command::Conflicts {
+            config,
+            slave,
+            resolve,
+        } => {
+            let set = Config::load(&config)?;
+            init_logging(0);
+            let slaves: Vec<u32> = match slave {
+                Some(n) if set.slaves.contains_key(&n) => vec![n],
+                Some(n) => anyhow::bail!("{} has no DSN{n}", config.display()),
+                None => set.slaves.keys().copied().collect(),
+            };
+            if let Some(args) = resolve {
+                let [id, how] = &args[..] else {
+                    anyhow::bail!("--resolve takes an ID and keep-local or apply-remote")
+                };
+                let id: i64 = id.parse().context("--resolve: the ID is a number")?;
+                let winner = conflict::Winner::parse(how)
+                    .context("--resolve: the resolution is keep-local or apply-remote")?;
+                let [slave] = slaves[..] else {
+                    anyhow::bail!("the set has several slaves: say which with --slave N");
+                };
+                if !conflict::resolve(&set, slave, id, winner).await? {
+                    anyhow::bail!("slave {slave} has no conflict #{id} waiting for a resolution");
+                }
+                println!(
+                    "conflict #{id} resolved ({how}): slave {slave} applies it at its next try"
+                );
+                return Ok(true);
+            }
+            for n in slaves {
+                let lines = conflict::list(&set, n).await?;
+                println!("set {}, slave {n}: {} conflict(s)", set.name, lines.len());
+                for line in lines {
+                    println!("{line}");
+                }
+            }
+            Ok(true)
         }
         Command::Execute { config, sql } => {
             let set = Config::load(&config)?;

@@ -7,56 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::Setup;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support::proxy::proxy;
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int)";
 const ALL: &str = "SELECT * FROM items ORDER BY id";
-
-/// Forwards loopback connections to `target`; while `silent`, swallows every
-/// byte both ways and forwards nothing, as a dead network would.
-async fn proxy(target: u16, silent: Arc<AtomicBool>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let silent = silent.clone();
-            tokio::spawn(async move {
-                let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
-                    return;
-                };
-                let (ri, wi) = inbound.into_split();
-                let (ro, wo) = outbound.into_split();
-                tokio::spawn(forward(ri, wo, silent.clone()));
-                forward(ro, wi, silent).await;
-            });
-        }
-    });
-    port
-}
-
-async fn forward(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    silent: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if !silent.load(Ordering::Relaxed) && to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_master_gone_silent_is_detected_and_reconnected() {
     let s = Setup::new(1, ITEMS).await;
     let silent = Arc::new(AtomicBool::new(false));
-    let port = proxy(s.master.port, silent.clone()).await;
+    let port = proxy(s.master.port, silent.clone(), false).await;
     let conf = std::fs::read_to_string(&s.conf).unwrap();
     let direct = format!("DSN0={}", s.master.dsn("app"));
     let proxied = direct.replace(&format!("port={}", s.master.port), &format!("port={port}"));

@@ -21,6 +21,8 @@ struct Nodes {
     clusters: Vec<Cluster>,
     dir: PathBuf,
     confs: Vec<PathBuf>,
+    /// Nodes the daemon reaches through a proxy, and the proxy's port.
+    via: Vec<(usize, u16)>,
 }
 
 impl Nodes {
@@ -43,6 +45,19 @@ impl Nodes {
             clusters,
             dir,
             confs: Vec::new(),
+            via: Vec::new(),
+        }
+    }
+
+    /// Node `n`'s connection string in the config files.
+    fn dsn(&self, n: usize) -> String {
+        let dsn = self.clusters[n].dsn("app");
+        match self.via.iter().find(|(v, _)| *v == n) {
+            Some((_, port)) => dsn.replace(
+                &format!("port={}", self.clusters[n].port),
+                &format!("port={port}"),
+            ),
+            None => dsn,
         }
     }
 
@@ -57,12 +72,12 @@ impl Nodes {
         );
         let mut text = format!(
             "[MAIN]\nNAME={name}\nKEEPALIVE=2\nDSN0={}\nNODE0=n{from}\n{extra}",
-            self.clusters[from].dsn("app")
+            self.dsn(from)
         );
         for (i, &t) in to.iter().enumerate() {
             text.push_str(&format!(
                 "DSN{n}={}\nNODE{n}=n{t}\n",
-                self.clusters[t].dsn("app"),
+                self.dsn(t),
                 n = i + 1
             ));
         }
@@ -222,4 +237,208 @@ async fn a_full_mesh_converges_and_applies_each_change_once() {
     }
     daemon.terminate();
     assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
+}
+
+impl Nodes {
+    /// `pgreplica run --once` of every set; its output, and whether it succeeded.
+    fn once(&self) -> (bool, String) {
+        let mut args = vec!["run".to_string(), "--once".to_string()];
+        args.extend(self.confs.iter().map(|c| c.display().to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = support::pgreplica(&args);
+        (out.status.success(), support::text(&out))
+    }
+
+    fn sync(&self) {
+        let (ok, said) = self.once();
+        assert!(ok, "{said}");
+    }
+
+    /// The conflicts recorded on node `n`: kind and resolution.
+    async fn conflicts(&self, n: usize) -> Vec<(String, Option<String>)> {
+        self.client(n)
+            .await
+            .query(
+                "SELECT kind, resolution FROM pgreplica.conflicts ORDER BY kind",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+}
+
+/// Two synced nodes, then every kind of conflict: both update row 1, node 0
+/// deletes row 2 that node 1 updates, both delete row 3, both insert key 100.
+/// Node 1 writes last.
+async fn conflicting(policies: [&str; 2]) -> Nodes {
+    let mut nodes = Nodes::start(2).await;
+    nodes.link(0, &[1], policies[0]);
+    nodes.link(1, &[0], policies[1]);
+    nodes
+        .client(0)
+        .await
+        .batch_execute("INSERT INTO items VALUES (1, 0, 'x'), (2, 0, 'x'), (3, 0, 'x')")
+        .await
+        .unwrap();
+    nodes.sync();
+    nodes
+        .client(0)
+        .await
+        .batch_execute(
+            "UPDATE items SET qty = 10 WHERE id = 1; DELETE FROM items WHERE id IN (2, 3);
+             INSERT INTO items VALUES (100, 1, 'node 0')",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nodes
+        .client(1)
+        .await
+        .batch_execute(
+            "UPDATE items SET qty = 20 WHERE id IN (1, 2); DELETE FROM items WHERE id = 3;
+             INSERT INTO items VALUES (100, 2, 'node 1')",
+        )
+        .await
+        .unwrap();
+    nodes
+}
+
+const KINDS: [&str; 5] = [
+    "delete of a missing row",
+    "delete of a row changed on the slave",
+    "insert of an existing key",
+    "update of a missing row",
+    "update of a row changed on both sides",
+];
+
+/// Every kind of conflict was recorded on one node or the other, resolved.
+async fn all_kinds_recorded(nodes: &Nodes) {
+    let mut kinds: Vec<String> = Vec::new();
+    for n in 0..2 {
+        for (kind, resolution) in nodes.conflicts(n).await {
+            assert!(resolution.is_some(), "{kind} unresolved");
+            kinds.push(kind);
+        }
+    }
+    for kind in KINDS {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} not in {kinds:?}");
+    }
+}
+
+/// What node 0 holds when it wins every conflict.
+const NODE_0_WINS: &str = "1\t10\tx\n100\t1\tnode 0\n";
+
+/// The conflicts under `policies` (node 0's set, node 1's set) settle on both
+/// nodes as `expected`, every kind recorded with its resolution.
+async fn settles(policies: [&str; 2], expected: &str) {
+    let nodes = conflicting(policies).await;
+    nodes.sync();
+    converged_as(&nodes, expected).await;
+}
+
+async fn converged_as(nodes: &Nodes, expected: &str) {
+    nodes.converge(Duration::from_secs(1)).await;
+    let rows = String::from_utf8(nodes.rows(0).await).unwrap();
+    assert_eq!(rows, expected);
+    all_kinds_recorded(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_0_wins_with_apply_remote_one_way_and_keep_local_the_other() {
+    settles(
+        ["CONFLICT=apply-remote\n", "CONFLICT=keep-local\n"],
+        NODE_0_WINS,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_0_wins_by_priority_on_both_sides() {
+    let policy = "CONFLICT=priority\nPRIORITY=n0, n1\n";
+    settles([policy, policy], NODE_0_WINS).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_newest_change_wins_on_both_sides() {
+    // Node 1 wrote last: its update of row 2 beats node 0's delete.
+    let policy = "CONFLICT=newest\nPRIORITY=n0, n1\n";
+    settles([policy, policy], "1\t20\tx\n2\t20\tx\n100\t2\tnode 1\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_waits_for_the_dba_and_resumes_with_the_resolution() {
+    let nodes = conflicting(["CONFLICT=stop\n", "CONFLICT=stop\n"]).await;
+    let conf = |n: usize| nodes.confs[n].display().to_string();
+    // Each run stops at the next conflict; the DBA resolves each in node 0's favour.
+    let mut rounds = 0;
+    loop {
+        let (ok, said) = nodes.once();
+        if ok {
+            break;
+        }
+        assert!(said.contains("CONFLICT=stop"), "{said}");
+        rounds += 1;
+        assert!(rounds < 20, "{said}");
+        for (set, winner) in [(0, "apply-remote"), (1, "keep-local")] {
+            let out = support::pgreplica(&["conflicts", &conf(set)]);
+            let listed = support::text(&out);
+            for line in listed.lines().filter(|l| l.starts_with('#')) {
+                let id = line[1..].split(' ').next().unwrap().to_string();
+                let waiting = listed
+                    .split(&format!("#{id} "))
+                    .nth(1)
+                    .is_some_and(|rest| rest.split("\n#").next().unwrap().contains("WAITING"));
+                if waiting {
+                    let out =
+                        support::pgreplica(&["conflicts", &conf(set), "--resolve", &id, winner]);
+                    assert!(out.status.success(), "{}", support::text(&out));
+                }
+            }
+        }
+    }
+    assert!(rounds >= 2, "each side stopped at least once");
+    converged_as(&nodes, NODE_0_WINS).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_while_both_sides_write_catches_up_when_it_returns() {
+    let mut nodes = Nodes::start(2).await;
+    let silent = Arc::new(AtomicBool::new(false));
+    let port = support::proxy::proxy(nodes.clusters[1].port, silent.clone(), true).await;
+    nodes.via.push((1, port));
+    nodes.link(0, &[1], "");
+    nodes.link(1, &[0], "");
+    let mut daemon = nodes.spawn();
+    for n in 0..2 {
+        let sql = format!("INSERT INTO items VALUES ({}, 0, 'before')", 5000 + n);
+        nodes.client(n).await.batch_execute(&sql).await.unwrap();
+    }
+    nodes.converge(Duration::from_secs(20)).await;
+    let before = [nodes.applied(0).await, nodes.applied(1).await];
+    silent.store(true, Ordering::Relaxed);
+    let changed = write_everywhere(&nodes, 10).await;
+    // Node 0 keeps its changes for node 1, and says how many wait.
+    let out = support::pgreplica(&["status", "--json", &nodes.confs[0].display().to_string()]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let waiting = status[0]["events_waiting"].as_i64().unwrap_or(0);
+    assert!(waiting > 0, "{status}");
+    silent.store(false, Ordering::Relaxed);
+    nodes.converge(Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        nodes.applied(0).await,
+        before[0] + changed[0],
+        "{}",
+        nodes.log()
+    );
+    assert_eq!(
+        nodes.applied(1).await,
+        before[1] + changed[1],
+        "{}",
+        nodes.log()
+    );
+    daemon.terminate();
 }

@@ -2,6 +2,7 @@
 //! the pgreplica binary run the way a DBA runs it.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod smtp;
 pub mod writers;
 
@@ -97,7 +98,10 @@ impl Setup {
 
     /// `pgreplica run` in the background.
     pub fn spawn(&self) -> Daemon {
-        spawn_run(std::slice::from_ref(&self.conf), &self.dir.join("daemon.log"))
+        spawn_run(
+            std::slice::from_ref(&self.conf),
+            &self.dir.join("daemon.log"),
+        )
     }
 
     /// What the background daemons logged so far.

@@ -1,0 +1,367 @@
+//! Conflicts: what a change from another node found on the slave, which side a
+//! set's policy lets win, and the table where every conflict is recorded.
+
+use crate::config::Config;
+use crate::db;
+use crate::error::{Context, Error};
+use crate::ident::TableName;
+use std::collections::HashMap;
+use std::fmt;
+
+/// How a set (or one table) settles a conflict (`CONFLICT=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The slave stops until the DBA resolves the conflict by hand.
+    Stop,
+    /// The slave's row stays as it is.
+    KeepLocal,
+    /// The master's change is applied over the slave's row.
+    ApplyRemote,
+    /// The later change wins; a tie goes to node priority.
+    Newest,
+    /// The change from the node earlier in `PRIORITY` wins.
+    Priority,
+}
+
+impl Policy {
+    /// Reads a policy's name as the config file writes it.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        Ok(match text.trim().to_ascii_lowercase().as_str() {
+            "stop" => Policy::Stop,
+            "keep-local" => Policy::KeepLocal,
+            "apply-remote" => Policy::ApplyRemote,
+            "newest" => Policy::Newest,
+            "priority" => Policy::Priority,
+            _ => {
+                return Err(format!(
+                    "'{text}' is not one of stop, keep-local, apply-remote, newest, priority"
+                ));
+            }
+        })
+    }
+}
+
+/// What a change found on the slave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An insert whose key the slave already has.
+    InsertExisting,
+    /// An update of a row the slave does not have (deleted there).
+    UpdateMissing,
+    /// An update of a row whose changed columns no longer hold the values they
+    /// had on the master (both sides changed it).
+    UpdateChanged,
+    /// A delete of a row the slave does not have.
+    DeleteMissing,
+    /// A delete of a row the slave changed.
+    DeleteChanged,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::InsertExisting => "insert of an existing key",
+            Kind::UpdateMissing => "update of a missing row",
+            Kind::UpdateChanged => "update of a row changed on both sides",
+            Kind::DeleteMissing => "delete of a missing row",
+            Kind::DeleteChanged => "delete of a row changed on the slave",
+        })
+    }
+}
+
+/// Which side a conflict's resolution keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Winner {
+    /// The slave's row.
+    Local,
+    /// The master's change.
+    Remote,
+}
+
+impl Winner {
+    /// The name `pgreplica conflicts` shows and `--resolve` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Winner::Local => "keep-local",
+            Winner::Remote => "apply-remote",
+        }
+    }
+
+    /// Reads `keep-local` or `apply-remote`.
+    pub fn parse(text: &str) -> Option<Winner> {
+        match text {
+            "keep-local" => Some(Winner::Local),
+            "apply-remote" => Some(Winner::Remote),
+            _ => None,
+        }
+    }
+}
+
+/// One side of a conflict: when and where its version of the row was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Version {
+    /// Seconds since the epoch; `None` when unknown (older than the log).
+    pub time: Option<f64>,
+    /// The node it was made on.
+    pub node: Option<String>,
+}
+
+/// A conflict as recorded in `pgreplica.conflicts`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// The set.
+    pub set: String,
+    /// The slave's table.
+    pub table: TableName,
+    /// The row's key, `(k)=(v)`.
+    pub key: String,
+    /// What happened.
+    pub kind: Kind,
+    /// The event in the master's log.
+    pub event: i64,
+    /// The node the change came from.
+    pub origin: Option<String>,
+    /// The slave's row, as `(col=value, …)`, if any.
+    pub local: Option<String>,
+    /// The master's row after the change (or before, for a delete).
+    pub remote: Option<String>,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "conflict: {} on table {}, key {}, event {} from {}: slave {}, master {}",
+            self.kind,
+            self.table,
+            self.key,
+            self.event,
+            self.origin.as_deref().unwrap_or("the master"),
+            self.local.as_deref().unwrap_or("(no row)"),
+            self.remote.as_deref().unwrap_or("(no row)"),
+        )
+    }
+}
+
+/// A set's conflict policies, for one slave.
+#[derive(Debug, Clone)]
+pub struct Resolver {
+    /// The set.
+    pub set: String,
+    /// The slave's node name.
+    pub node: Option<String>,
+    policy: Policy,
+    tables: HashMap<TableName, Policy>,
+    priority: Vec<String>,
+}
+
+impl Resolver {
+    /// The set's policies, or `None` when neither the set nor a table has one
+    /// (changes are then applied as far as possible and conflicts only logged).
+    pub fn new(set: &Config, slave: u32) -> Option<Resolver> {
+        let tables: HashMap<TableName, Policy> = set
+            .tables
+            .iter()
+            .filter_map(|t| Some((t.table.clone(), t.conflict?)))
+            .collect();
+        if set.conflict.is_none() && tables.is_empty() {
+            return None;
+        }
+        Some(Resolver {
+            set: set.name.clone(),
+            node: set.nodes.get(&slave).cloned(),
+            policy: set.conflict.unwrap_or(Policy::Stop),
+            tables,
+            priority: set.priority.clone(),
+        })
+    }
+
+    /// The policy of a master table.
+    pub fn policy(&self, table: &TableName) -> Policy {
+        self.tables.get(table).copied().unwrap_or(self.policy)
+    }
+
+    /// Which side wins under `policy`; `None` for `Stop`.
+    pub fn decide(&self, policy: Policy, local: &Version, remote: &Version) -> Option<Winner> {
+        let rank = |v: &Version| {
+            let node = v.node.as_ref().or(self.node.as_ref());
+            node.and_then(|n| self.priority.iter().position(|p| p == n))
+                .unwrap_or(usize::MAX)
+        };
+        let by_priority = || {
+            if rank(remote) < rank(local) {
+                Winner::Remote
+            } else {
+                Winner::Local
+            }
+        };
+        Some(match policy {
+            Policy::Stop => return None,
+            Policy::KeepLocal => Winner::Local,
+            Policy::ApplyRemote => Winner::Remote,
+            Policy::Priority => by_priority(),
+            Policy::Newest => match (local.time, remote.time) {
+                (Some(l), Some(r)) if r > l => Winner::Remote,
+                (Some(l), Some(r)) if r < l => Winner::Local,
+                (None, Some(_)) => Winner::Remote,
+                _ => by_priority(),
+            },
+        })
+    }
+}
+
+/// The table of conflicts on a slave.
+pub const SETUP_SQL: &str = "
+CREATE TABLE IF NOT EXISTS pgreplica.conflicts (
+    id          bigserial PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT now(),
+    set_name    text NOT NULL,
+    tbl         text NOT NULL,     -- the slave's table, quoted schema.name
+    key         text NOT NULL,     -- (k)=(v)
+    kind        text NOT NULL,
+    event       bigint NOT NULL,   -- in the master's log
+    origin      text,              -- node the change came from
+    local_row   text,
+    remote_row  text,
+    resolution  text,              -- keep-local or apply-remote; NULL: waiting for the DBA
+    resolved_by text,              -- the policy, or 'hand'
+    UNIQUE (set_name, event, tbl, key)
+)";
+
+/// Records a conflict (once: a batch applied again finds it recorded).
+pub const RECORD_SQL: &str = "
+INSERT INTO pgreplica.conflicts
+       (set_name, tbl, key, kind, event, origin, local_row, remote_row, resolution, resolved_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (set_name, event, tbl, key) DO NOTHING";
+
+/// The resolution the DBA gave a conflict that stopped the set.
+pub const RESOLVED_SQL: &str = "
+SELECT resolution FROM pgreplica.conflicts
+ WHERE set_name = $1 AND event = $2 AND tbl = $3 AND key = $4 AND resolution IS NOT NULL";
+
+/// Whether the slave's own log can tell when and where its row last changed:
+/// capture is installed there and logs the table's whole rows.
+pub const LOCAL_LOG_SQL: &str = "
+SELECT to_regclass('pgreplica.log') IS NOT NULL
+   AND NOT EXISTS (SELECT FROM pgreplica.tables
+                    WHERE reloid = to_regclass($1) AND (columns IS NOT NULL OR exclude IS NOT NULL))";
+
+const LIST_SQL: &str = "
+SELECT id, to_char(at, 'YYYY-MM-DD HH24:MI:SS'), tbl, key, kind, event, coalesce(origin, '-'),
+       coalesce(local_row, '(no row)'), coalesce(remote_row, '(no row)'),
+       coalesce(resolution || ' (' || resolved_by || ')', 'WAITING: the slave is stopped on it')
+  FROM pgreplica.conflicts WHERE set_name = $1 ORDER BY id";
+
+const HAND_SQL: &str = "
+UPDATE pgreplica.conflicts SET resolution = $3, resolved_by = 'hand'
+ WHERE set_name = $1 AND id = $2 AND resolution IS NULL";
+
+/// Records a conflict that stopped slave `slave` (policy `stop`), unresolved.
+pub async fn record_stop(set: &Config, slave: u32, conflict: &Conflict) -> Result<(), Error> {
+    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
+    client
+        .execute(
+            RECORD_SQL,
+            &[
+                &conflict.set,
+                &conflict.table.quoted(),
+                &conflict.key,
+                &conflict.kind.to_string(),
+                &conflict.event,
+                &conflict.origin,
+                &conflict.local,
+                &conflict.remote,
+                &None::<String>,
+                &None::<String>,
+            ],
+        )
+        .await
+        .doing("recording a conflict in pgreplica.conflicts on the slave")?;
+    Ok(())
+}
+
+/// The conflicts recorded on slave `slave`, one line each.
+pub async fn list(set: &Config, slave: u32) -> Result<Vec<String>, Error> {
+    let client = db::connect(&set.slaves[&slave], None).await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgreplica.conflicts') IS NOT NULL", &[])
+        .await
+        .doing("reading the slave's catalog")?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(LIST_SQL, &[&set.name])
+        .await
+        .doing("reading pgreplica.conflicts on the slave")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!(
+                "#{} {} {}, key {}: {} (event {} from {})\n    slave:  {}\n    master: {}\n    {}",
+                r.get::<_, i64>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                r.get::<_, i64>(5),
+                r.get::<_, String>(6),
+                r.get::<_, String>(7),
+                r.get::<_, String>(8),
+                r.get::<_, String>(9),
+            )
+        })
+        .collect())
+}
+
+/// Resolves by hand conflict `id` that stopped slave `slave`; the slave applies
+/// the batch again with this resolution at its next try. Returns false when no
+/// such waiting conflict exists.
+pub async fn resolve(set: &Config, slave: u32, id: i64, winner: Winner) -> Result<bool, Error> {
+    let client = db::connect(&set.slaves[&slave], None).await?;
+    let changed = client
+        .execute(HAND_SQL, &[&set.name, &id, &winner.name()])
+        .await
+        .doing("resolving the conflict on the slave")?;
+    Ok(changed == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver(priority: &[&str]) -> Resolver {
+        Resolver {
+            set: "s".into(),
+            node: Some("b".into()),
+            policy: Policy::Newest,
+            tables: HashMap::new(),
+            priority: priority.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn version(time: Option<f64>, node: &str) -> Version {
+        Version {
+            time,
+            node: Some(node.into()),
+        }
+    }
+
+    #[test]
+    fn both_sides_of_a_conflict_pick_the_same_winner() {
+        let r = resolver(&["a", "b"]);
+        let (a, b) = (version(Some(10.0), "a"), version(Some(20.0), "b"));
+        // On node b the change from a is remote, and the other way round.
+        assert_eq!(r.decide(Policy::Newest, &b, &a), Some(Winner::Local));
+        assert_eq!(r.decide(Policy::Newest, &a, &b), Some(Winner::Remote));
+        assert_eq!(r.decide(Policy::Priority, &b, &a), Some(Winner::Remote));
+        assert_eq!(r.decide(Policy::Priority, &a, &b), Some(Winner::Local));
+        let tie = version(Some(10.0), "b");
+        assert_eq!(r.decide(Policy::Newest, &tie, &a), Some(Winner::Remote));
+        assert_eq!(r.decide(Policy::Stop, &a, &b), None);
+        assert_eq!(Policy::parse("Keep-Local"), Ok(Policy::KeepLocal));
+        assert!(Policy::parse("maybe").is_err());
+    }
+}
