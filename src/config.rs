@@ -35,7 +35,8 @@ pub struct Config {
     pub conflict: Option<Policy>,
     /// `PRIORITY`: node names, the first winning (policy `priority`, and ties of `newest`).
     pub priority: Vec<String>,
-    /// `SKIP_USER`: the replication role in a multi-master setup.
+    /// `SKIP_USER`: PyReplica's way to keep two sets in opposite directions
+    /// from looping; it implies `FORWARD=local` (see [`Config::origins`]).
     pub skip_user: Option<String>,
     /// Heartbeat interval (`KEEPALIVE`); `None` when off.
     pub keepalive: Option<Duration>,
@@ -208,12 +209,19 @@ impl Config {
         self.tables.iter().find(|t| t.table == *table)
     }
 
-    /// Which of the master's events slave `slave` takes, by origin.
+    /// Which of the master's events slave `slave` takes, by origin. PyReplica's
+    /// `SKIP_USER` (two sets in opposite directions, no node names) means what
+    /// it meant there: changes applied by replication are not replicated again.
     pub fn origins(&self, slave: u32) -> Origins {
+        let pyreplica = self.skip_user.is_some();
         Origins {
-            master: self.nodes.get(&0).cloned(),
+            master: self
+                .nodes
+                .get(&0)
+                .cloned()
+                .or_else(|| pyreplica.then(|| format!("set {}", self.name))),
             slave: self.nodes.get(&slave).cloned(),
-            local_only: self.local_only,
+            local_only: self.local_only || pyreplica,
         }
     }
 

@@ -10,6 +10,7 @@ use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::mail::{Kind, Mailer};
 use crate::metrics::Metrics;
+use crate::sequence;
 use crate::status::{self, SlaveStatus};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -655,6 +656,10 @@ pub(crate) async fn apply_batch(
     }
     let snapshot = batch.snapshot.clone();
     let applied = applier.finish(Some((set, &snapshot))).await?;
+    // Multi-master nodes keep disjoint ranges instead.
+    if adapter.origins.master.is_none() && applied.events > 0 {
+        sequence::carry(&master_tx, &slave_tx).await?;
+    }
     slave_tx
         .commit()
         .await

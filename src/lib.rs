@@ -24,6 +24,7 @@ pub mod mail;
 pub mod metrics;
 pub mod progress;
 pub mod record;
+pub mod sequence;
 pub mod service;
 pub mod status;
 pub mod transform;

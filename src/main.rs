@@ -4,7 +4,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use pgreplica::metrics::Metrics;
 use pgreplica::service::{self, LogFile};
-use pgreplica::{Config, capture, check, clone, conflict, daemon, db, demo, http, status};
+use pgreplica::{
+    Config, capture, check, clone, conflict, daemon, db, demo, http, sequence, status,
+};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +37,10 @@ enum Command {
         /// Attach only this table (schema.name); repeatable. Default: every table with a primary key
         #[arg(long = "table")]
         tables: Vec<String>,
+        /// Multi-master: this node is number K of N; its sequences hand out only
+        /// the values K modulo N (INCREMENT BY N)
+        #[arg(long, value_name = "K/N")]
+        sequences: Option<String>,
     },
     /// Remove capture from a master: triggers, log and registry
     Uninstall {
@@ -317,6 +323,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             config,
             dsn,
             tables,
+            sequences,
         } => {
             init_logging(1);
             let set = config.map(|path| Config::load(&path)).transpose()?;
@@ -335,6 +342,18 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             }
             let replicated = reports.iter().filter(|r| r.skipped.is_none()).count();
             println!("{replicated} of {} tables replicated", reports.len());
+            if let Some(spec) = sequences {
+                let (node, nodes) = spec
+                    .split_once('/')
+                    .and_then(|(k, n)| Some((k.parse::<i64>().ok()?, n.parse::<i64>().ok()?)))
+                    .filter(|&(k, n)| 1 <= k && k <= n)
+                    .context("--sequences takes K/N: this node's number K, from 1 to N nodes")?;
+                let changed = sequence::partition(&client, node, nodes).await?;
+                for line in &changed {
+                    println!("{line}");
+                }
+                println!("{} sequence(s) changed", changed.len());
+            }
             Ok(true)
         }
         Command::Uninstall { dsn } => {

@@ -13,7 +13,8 @@ use std::time::Duration;
 use support::{Daemon, cluster, connect, spawn_run};
 use tokio_postgres::Client;
 
-const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, qty int, note text)";
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, qty int, note text);
+                     CREATE TABLE tickets (id serial PRIMARY KEY, note text)";
 const ALL: &str = "SELECT * FROM items ORDER BY id";
 
 /// Databases named n0, n1, … each with capture installed, and the sets that link them.
@@ -23,6 +24,8 @@ struct Nodes {
     confs: Vec<PathBuf>,
     /// Nodes the daemon reaches through a proxy, and the proxy's port.
     via: Vec<(usize, u16)>,
+    /// Whether the sets name their nodes (NODE0, NODE1, …).
+    named: bool,
 }
 
 impl Nodes {
@@ -46,6 +49,7 @@ impl Nodes {
             dir,
             confs: Vec::new(),
             via: Vec::new(),
+            named: true,
         }
     }
 
@@ -71,15 +75,16 @@ impl Nodes {
                 .join("-")
         );
         let mut text = format!(
-            "[MAIN]\nNAME={name}\nKEEPALIVE=2\nDSN0={}\nNODE0=n{from}\n{extra}",
+            "[MAIN]\nNAME={name}\nKEEPALIVE=2\nDSN0={}\n{extra}",
             self.dsn(from)
         );
-        for (i, &t) in to.iter().enumerate() {
-            text.push_str(&format!(
-                "DSN{n}={}\nNODE{n}=n{t}\n",
-                self.dsn(t),
-                n = i + 1
-            ));
+        for (i, n) in std::iter::once(from).chain(to.iter().copied()).enumerate() {
+            if i > 0 {
+                text.push_str(&format!("DSN{i}={}\n", self.dsn(n)));
+            }
+            if self.named {
+                text.push_str(&format!("NODE{i}=n{n}\n"));
+            }
         }
         let path = self.dir.join(format!("{name}.conf"));
         std::fs::write(&path, text).unwrap();
@@ -441,4 +446,103 @@ async fn a_node_cut_off_while_both_sides_write_catches_up_when_it_returns() {
         nodes.log()
     );
     daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pyreplica_skip_user_keeps_two_unnamed_nodes_from_looping() {
+    let mut nodes = Nodes::start(2).await;
+    nodes.named = false;
+    nodes.link(0, &[1], "SKIP_USER=pyreplica\n");
+    nodes.link(1, &[0], "SKIP_USER=pyreplica\n");
+    let mut daemon = nodes.spawn();
+    let changed = write_everywhere(&nodes, 5).await;
+    nodes.converge(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(nodes.applied(0).await, changed[0], "{}", nodes.log());
+    assert_eq!(nodes.applied(1).await, changed[1], "{}", nodes.log());
+    daemon.terminate();
+}
+
+const TICKETS: &str = "SELECT * FROM tickets ORDER BY id";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_slave_never_hands_out_an_id_the_master_used() {
+    let mut nodes = Nodes::start(2).await;
+    nodes.named = false;
+    nodes.link(0, &[1], "");
+    nodes
+        .client(0)
+        .await
+        .batch_execute("INSERT INTO tickets (note) SELECT 'm' FROM generate_series(1, 50)")
+        .await
+        .unwrap();
+    nodes.sync();
+    // The master is lost; the slave takes the writes.
+    let slave = nodes.client(1).await;
+    let id: i32 = slave
+        .query_one(
+            "INSERT INTO tickets (note) VALUES ('after') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id, 51);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_with_disjoint_sequence_ranges_insert_concurrently_without_conflicts() {
+    let mut nodes = Nodes::start(2).await;
+    nodes.link(0, &[1], "CONFLICT=stop\n");
+    nodes.link(1, &[0], "CONFLICT=stop\n");
+    nodes
+        .client(0)
+        .await
+        .batch_execute("INSERT INTO tickets (note) SELECT 'before' FROM generate_series(1, 10)")
+        .await
+        .unwrap();
+    nodes.sync();
+    for n in 0..2 {
+        let conf = nodes.confs[n].display().to_string();
+        let range = format!("{}/2", n + 1);
+        let out = support::pgreplica(&["install", &conf, "--sequences", &range]);
+        let said = support::text(&out);
+        assert!(out.status.success(), "{said}");
+        assert!(
+            said.contains("tickets_id_seq") && said.contains(&format!("node {} of 2", n + 1)),
+            "{said}"
+        );
+    }
+    let mut daemon = nodes.spawn();
+    let mut writers = Vec::new();
+    for n in 0..2 {
+        let client = nodes.client(n).await;
+        writers.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                client
+                    .execute("INSERT INTO tickets (note) VALUES ('x')", &[])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let a = pgreplica::demo::copy_out(&nodes.client(0).await, TICKETS)
+            .await
+            .unwrap();
+        let b = pgreplica::demo::copy_out(&nodes.client(1).await, TICKETS)
+            .await
+            .unwrap();
+        if a == b && a.iter().filter(|&&c| c == b'\n').count() == 210 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", nodes.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    daemon.terminate();
+    assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
 }

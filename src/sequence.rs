@@ -1,0 +1,108 @@
+//! Sequences: the master's values carried to its slaves, and disjoint ranges
+//! for the nodes of a multi-master group.
+//!
+//! The sequences concerned are those owned by replicated tables (serial and
+//! identity columns).
+
+use crate::error::{Context, Error};
+use tokio_postgres::GenericClient;
+
+// The owned sequences of replicated tables, with their table and column.
+const OWNED_SQL: &str = "
+SELECT s.oid::regclass::text, t.reloid::regclass::text, quote_ident(a.attname),
+       pg_sequence_last_value(s.oid)
+  FROM pgreplica.tables t
+  JOIN pg_depend d ON d.refobjid = t.reloid AND d.refclassid = 'pg_class'::regclass
+                  AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+  JOIN pg_attribute a ON a.attrelid = t.reloid AND a.attnum = d.refobjsubid
+ ORDER BY 1";
+
+// Raises the slave's sequences to the master's values, never lowers them.
+const RAISE_SQL: &str = "
+SELECT count(setval(to_regclass(name), value))
+  FROM unnest($1::text[], $2::int8[]) AS m(name, value)
+ WHERE to_regclass(name) IS NOT NULL
+   AND coalesce(pg_sequence_last_value(to_regclass(name)), value - 1) < value";
+
+/// Raises the slave's sequences to the master's last values, so that a slave
+/// promoted to master never hands out an id the master already used. Returns
+/// how many it raised.
+pub async fn carry(master: &impl GenericClient, slave: &impl GenericClient) -> Result<i64, Error> {
+    let rows = master
+        .query(OWNED_SQL, &[])
+        .await
+        .doing("reading the master's sequences")?;
+    let (names, values): (Vec<String>, Vec<i64>) = rows
+        .iter()
+        .filter_map(|r| Some((r.get(0), r.get::<_, Option<i64>>(3)?)))
+        .unzip();
+    if names.is_empty() {
+        return Ok(0);
+    }
+    Ok(slave
+        .query_one(RAISE_SQL, &[&names, &values])
+        .await
+        .doing("raising the slave's sequences to the master's")?
+        .get(0))
+}
+
+/// Gives this node the values `node` modulo `nodes` (1-based) of every owned
+/// sequence: INCREMENT BY `nodes`, next value above both the sequence and the
+/// column's highest value. Returns one line per sequence changed.
+pub async fn partition(
+    client: &impl GenericClient,
+    node: i64,
+    nodes: i64,
+) -> Result<Vec<String>, Error> {
+    let mut changed = Vec::new();
+    for row in client
+        .query(OWNED_SQL, &[])
+        .await
+        .doing("reading the sequences")?
+    {
+        let (sequence, table, column): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        let last: Option<i64> = row.get(3);
+        let doing = format!("giving {sequence} its range");
+        let highest: Option<i64> = client
+            .query_one(&format!("SELECT max({column})::int8 FROM {table}"), &[])
+            .await
+            .doing(&doing)?
+            .get(0);
+        let next = next_in_range(last.max(highest).unwrap_or(0), node, nodes);
+        // Names come from regclass::text and quote_ident: already quoted.
+        client
+            .batch_execute(&format!(
+                "ALTER SEQUENCE {sequence} INCREMENT BY {nodes} RESTART WITH {next}"
+            ))
+            .await
+            .doing(&doing)?;
+        changed.push(format!(
+            "{sequence} ({table}.{column}): INCREMENT BY {nodes}, next value {next} \
+             (node {node} of {nodes})"
+        ));
+    }
+    Ok(changed)
+}
+
+/// The first value above `highest` that is `node` modulo `nodes`.
+fn next_in_range(highest: i64, node: i64, nodes: i64) -> i64 {
+    let from = highest + 1;
+    from + (node - from).rem_euclid(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_node_gets_its_own_residue_above_the_highest_value() {
+        assert_eq!(next_in_range(0, 1, 3), 1);
+        assert_eq!(next_in_range(0, 3, 3), 3);
+        assert_eq!(next_in_range(10, 1, 3), 13);
+        assert_eq!(next_in_range(10, 2, 3), 11);
+        assert_eq!(next_in_range(10, 3, 3), 12);
+        assert_eq!(next_in_range(12, 3, 3), 15);
+    }
+}
