@@ -30,15 +30,15 @@ pub struct Adapter {
     scripts: Scripts,
     /// The adapted definitions of the current batch, by master definition
     /// (its address) and the columns a transform added.
-    tables: HashMap<(usize, Vec<String>), Renamed>,
+    tables: HashMap<usize, Renamed>,
 }
 
 /// Events ready for the applier, with the definitions they are read with.
 pub type Adapted = Vec<(Arc<MasterTable>, Event)>;
 
-/// A master definition (the pair keeps it alive, so its address stays its own)
-/// and its definition on the slave.
-type Renamed = (Arc<MasterTable>, Arc<MasterTable>);
+/// A master definition (kept alive, so that its address stays its own) and
+/// its definitions on the slave, by the columns a transform added.
+type Renamed = (Arc<MasterTable>, Vec<(Vec<String>, Arc<MasterTable>)>);
 
 impl Adapter {
     /// Reads the set's `[TABLE]` sections and loads their transform scripts,
@@ -93,7 +93,11 @@ impl Adapter {
         event: Event,
         out: &mut Adapted,
     ) -> Result<(), Error> {
-        let Some(route) = self.routes.get(&table.name) else {
+        let route = match self.routes.is_empty() {
+            true => None,
+            false => self.routes.get(&table.name),
+        };
+        let Some(route) = route else {
             out.push((table.clone(), event));
             return Ok(());
         };
@@ -138,8 +142,9 @@ impl Adapter {
         table: &Arc<MasterTable>,
         extra: &[String],
     ) -> Result<Arc<MasterTable>, Error> {
-        let id = (Arc::as_ptr(table) as usize, extra.to_vec());
-        if let Some((_, t)) = self.tables.get(&id) {
+        let id = Arc::as_ptr(table) as usize;
+        let known = self.tables.get(&id).map(|(_, v)| v);
+        if let Some((_, t)) = known.and_then(|v| v.iter().find(|(e, _)| e == extra)) {
             return Ok(t.clone());
         }
         let route = &self.routes[&table.name];
@@ -167,7 +172,11 @@ impl Adapter {
             columns,
             key: table.key.clone(),
         });
-        self.tables.insert(id, (table.clone(), adapted.clone()));
+        self.tables
+            .entry(id)
+            .or_insert_with(|| (table.clone(), Vec::new()))
+            .1
+            .push((extra.to_vec(), adapted.clone()));
         Ok(adapted)
     }
 
