@@ -53,7 +53,10 @@ CREATE TABLE IF NOT EXISTS pgreplica.cloning (
     copied_at timestamptz,
     deferred  text,            -- foreign keys of a created table, added at the handover
     PRIMARY KEY (set_name, tbl)
-)";
+);
+-- Keys and indexes of a created table, built once its rows are in (kept here
+-- for a table copied in parts, in case the clone is interrupted).
+ALTER TABLE pgreplica.cloning ADD COLUMN IF NOT EXISTS after_rows text";
 
 const CLONING_READ_SQL: &str = "SELECT tbl FROM pgreplica.cloning WHERE set_name = $1";
 

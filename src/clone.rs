@@ -28,6 +28,7 @@ use crate::record;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio_postgres::Client;
 
@@ -38,6 +39,8 @@ pub struct Options {
     pub slave: Option<u32>,
     /// Tables copied at a time.
     pub jobs: usize,
+    /// Tables of at least this many pages are copied in parts, one per job.
+    pub split_pages: i64,
     /// Only these tables (`schema.name`); default every replicated table.
     pub tables: Vec<String>,
     /// Empty slave tables that hold rows instead of refusing them.
@@ -54,16 +57,20 @@ struct Table {
     name: TableName,
     /// Estimated rows, for progress.
     estimate: i64,
+    /// Its size in pages, to split big tables between jobs.
+    pages: i64,
 }
 
 const TABLES_SQL: &str = "
-SELECT c.oid, n.nspname, c.relname, greatest(c.reltuples, 0)::int8
+SELECT c.oid, n.nspname, c.relname, greatest(c.reltuples, 0)::int8,
+       pg_relation_size(c.oid) / current_setting('block_size')::int8
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
   JOIN pg_namespace n ON n.oid = c.relnamespace
  ORDER BY pg_relation_size(c.oid) DESC, n.nspname, c.relname";
 
 const TABLE_SQL: &str = "
-SELECT c.oid, n.nspname, c.relname, greatest(c.reltuples, 0)::int8
+SELECT c.oid, n.nspname, c.relname, greatest(c.reltuples, 0)::int8,
+       pg_relation_size(c.oid) / current_setting('block_size')::int8
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = to_regclass($1)";
 
@@ -90,6 +97,12 @@ const CLONING_SQL: &str =
     "SELECT tbl, snapshot FROM pgreplica.cloning WHERE set_name = $1 ORDER BY tbl";
 
 const DONE_SQL: &str = "DELETE FROM pgreplica.cloning WHERE set_name = $1 AND tbl = $2";
+
+const CREATED_SQL: &str = "
+UPDATE pgreplica.cloning SET after_rows = $3, deferred = $4 WHERE set_name = $1 AND tbl = $2";
+
+const CREATED_READ_SQL: &str =
+    "SELECT after_rows, deferred FROM pgreplica.cloning WHERE set_name = $1 AND tbl = $2";
 
 const DEFER_SQL: &str =
     "UPDATE pgreplica.cloning SET deferred = $3 WHERE set_name = $1 AND tbl = $2";
@@ -127,15 +140,16 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     apply::prepare_slave(&slave_client).await?;
     let (tables, to_attach) = chosen_tables(&master, &options.tables).await?;
 
-    // Tables copied by an earlier, interrupted clone are not copied again.
-    let done: HashSet<String> = slave_client
+    // Tables copied by an earlier, interrupted clone are not copied again; the
+    // ones it had begun are its own to empty.
+    let (done, begun): (Vec<_>, Vec<_>) = slave_client
         .query(CLONING_SQL, &[&set.name])
         .await
         .doing("reading the clone's state on the slave")?
-        .iter()
-        .filter(|r| r.get::<_, Option<String>>(1).is_some())
-        .map(|r| r.get(0))
-        .collect();
+        .into_iter()
+        .partition(|r| r.get::<_, Option<String>>(1).is_some());
+    let done: HashSet<String> = done.iter().map(|r| r.get(0)).collect();
+    let begun: HashSet<String> = begun.iter().map(|r| r.get(0)).collect();
     let todo: Vec<Table> = tables
         .into_iter()
         .filter(|t| !done.contains(&t.name.quoted()))
@@ -143,7 +157,12 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     if !done.is_empty() {
         tracing::info!("{} tables were copied by an earlier run", done.len());
     }
-    refuse_non_empty(set, &slave_client, &todo, options.truncate).await?;
+    let fresh: Vec<Table> = todo
+        .iter()
+        .filter(|t| !begun.contains(&t.name.quoted()))
+        .cloned()
+        .collect();
+    refuse_non_empty(set, &slave_client, &fresh, options.truncate).await?;
     mark(&mut slave_client, &set.name, &todo).await?;
     // Attached only now: the daemon already skips these tables' events.
     if !to_attach.is_empty() {
@@ -163,7 +182,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
         .await
         .doing("keeping the master's log for the clone")?;
     if !todo.is_empty() {
-        copy_tables(set, slave, &master, todo, options.jobs.max(1)).await?;
+        copy_tables(set, slave, &master, todo, options).await?;
     }
     handover(set, slave, master, slave_client).await?;
     Ok(())
@@ -182,6 +201,7 @@ async fn chosen_tables(
             name: r.get(2),
         },
         estimate: r.get(3),
+        pages: r.get(4),
     };
     let installed: bool = master
         .query_one("SELECT to_regclass('pgreplica.tables') IS NOT NULL", &[])
@@ -288,8 +308,9 @@ async fn copy_tables(
     slave: u32,
     master: &Client,
     tables: Vec<Table>,
-    jobs: usize,
+    options: &Options,
 ) -> Result<(), Error> {
+    let jobs = options.jobs.max(1);
     let doing = "exporting a snapshot of the master";
     master
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -308,7 +329,8 @@ async fn copy_tables(
         tables.len()
     );
     let progress = Progress::start(tables.iter().map(|t| (t.name.quoted(), t.estimate)));
-    let queue = Arc::new(Mutex::new(VecDeque::from(tables)));
+    let units = work(set, slave, tables, jobs, options.split_pages).await?;
+    let queue = Arc::new(Mutex::new(units));
     let mut workers = Vec::new();
     for _ in 0..jobs {
         let job = Job {
@@ -339,6 +361,132 @@ async fn copy_tables(
     result
 }
 
+/// What one job copies at a time.
+enum Work {
+    /// A whole table, in one slave transaction.
+    Table(Table),
+    /// Pages `from..to` (`to` open for the last part) of a big table, in one
+    /// slave transaction; the table was created or emptied beforehand.
+    Part {
+        table: Table,
+        from: i64,
+        to: Option<i64>,
+        split: Arc<Split>,
+    },
+}
+
+/// A table copied in parts: the definition left to create after its rows, and
+/// the parts still running. The job that finishes the last part builds the
+/// keys and records the copy.
+struct Split {
+    ddl: Option<Ddl>,
+    remaining: AtomicUsize,
+}
+
+/// The work units: tables of `split_pages` or more in one part per job
+/// (created or emptied on the slave now), the others whole.
+async fn work(
+    set: &Config,
+    slave: u32,
+    tables: Vec<Table>,
+    jobs: usize,
+    split_pages: i64,
+) -> Result<VecDeque<Work>, Error> {
+    let mut queue = VecDeque::new();
+    let mut client = None;
+    for t in tables {
+        let reshaped = set.section(&t.name).is_some_and(|s| s.reshapes());
+        if jobs < 2 || t.pages < split_pages || reshaped {
+            queue.push_back(Work::Table(t));
+            continue;
+        }
+        if client.is_none() {
+            client = Some(db::connect(&set.slaves[&slave], None).await?);
+        }
+        let Some(client) = client.as_mut() else {
+            continue;
+        };
+        let tx = client
+            .transaction()
+            .await
+            .doing("preparing a table on the slave")?;
+        let ddl = prepare(&tx, set, &t.name).await?;
+        tx.commit().await.doing("preparing a table on the slave")?;
+        let split = Arc::new(Split {
+            ddl,
+            remaining: AtomicUsize::new(jobs),
+        });
+        let step = (t.pages + jobs as i64 - 1) / jobs as i64;
+        for i in 0..jobs as i64 {
+            queue.push_back(Work::Part {
+                table: t.clone(),
+                from: i * step,
+                to: (i + 1 < jobs as i64).then_some((i + 1) * step),
+                split: split.clone(),
+            });
+        }
+    }
+    Ok(queue)
+}
+
+/// Empties the slave's table, or creates it without its keys and indexes;
+/// returns what is left of the definition of a table the clone created (now,
+/// or in an interrupted run), to be built after the rows.
+async fn prepare(
+    tx: &tokio_postgres::Transaction<'_>,
+    set: &Config,
+    table: &TableName,
+) -> Result<Option<Ddl>, Error> {
+    let name = table.quoted();
+    let doing = "reading the slave's catalog";
+    let exists: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .doing(doing)?
+        .get(0);
+    if exists {
+        tx.batch_execute(&format!("TRUNCATE ONLY {name}"))
+            .await
+            .doing(&format!("emptying {name} on the slave"))?;
+        let row = tx
+            .query_opt(CREATED_READ_SQL, &[&set.name, &name])
+            .await
+            .doing(doing)?;
+        return Ok(row.and_then(|r| {
+            Some(Ddl {
+                before: String::new(),
+                after: r.get::<_, Option<String>>(0)?,
+                deferred: r.get::<_, Option<String>>(1).unwrap_or_default(),
+            })
+        }));
+    }
+    let ddl = table_ddl(&set.master, table)?;
+    create(tx, table, &ddl.before).await?;
+    tx.execute(CREATED_SQL, &[&set.name, &name, &ddl.after, &ddl.deferred])
+        .await
+        .doing("recording the created table on the slave")?;
+    Ok(Some(ddl))
+}
+
+/// Runs part of a table's definition from the master on the slave.
+async fn create(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &TableName,
+    sql: &str,
+) -> Result<(), Error> {
+    tx.batch_execute(sql).await.map_err(|e| Error::Schema {
+        table: table.clone(),
+        message: format!(
+            "creating it on the slave from the master's definition failed: {} \
+             (create the types and schemas it needs on the slave first)",
+            pg_message(&e)
+        ),
+    })?;
+    tx.batch_execute(apply::SESSION_SQL)
+        .await
+        .doing("setting up the slave session")
+}
+
 /// One copying connection pair.
 struct Job {
     config: Config,
@@ -346,7 +494,7 @@ struct Job {
     slave_dsn: String,
     snapshot: String,
     exported: String,
-    queue: Arc<Mutex<VecDeque<Table>>>,
+    queue: Arc<Mutex<VecDeque<Work>>>,
     progress: Progress,
 }
 
@@ -372,8 +520,19 @@ impl Job {
             .doing(doing)?;
         loop {
             let next = self.queue.lock().map(|mut q| q.pop_front()).unwrap_or(None);
-            let Some(table) = next else {
-                return Ok(());
+            let table = match next {
+                None => return Ok(()),
+                Some(Work::Part {
+                    table,
+                    from,
+                    to,
+                    split,
+                }) => {
+                    self.copy_part(&master, &mut slave, &table, (from, to), &split)
+                        .await?;
+                    continue;
+                }
+                Some(Work::Table(table)) => table,
             };
             match self.config.section(&table.name) {
                 Some(section) if section.reshapes() => {
@@ -387,40 +546,68 @@ impl Job {
 
     /// Copies one table in one slave transaction that also records the snapshot.
     async fn copy(&self, master: &Client, slave: &mut Client, t: &Table) -> Result<(), Error> {
-        let name = t.name.quoted();
         let tx = slave
             .transaction()
             .await
             .doing("starting the slave's transaction")?;
-        let exists: bool = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .await
-            .doing("reading the slave's catalog")?
-            .get(0);
-        let ddl = if exists {
-            tx.batch_execute(&format!("TRUNCATE ONLY {name}"))
-                .await
-                .doing(&format!("emptying {name} on the slave"))?;
-            None
-        } else {
-            let ddl = table_ddl(&self.config.master, &t.name)?;
-            self.create(&tx, &t.name, &ddl.before).await?;
-            Some(ddl)
-        };
-        let (columns, binary) = copy_columns(master, &tx, &t.name).await?;
+        let ddl = prepare(&tx, &self.config, &t.name).await?;
+        self.stream(master, &tx, t, None).await?;
+        self.finish(tx, t, ddl.as_ref()).await
+    }
+
+    /// Copies one part of a big table in its own slave transaction; the last
+    /// part to end builds the keys and records the copy.
+    async fn copy_part(
+        &self,
+        master: &Client,
+        slave: &mut Client,
+        t: &Table,
+        pages: (i64, Option<i64>),
+        split: &Split,
+    ) -> Result<(), Error> {
+        let doing = format!("copying part of {} on the slave", t.name);
+        let tx = slave.transaction().await.doing(&doing)?;
+        self.stream(master, &tx, t, Some(pages)).await?;
+        tx.commit().await.doing(&doing)?;
+        if split.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let tx = slave.transaction().await.doing(&doing)?;
+            self.finish(tx, t, split.ddl.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Streams a table's rows (those of pages `from..to` when given) from the
+    /// master into the slave's table, in `tx`.
+    async fn stream(
+        &self,
+        master: &Client,
+        tx: &tokio_postgres::Transaction<'_>,
+        t: &Table,
+        pages: Option<(i64, Option<i64>)>,
+    ) -> Result<(), Error> {
+        let name = t.name.quoted();
+        let (columns, binary) = copy_columns(master, tx, &t.name).await?;
         let list = columns.join(", ");
         let format = if binary { "binary" } else { "text" };
         let filter = self
             .config
             .section(&t.name)
             .and_then(|s| s.filter.as_deref());
-        let source = match filter {
-            None => format!("SELECT {list} FROM ONLY {name}"),
+        let mut source = match filter {
+            None => format!("SELECT {list} FROM ONLY {name} WHERE true"),
             Some(_) => {
                 let list: Vec<String> = columns.iter().map(|c| format!("new.{c}")).collect();
                 format!("SELECT {} {}", list.join(", "), filtered(&name, filter))
             }
         };
+        if let Some((from, to)) = pages {
+            // A TID range scan reads only these pages.
+            let ctid = if filter.is_some() { "new.ctid" } else { "ctid" };
+            source.push_str(&format!(" AND {ctid} >= '({from},0)'::tid"));
+            if let Some(to) = to {
+                source.push_str(&format!(" AND {ctid} < '({to},0)'::tid"));
+            }
+        }
         let out = master
             .copy_out(&format!("COPY ({source}) TO STDOUT (FORMAT {format})"))
             .await
@@ -457,8 +644,20 @@ impl Job {
             .finish()
             .await
             .doing(&format!("writing {name} on the slave"))?;
-        if let Some(ddl) = &ddl {
-            self.create(&tx, &t.name, &ddl.after).await?;
+        Ok(())
+    }
+
+    /// Builds what was left of a created table's definition (keys, indexes),
+    /// then records the copy and commits.
+    async fn finish(
+        &self,
+        tx: tokio_postgres::Transaction<'_>,
+        t: &Table,
+        ddl: Option<&Ddl>,
+    ) -> Result<(), Error> {
+        let name = t.name.quoted();
+        if let Some(ddl) = ddl {
+            create(&tx, &t.name, &ddl.after).await?;
             tx.execute(DEFER_SQL, &[&self.config.name, &name, &ddl.deferred])
                 .await
                 .doing("recording the copy on the slave")?;
@@ -572,26 +771,6 @@ impl Job {
         }
         applier.finish(None).await?;
         self.copied(tx, &name).await
-    }
-
-    /// Runs part of a table's definition from the master on the slave.
-    async fn create(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        table: &TableName,
-        sql: &str,
-    ) -> Result<(), Error> {
-        tx.batch_execute(sql).await.map_err(|e| Error::Schema {
-            table: table.clone(),
-            message: format!(
-                "creating it on the slave from the master's definition failed: {} \
-                 (create the types and schemas it needs on the slave first)",
-                pg_message(&e)
-            ),
-        })?;
-        tx.batch_execute(apply::SESSION_SQL)
-            .await
-            .doing("setting up the slave session")
     }
 }
 

@@ -98,6 +98,9 @@ enum Command {
         /// Tables copied at a time
         #[arg(long, default_value_t = 2)]
         jobs: usize,
+        /// Tables of at least this many MB are copied in parts, one per job
+        #[arg(long, default_value_t = 80)]
+        split_mb: i64,
         /// Only this table (schema.name); repeatable. Default: every replicated table
         #[arg(long = "table")]
         tables: Vec<String>,
@@ -480,6 +483,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             config,
             slave,
             jobs,
+            split_mb,
             tables,
             truncate,
         } => {
@@ -488,6 +492,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             let options = clone::Options {
                 slave,
                 jobs,
+                split_pages: split_mb * 128,
                 tables,
                 truncate,
             };

@@ -40,7 +40,8 @@ async fn clone_under_four_writers_then_replication_carries_on() {
     master_with_rows(&s, 100_000).await;
     let (stop, handles) = start_writers(&s, 4).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let out = clone(&s, &["--jobs", "2"]).await;
+    // The ledger (about 6 MB) is copied in two parts, one per job.
+    let out = clone(&s, &["--jobs", "2", "--split-mb", "1"]).await;
     assert!(out.status.success(), "clone failed:\n{}", text(&out));
     let log = text(&out);
     assert!(log.contains("handed over"), "{log}");
@@ -125,6 +126,66 @@ async fn a_clone_killed_halfway_starts_again_without_recopying() {
         "only the rest is copied:\n{log}"
     );
     stop_writers(stop, handles).await;
+    s.sync();
+    s.assert_same(0, ALL).await;
+    s.assert_same(0, LEDGER_ALL).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_killed_between_the_parts_of_a_table_copies_it_again() {
+    let s = Setup::with_schemas(1, &format!("{ACCOUNTS}; {LEDGER}"), "").await;
+    master_with_rows(&s, 1_000_000).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args([
+            "clone",
+            s.conf.to_str().unwrap(),
+            "--jobs",
+            "4",
+            "--split-mb",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let slave = s.slave(0).await;
+    let started = Instant::now();
+    // Killed once a part of the ledger has committed, before the whole table has.
+    loop {
+        let rows = slave
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0);
+        if rows > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no part was copied"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "clone ended too soon");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = count(&slave, "ledger").await;
+    assert!(
+        partial < 1_000_000,
+        "killed before the last part ({partial} rows)"
+    );
+    // Its own half-copied table is no reason to refuse: no --truncate needed.
+    let out = clone(&s, &["--jobs", "2", "--split-mb", "1"]).await;
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    let keys: i64 = slave
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indisprimary AND indrelid = 'ledger'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 1, "the key left to build after the rows was built");
     s.sync();
     s.assert_same(0, ALL).await;
     s.assert_same(0, LEDGER_ALL).await;
