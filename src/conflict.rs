@@ -350,6 +350,26 @@ mod tests {
     }
 
     #[test]
+    fn a_table_section_overrides_the_set_policy() {
+        let path = std::path::Path::new("shop.conf");
+        let text = "[MAIN]\nNAME=s\nDSN0=a\nDSN1=b\nNODE1=hq\nCONFLICT=newest\n\
+                    [TABLE stock]\nCONFLICT=keep-local\n";
+        let set = Config::parse(path, text).unwrap();
+        let r = Resolver::new(&set, 1).unwrap();
+        assert_eq!(r.node.as_deref(), Some("hq"));
+        assert_eq!(
+            r.policy(&TableName::parse("stock").unwrap()),
+            Policy::KeepLocal
+        );
+        assert_eq!(
+            r.policy(&TableName::parse("orders").unwrap()),
+            Policy::Newest
+        );
+        let plain = Config::parse(path, "[MAIN]\nNAME=s\nDSN0=a\nDSN1=b\n").unwrap();
+        assert!(Resolver::new(&plain, 1).is_none());
+    }
+
+    #[test]
     fn both_sides_of_a_conflict_pick_the_same_winner() {
         let r = resolver(&["a", "b"]);
         let (a, b) = (version(Some(10.0), "a"), version(Some(20.0), "b"));

@@ -23,6 +23,17 @@ async fn clone(s: &Setup, args: &[&str]) -> Output {
     .unwrap()
 }
 
+/// `pgreplica clone` of the set in the background, to be killed.
+fn spawn_clone(s: &Setup, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["clone", s.conf.to_str().unwrap()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 async fn master_with_rows(s: &Setup, ledger_rows: i64) {
     s.master()
         .await
@@ -80,12 +91,7 @@ async fn a_clone_killed_halfway_starts_again_without_recopying() {
     master_with_rows(&s, 1_000_000).await;
     let (stop, handles) = start_writers(&s, 2).await;
     // One table at a time, biggest first: kill -9 once the ledger is copied.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["clone", s.conf.to_str().unwrap(), "--jobs", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_clone(&s, &["--jobs", "1"]);
     let slave = s.slave(0).await;
     let started = Instant::now();
     loop {
@@ -135,19 +141,7 @@ async fn a_clone_killed_halfway_starts_again_without_recopying() {
 async fn a_clone_killed_between_the_parts_of_a_table_copies_it_again() {
     let s = Setup::with_schemas(1, &format!("{ACCOUNTS}; {LEDGER}"), "").await;
     master_with_rows(&s, 1_000_000).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args([
-            "clone",
-            s.conf.to_str().unwrap(),
-            "--jobs",
-            "4",
-            "--split-mb",
-            "1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_clone(&s, &["--jobs", "4", "--split-mb", "1"]);
     let slave = s.slave(0).await;
     let started = Instant::now();
     // Killed once a part of the ledger has committed, before the whole table has.
