@@ -74,6 +74,8 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> 
   FROM pg_attribute a
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
+const CAPTURES_SQL: &str = "SELECT to_regprocedure('pgreplica.execute(text)') IS NOT NULL";
+
 const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
 
 /// Statements, and events in them, kept in flight before the oldest is awaited.
@@ -255,9 +257,6 @@ impl<'t> Applier<'t> {
 
     /// Applies one event (or queues it: errors may surface on a later call).
     pub async fn apply(&mut self, table: &Arc<MasterTable>, event: Event) -> Result<(), Error> {
-        if event.op == Op::Execute {
-            return self.execute(event).await;
-        }
         if event.origin.is_some() && event.origin != self.origin {
             // The slave's own capture (multi-master) logs the change with its
             // origin, so that it never goes back there.
@@ -267,6 +266,9 @@ impl<'t> Applier<'t> {
                 .await
                 .doing("marking the changes' origin on the slave")?;
             self.origin = event.origin.clone();
+        }
+        if event.op == Op::Execute {
+            return self.execute(event).await;
         }
         let plan = self.plan(table).await?;
         self.counts.events += 1;
@@ -309,13 +311,26 @@ impl<'t> Applier<'t> {
             // Marks a change of what the master logs (pgreplica.set_options).
             return Ok(());
         }
-        self.tx
-            .batch_execute(&sql)
+        // A slave that captures too (multi-master, a cascade) queues the
+        // statement in its own log, with its origin, for its own slaves.
+        let captures: bool = self
+            .tx
+            .query_one(CAPTURES_SQL, &[])
             .await
-            .map_err(|e| Error::Query {
-                doing: format!("running event {} on the slave ({sql})", event.id),
-                message: pg_message(&e),
-            })?;
+            .doing("reading the slave's catalog")?
+            .get(0);
+        let ran = match captures {
+            true => {
+                self.tx
+                    .execute("SELECT pgreplica.execute($1)", &[&sql])
+                    .await
+            }
+            false => self.tx.batch_execute(&sql).await.map(|_| 0),
+        };
+        ran.map_err(|e| Error::Query {
+            doing: format!("running event {} on the slave ({sql})", event.id),
+            message: pg_message(&e),
+        })?;
         self.tx
             .batch_execute(SESSION_SQL)
             .await

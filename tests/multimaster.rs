@@ -546,3 +546,44 @@ async fn nodes_with_disjoint_sequence_ranges_insert_concurrently_without_conflic
     daemon.terminate();
     assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_change_through_execute_reaches_the_other_node_once() {
+    let mut nodes = Nodes::start(2).await;
+    nodes.link(0, &[1], "");
+    nodes.link(1, &[0], "");
+    for n in 0..2 {
+        let sql = format!("INSERT INTO items VALUES ({n}, 1, 'before')");
+        nodes.client(n).await.batch_execute(&sql).await.unwrap();
+    }
+    nodes.sync();
+    let conf = nodes.confs[0].display().to_string();
+    let out = support::pgreplica(&["execute", &conf, "ALTER TABLE items ADD COLUMN extra text"]);
+    assert!(out.status.success(), "{}", support::text(&out));
+    // Node 1 writes before and after it has the column from node 0.
+    nodes
+        .client(1)
+        .await
+        .batch_execute("UPDATE items SET qty = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    nodes.sync();
+    for n in 0..2 {
+        let sql = format!("INSERT INTO items VALUES ({}, 3, 'after', 'n{n}')", 10 + n);
+        nodes.client(n).await.batch_execute(&sql).await.unwrap();
+    }
+    nodes.sync();
+    nodes.sync();
+    let everything = "SELECT * FROM items ORDER BY id";
+    let a = pgreplica::demo::copy_out(&nodes.client(0).await, everything)
+        .await
+        .unwrap();
+    let b = pgreplica::demo::copy_out(&nodes.client(1).await, everything)
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+    assert_eq!(
+        String::from_utf8_lossy(&a),
+        "0\t1\tbefore\t\\N\n1\t2\tbefore\t\\N\n10\t3\tafter\tn0\n11\t3\tafter\tn1\n"
+    );
+}
