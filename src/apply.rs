@@ -11,12 +11,12 @@
 
 use crate::batch::{Event, MasterTable, Op, Snapshot};
 use crate::conflict::{
-    Conflict, Kind, LOCAL_LOG_SQL, Policy, RECORD_SQL, RESOLVED_SQL, Resolver, Version, Winner,
+    Conflict, Kind, Policy, RECORD_SQL, RESOLVED_SQL, Resolver, Version, Winner,
 };
 use crate::db::pg_message;
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
-use crate::record::Fields;
+use crate::record::{self, Fields};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, TryStreamExt};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -75,6 +75,17 @@ SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> 
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
 const CAPTURES_SQL: &str = "SELECT to_regprocedure('pgreplica.execute(text)') IS NOT NULL";
+
+const LOGGED_COLUMNS_SQL: &str = "SELECT pgreplica.logged_columns($1::text::regclass)";
+
+/// The slave's latest logged changes of a table, newest first, where a
+/// conflict looks for its row's last change.
+const RECENT: i64 = 10_000;
+const RECENT_SQL: &str = "
+SELECT extract(epoch FROM ev_time)::float8, ev_origin, coalesce(ev_new, ev_old)
+  FROM pgreplica.log
+ WHERE ev_table = $1::text::regclass::oid AND ev_op IN ('I', 'U', 'D')
+ ORDER BY ev_id DESC LIMIT $2";
 
 const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
 
@@ -489,53 +500,56 @@ impl<'t> Applier<'t> {
     }
 
     /// When and on which node the slave's row last changed, from the slave's
-    /// own log (multi-master); unknown when the log no longer holds it.
+    /// own log (multi-master): its latest event for the key among the table's
+    /// last RECENT. Unknown when the log no longer holds one.
     async fn local_version(
         tx: &Transaction<'_>,
         plan: &Plan,
         row: &Fields,
     ) -> Result<Version, Error> {
         let doing = "reading the slave's log for a conflict";
-        let name = plan.slave.quoted();
-        let logged: bool = tx
-            .query_one(LOCAL_LOG_SQL, &[&name])
-            .await
-            .doing(doing)?
-            .get(0);
         let unknown = Version {
             time: None,
             node: None,
         };
-        if !logged {
+        let captures: bool = tx.query_one(CAPTURES_SQL, &[]).await.doing(doing)?.get(0);
+        if !captures {
             return Ok(unknown);
         }
+        let name = plan.slave.quoted();
+        let logged: Vec<String> = tx
+            .query_one(LOGGED_COLUMNS_SQL, &[&name])
+            .await
+            .doing(doing)?
+            .get(0);
+        // The key's positions in the rows the slave logs, matched by name.
         let master = &plan.master;
-        let matches: Vec<String> = master
+        let Some(key): Option<Vec<(usize, &Option<String>)>> = master
             .key
             .iter()
-            .enumerate()
-            .map(|(n, &k)| {
-                format!(
-                    "(coalesce(ev_new, ev_old)::{name}).{} = ${}::text::{}",
-                    quote_ident(&master.columns[k]),
-                    n + 2,
-                    plan.types[k]
-                )
+            .map(|&k| {
+                Some((
+                    logged.iter().position(|c| *c == master.columns[k])?,
+                    &row[k],
+                ))
             })
-            .collect();
-        let sql = format!(
-            "SELECT extract(epoch FROM ev_time)::float8, ev_origin FROM pgreplica.log \
-              WHERE ev_table = $1::text::regclass::oid AND ev_op IN ('I', 'U', 'D') AND {} \
-              ORDER BY ev_id DESC LIMIT 1",
-            matches.join(" AND ")
-        );
-        let mut values: Vec<Option<String>> = vec![Some(name)];
-        values.extend(master.key.iter().map(|&k| row[k].clone()));
-        let found = tx.query_opt(&sql, &refs(&values)).await.doing(doing)?;
-        Ok(found.map_or(unknown, |r| Version {
-            time: r.get(0),
-            node: r.get(1),
-        }))
+            .collect()
+        else {
+            return Ok(unknown);
+        };
+        for r in tx.query(RECENT_SQL, &[&name, &RECENT]).await.doing(doing)? {
+            let text: Option<String> = r.get(2);
+            let Some(fields) = text.and_then(|t| record::parse(&t).ok()) else {
+                continue;
+            };
+            if fields.len() == logged.len() && key.iter().all(|(at, v)| fields[*at] == **v) {
+                return Ok(Version {
+                    time: r.get(0),
+                    node: r.get(1),
+                });
+            }
+        }
+        Ok(unknown)
     }
 
     /// The DBA's resolution of a conflict under policy `stop`, or the error

@@ -240,13 +240,6 @@ pub const RESOLVED_SQL: &str = "
 SELECT resolution FROM pgreplica.conflicts
  WHERE set_name = $1 AND event = $2 AND tbl = $3 AND key = $4 AND resolution IS NOT NULL";
 
-/// Whether the slave's own log can tell when and where its row last changed:
-/// capture is installed there and logs the table's whole rows.
-pub const LOCAL_LOG_SQL: &str = "
-SELECT to_regclass('pgreplica.log') IS NOT NULL
-   AND NOT EXISTS (SELECT FROM pgreplica.tables
-                    WHERE reloid = to_regclass($1) AND (columns IS NOT NULL OR exclude IS NOT NULL))";
-
 const LIST_SQL: &str = "
 SELECT id, to_char(at, 'YYYY-MM-DD HH24:MI:SS'), tbl, key, kind, event, coalesce(origin, '-'),
        coalesce(local_row, '(no row)'), coalesce(remote_row, '(no row)'),

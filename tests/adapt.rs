@@ -209,6 +209,16 @@ fn run_fails(s: &Setup) -> String {
     said
 }
 
+/// The slave's orders are what the script makes of the master's.
+async fn orders_as_expected(s: &Setup) {
+    let expected = s.text(None, EXPECTED).await;
+    let slave = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
+    assert_eq!(
+        String::from_utf8_lossy(&expected),
+        String::from_utf8_lossy(&slave)
+    );
+}
+
 fn with_script(s: &Setup, script: &str) -> std::path::PathBuf {
     let path = s.conf.with_file_name("orders.lua");
     std::fs::write(&path, script).unwrap();
@@ -227,12 +237,7 @@ async fn a_transform_drops_changes_and_splits_rows() {
     .await
     .unwrap();
     s.sync();
-    let expected = s.text(None, EXPECTED).await;
-    let slave = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
-    assert_eq!(
-        String::from_utf8_lossy(&expected),
-        String::from_utf8_lossy(&slave)
-    );
+    orders_as_expected(&s).await;
     // Updates reach both parts of a set; a row turning into 'ignore' leaves the
     // slave, one turning from 'ignore' into 'pen' arrives; deletes follow.
     m.batch_execute(
@@ -244,12 +249,7 @@ async fn a_transform_drops_changes_and_splits_rows() {
     .await
     .unwrap();
     s.sync();
-    let expected = s.text(None, EXPECTED).await;
-    let slave = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
-    assert_eq!(
-        String::from_utf8_lossy(&expected),
-        String::from_utf8_lossy(&slave)
-    );
+    orders_as_expected(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -349,11 +349,7 @@ async fn clone_and_check_follow_the_table_sections() {
         String::from_utf8_lossy(&master),
         String::from_utf8_lossy(&sales)
     );
-    let orders = s.text(Some(0), "SELECT * FROM orders ORDER BY id").await;
-    assert_eq!(
-        String::from_utf8_lossy(&s.text(None, EXPECTED).await),
-        String::from_utf8_lossy(&orders)
-    );
+    orders_as_expected(&s).await;
     let regions = s.text(Some(0), "SELECT * FROM regions ORDER BY id").await;
     let north = s
         .text(
