@@ -16,13 +16,16 @@ SELECT s.oid::regclass::text, t.reloid::regclass::text, quote_ident(a.attname),
                   AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
   JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
   JOIN pg_attribute a ON a.attrelid = t.reloid AND a.attnum = d.refobjsubid
+ WHERE CASE WHEN s.relkind = 'S' THEN has_sequence_privilege(s.oid, 'SELECT') END
  ORDER BY 1";
 
-// Raises the slave's sequences to the master's values, never lowers them.
+// Raises the slave's sequences to the master's values, never lowers them; a
+// sequence the daemon's role may not read or set is left alone.
 const RAISE_SQL: &str = "
 SELECT count(setval(to_regclass(name), value))
   FROM unnest($1::text[], $2::int8[]) AS m(name, value)
  WHERE to_regclass(name) IS NOT NULL
+   AND has_sequence_privilege(to_regclass(name), 'SELECT, UPDATE')
    AND coalesce(pg_sequence_last_value(to_regclass(name)), value - 1) < value";
 
 /// Raises the slave's sequences to the master's last values, so that a slave
