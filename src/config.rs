@@ -35,6 +35,10 @@ pub struct Config {
     pub conflict: Option<Policy>,
     /// `PRIORITY`: node names, the first winning (policy `priority`, and ties of `newest`).
     pub priority: Vec<String>,
+    /// `LOG_KEEP` (seconds): applied events stay in the master's log this long.
+    /// `newest` and `priority` read a node's own log to learn when and where
+    /// its row last changed, so with them it defaults to DEFAULT_LOG_KEEP.
+    pub log_keep: Duration,
     /// `SKIP_USER`: PyReplica's way to keep two sets in opposite directions
     /// from looping; it implies `FORWARD=local` (see [`Config::origins`]).
     pub skip_user: Option<String>,
@@ -93,6 +97,10 @@ pub struct TableConfig {
     /// `CONFLICT`: this table's conflict policy, over the set's.
     pub conflict: Option<Policy>,
 }
+
+/// Default `LOG_KEEP` of sets whose conflicts are settled by `newest` or
+/// `priority`: a week.
+pub const DEFAULT_LOG_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default `TRANSFORM_TIME_LIMIT`.
 pub const DEFAULT_TRANSFORM_TIME: Duration = Duration::from_secs(1);
@@ -275,6 +283,7 @@ impl Config {
             local_only: false,
             conflict: None,
             priority: Vec::new(),
+            log_keep: Duration::ZERO,
             skip_user: None,
             keepalive: None,
             debug_level: 1,
@@ -376,6 +385,14 @@ impl Config {
         if config.slaves.is_empty() {
             return Err(missing("DSN1", "at least one slave's connection string"));
         }
+        let needs_history =
+            |p: Option<Policy>| matches!(p, Some(Policy::Newest | Policy::Priority));
+        if !seen.contains_key(&("MAIN".to_string(), "LOG_KEEP".to_string()))
+            && (needs_history(config.conflict)
+                || config.tables.iter().any(|t| needs_history(t.conflict)))
+        {
+            config.log_keep = DEFAULT_LOG_KEEP;
+        }
         for t in &config.tables {
             if t.columns.is_some() && t.exclude.is_some() {
                 return Err(line_err(
@@ -408,6 +425,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
         }
         "SKIP_USER" => config.skip_user = Some(value),
         "CONFLICT" => config.conflict = Some(Policy::parse(&value)?),
+        "LOG_KEEP" => config.log_keep = parse_seconds(&value)?,
         "PRIORITY" => {
             config.priority = value
                 .split(',')
@@ -480,7 +498,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());
@@ -535,6 +553,42 @@ fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Two files reading the same master that give one table different capture
+/// options (the master's log is shared, so they would undo each other): a
+/// message naming both places, or `None`.
+pub fn capture_clash(sets: &[Config]) -> Option<String> {
+    let captured = |t: &TableConfig| {
+        (
+            t.operations.clone(),
+            t.filter.clone(),
+            t.columns.clone(),
+            t.exclude.clone(),
+        )
+    };
+    for (i, a) in sets.iter().enumerate() {
+        for b in sets[i + 1..].iter().filter(|b| b.master == a.master) {
+            for ta in &a.tables {
+                if let Some(tb) = b
+                    .section(&ta.table)
+                    .filter(|tb| captured(tb) != captured(ta))
+                {
+                    return Some(format!(
+                        "{}:{} and {}:{} give table {} different capture options (OPERATIONS, \
+                         FILTER, COLUMNS, EXCLUDE_COLUMNS), but both sets read the same master \
+                         and share its log: give them the same options",
+                        a.path.display(),
+                        ta.line,
+                        b.path.display(),
+                        tb.line,
+                        ta.table
+                    ));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The table of a `[TABLE schema.name]` header.
@@ -766,6 +820,19 @@ TO_ADDRS=hostmaster@somewhere.com;dbadmin@somewhere.com";
             e.to_string().contains("given twice (first on line 5)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn two_files_may_not_capture_one_table_differently() {
+        let file = |name: &str, filter: &str| {
+            let text = format!("[MAIN]\nNAME={name}\nDSN0=m\nDSN1=s\n[TABLE t]\n{filter}");
+            Config::parse(Path::new(&format!("{name}.conf")), &text).unwrap()
+        };
+        let same = [file("a", "FILTER=new.x\n"), file("b", "FILTER=new.x\n")];
+        assert_eq!(capture_clash(&same), None);
+        let clash = [file("a", "FILTER=new.x\n"), file("b", "")];
+        let e = capture_clash(&clash).unwrap();
+        assert!(e.starts_with("a.conf:5 and b.conf:5 give table"), "{e}");
     }
 
     #[test]

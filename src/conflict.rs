@@ -360,6 +360,11 @@ mod tests {
         );
         let plain = Config::parse(path, "[MAIN]\nNAME=s\nDSN0=a\nDSN1=b\n").unwrap();
         assert!(Resolver::new(&plain, 1).is_none());
+        // newest reads the nodes' own logs: they are kept a week unless told.
+        assert_eq!(set.log_keep, crate::config::DEFAULT_LOG_KEEP);
+        assert_eq!(plain.log_keep, std::time::Duration::ZERO);
+        let told = Config::parse(path, &text.replace("NAME=s\n", "NAME=s\nLOG_KEEP=60\n")).unwrap();
+        assert_eq!(told.log_keep, std::time::Duration::from_secs(60));
     }
 
     #[test]

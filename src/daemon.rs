@@ -63,6 +63,7 @@ const CLEANUP_SQL: &str = "
 DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
     SELECT ctid FROM pgreplica.log
      WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
+       AND ev_time < now() - make_interval(secs => $3)
        AND NOT EXISTS (SELECT FROM unnest($2::int[]) AS n(slave)
                         WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
                                            WHERE s.set_name = $1 AND s.slave = n.slave))
@@ -157,8 +158,13 @@ async fn adaptable(sets: impl Iterator<Item = &Config>) -> bool {
     true
 }
 
-/// Checks that set names are unique, and logs the files' warnings.
+/// Checks that set names are unique and that files reading one master agree
+/// on its capture options, and logs the files' warnings.
 fn valid(sets: &[Config]) -> bool {
+    if let Some(clash) = crate::config::capture_clash(sets) {
+        tracing::error!("{clash}");
+        return false;
+    }
     let mut names = HashSet::new();
     for set in sets {
         if !names.insert(set.name.clone()) {
@@ -513,7 +519,10 @@ impl Slave {
                 let slaves: Vec<i32> = set.slaves.keys().map(|&n| n as i32).collect();
                 let cleanup = async {
                     master
-                        .execute(CLEANUP_SQL, &[&set.name, &slaves])
+                        .execute(
+                            CLEANUP_SQL,
+                            &[&set.name, &slaves, &set.log_keep.as_secs_f64()],
+                        )
                         .await
                         .doing("cleaning the master's log")
                 };

@@ -368,9 +368,18 @@ async fn node_0_wins_by_priority_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_newest_change_wins_on_both_sides() {
-    // Node 1 wrote last: its update of row 2 beats node 0's delete.
     let policy = "CONFLICT=newest\nPRIORITY=n0, n1\n";
-    settles([policy, policy], "1\t20\tx\n2\t20\tx\n100\t2\tnode 1\n").await;
+    let nodes = conflicting([policy, policy]).await;
+    // One direction after the other: node 1's changes reach node 0 (and are
+    // applied everywhere) before node 0's reach node 1, which must still know
+    // when its own rows changed.
+    for n in [1, 0] {
+        let conf = nodes.confs[n].display().to_string();
+        let out = support::pgreplica(&["run", "--once", &conf]);
+        assert!(out.status.success(), "{}", support::text(&out));
+    }
+    // Node 1 wrote last: its update of row 2 beats node 0's delete.
+    converged_as(&nodes, "1\t20\tx\n2\t20\tx\n100\t2\tnode 1\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
