@@ -336,7 +336,6 @@ async fn copy_tables(
         let job = Job {
             config: set.clone(),
             slave,
-            slave_dsn: set.slaves[&slave].clone(),
             snapshot: snapshot.clone(),
             exported: exported.clone(),
             queue: queue.clone(),
@@ -401,7 +400,7 @@ async fn work(
             continue;
         }
         if client.is_none() {
-            client = Some(db::connect(&set.slaves[&slave], None).await?);
+            client = Some(slave_session(set, slave).await?);
         }
         let Some(client) = client.as_mut() else {
             continue;
@@ -427,6 +426,29 @@ async fn work(
         }
     }
     Ok(queue)
+}
+
+/// A connection to the slave for copying. On a node that captures too
+/// (multi-master), what the copy writes is logged with the master's node as
+/// its origin, so that it never goes back there (nor does the emptying of a
+/// table).
+async fn slave_session(set: &Config, slave: u32) -> Result<Client, Error> {
+    let client = db::connect(&set.slaves[&slave], None).await?;
+    let doing = "setting up the slave session";
+    client
+        .batch_execute(apply::SESSION_SQL)
+        .await
+        .doing(doing)?;
+    if let Some(origin) = set.origins(slave).master {
+        client
+            .execute(
+                "SELECT set_config('pgreplica.origin', $1, false)",
+                &[&origin],
+            )
+            .await
+            .doing(doing)?;
+    }
+    Ok(client)
 }
 
 /// Empties the slave's table, or creates it without its keys and indexes;
@@ -491,7 +513,6 @@ async fn create(
 struct Job {
     config: Config,
     slave: u32,
-    slave_dsn: String,
     snapshot: String,
     exported: String,
     queue: Arc<Mutex<VecDeque<Work>>>,
@@ -502,11 +523,7 @@ impl Job {
     async fn run(self) -> Result<(), Error> {
         let master = db::connect(&self.config.master, None).await?;
         let mut adapter = Adapter::new(&self.config, self.slave)?;
-        let mut slave = db::connect(&self.slave_dsn, None).await?;
-        slave
-            .batch_execute(apply::SESSION_SQL)
-            .await
-            .doing("setting up the slave session")?;
+        let mut slave = slave_session(&self.config, self.slave).await?;
         // SET TRANSACTION SNAPSHOT takes no parameter; the id comes from the
         // master's pg_export_snapshot(), never from input.
         let doing = "importing the exported snapshot on the master";

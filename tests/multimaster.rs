@@ -596,3 +596,36 @@ async fn a_schema_change_through_execute_reaches_the_other_node_once() {
         "0\t1\tbefore\t\\N\n1\t2\tbefore\t\\N\n10\t3\tafter\tn0\n11\t3\tafter\tn1\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloning_a_node_sends_nothing_back_to_its_master() {
+    let mut nodes = Nodes::start(2).await;
+    nodes.link(0, &[1], "");
+    nodes.link(1, &[0], "");
+    nodes
+        .client(0)
+        .await
+        .batch_execute(
+            "INSERT INTO items SELECT g, g, 'from node 0' FROM generate_series(1, 100000) g",
+        )
+        .await
+        .unwrap();
+    // Node 1 captures too: its copy (in parts) and the emptying before it are
+    // logged there with node 0 as their origin.
+    let conf = nodes.confs[0].display().to_string();
+    let out = support::pgreplica(&["clone", &conf, "--jobs", "2", "--split-mb", "1"]);
+    assert!(out.status.success(), "{}", support::text(&out));
+    nodes
+        .client(1)
+        .await
+        .batch_execute("INSERT INTO items VALUES (500000, 1, 'from node 1')")
+        .await
+        .unwrap();
+    nodes.sync();
+    nodes.converge(Duration::from_secs(10)).await;
+    assert_eq!(
+        nodes.applied(1).await,
+        1,
+        "only node 1's own row went to node 0"
+    );
+}
