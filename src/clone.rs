@@ -399,11 +399,9 @@ async fn work(
             queue.push_back(Work::Table(t));
             continue;
         }
-        if client.is_none() {
-            client = Some(slave_session(set, slave).await?);
-        }
-        let Some(client) = client.as_mut() else {
-            continue;
+        let client = match &mut client {
+            Some(client) => client,
+            None => client.insert(slave_session(set, slave).await?),
         };
         let tx = client
             .transaction()

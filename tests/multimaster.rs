@@ -169,6 +169,17 @@ async fn write(client: Client, base: i32, stop: Arc<AtomicBool>) -> i64 {
     changed
 }
 
+/// The nodes converge, and each master's registry says its slaves applied
+/// exactly `expected[n]` events: no change came back or arrived twice.
+async fn applied_exactly(nodes: &Nodes, expected: &[i64]) {
+    nodes.converge(Duration::from_secs(120)).await;
+    // The registries are written after each batch commits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (n, &e) in expected.iter().enumerate() {
+        assert_eq!(nodes.applied(n).await, e, "node {n}\n{}", nodes.log());
+    }
+}
+
 /// Writes on every node (disjoint ids) for `seconds`; returns each node's changes.
 async fn write_everywhere(nodes: &Nodes, seconds: u64) -> Vec<i64> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -193,11 +204,7 @@ async fn two_nodes_writing_for_30_seconds_converge_without_loops() {
     nodes.link(1, &[0], "");
     let mut daemon = nodes.spawn();
     let changed = write_everywhere(&nodes, 30).await;
-    nodes.converge(Duration::from_secs(60)).await;
-    // Each node's changes were applied once on the other, and none came back.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(nodes.applied(0).await, changed[0], "{}", nodes.log());
-    assert_eq!(nodes.applied(1).await, changed[1], "{}", nodes.log());
+    applied_exactly(&nodes, &changed).await;
     daemon.terminate();
     assert!(changed.iter().all(|&c| c > 100), "{changed:?}");
     assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
@@ -212,17 +219,9 @@ async fn a_star_converges_through_its_hub() {
     nodes.link(2, &[0], "FORWARD=local\n");
     let mut daemon = nodes.spawn();
     let changed = write_everywhere(&nodes, 10).await;
-    nodes.converge(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
     // The hub's set carries every change to the spoke that did not make it.
-    assert_eq!(
-        nodes.applied(0).await,
-        2 * changed[0] + changed[1] + changed[2],
-        "{}",
-        nodes.log()
-    );
-    assert_eq!(nodes.applied(1).await, changed[1]);
-    assert_eq!(nodes.applied(2).await, changed[2]);
+    let hub = 2 * changed[0] + changed[1] + changed[2];
+    applied_exactly(&nodes, &[hub, changed[1], changed[2]]).await;
     daemon.terminate();
     assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
 }
@@ -235,11 +234,8 @@ async fn a_full_mesh_converges_and_applies_each_change_once() {
     }
     let mut daemon = nodes.spawn();
     let changed = write_everywhere(&nodes, 10).await;
-    nodes.converge(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for (n, &c) in changed.iter().enumerate() {
-        assert_eq!(nodes.applied(n).await, 2 * c, "{}", nodes.log());
-    }
+    let twice: Vec<i64> = changed.iter().map(|c| 2 * c).collect();
+    applied_exactly(&nodes, &twice).await;
     daemon.terminate();
     assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
 }
@@ -431,6 +427,8 @@ async fn a_node_cut_off_while_both_sides_write_catches_up_when_it_returns() {
         nodes.client(n).await.batch_execute(&sql).await.unwrap();
     }
     nodes.converge(Duration::from_secs(20)).await;
+    // The registries are written after each batch commits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let before = [nodes.applied(0).await, nodes.applied(1).await];
     silent.store(true, Ordering::Relaxed);
     let changed = write_everywhere(&nodes, 10).await;
@@ -440,20 +438,7 @@ async fn a_node_cut_off_while_both_sides_write_catches_up_when_it_returns() {
     let waiting = status[0]["events_waiting"].as_i64().unwrap_or(0);
     assert!(waiting > 0, "{status}");
     silent.store(false, Ordering::Relaxed);
-    nodes.converge(Duration::from_secs(120)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        nodes.applied(0).await,
-        before[0] + changed[0],
-        "{}",
-        nodes.log()
-    );
-    assert_eq!(
-        nodes.applied(1).await,
-        before[1] + changed[1],
-        "{}",
-        nodes.log()
-    );
+    applied_exactly(&nodes, &[before[0] + changed[0], before[1] + changed[1]]).await;
     daemon.terminate();
 }
 
@@ -465,10 +450,7 @@ async fn pyreplica_skip_user_keeps_two_unnamed_nodes_from_looping() {
     nodes.link(1, &[0], "SKIP_USER=pyreplica\n");
     let mut daemon = nodes.spawn();
     let changed = write_everywhere(&nodes, 5).await;
-    nodes.converge(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(nodes.applied(0).await, changed[0], "{}", nodes.log());
-    assert_eq!(nodes.applied(1).await, changed[1], "{}", nodes.log());
+    applied_exactly(&nodes, &changed).await;
     daemon.terminate();
 }
 
