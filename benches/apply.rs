@@ -10,7 +10,7 @@
 //! master spends inside the workload's statements, capture included, is the
 //! capture benchmark's business).
 
-use pgreplica::cluster::Cluster;
+use pgreplica::throwaway::Server;
 use pgreplica::{capture, db};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ fn env_number(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-async fn fresh(pg: &Cluster, name: &str) -> Client {
+async fn fresh(pg: &Server, name: &str) -> Client {
     let admin = db::connect(&pg.dsn("postgres"), None).await.unwrap();
     for sql in [
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
@@ -129,7 +129,7 @@ const SCRIPT: &str = "function transform(op, row)
 end";
 
 /// The set's config file; with `transform`, table t's rows go through SCRIPT.
-fn write_conf(master: &Cluster, slave: &Cluster, db: &str, transform: bool) -> std::path::PathBuf {
+fn write_conf(master: &Server, slave: &Server, db: &str, transform: bool) -> std::path::PathBuf {
     let dir = std::env::temp_dir();
     let path = dir.join(format!("pgreplica-bench-{}.conf", std::process::id()));
     let mut text = format!(
@@ -160,8 +160,8 @@ async fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
-    let master = Cluster::start_with("UTC", "wal_level = logical\nmax_wal_size = 4GB").unwrap();
-    let slave = Cluster::start_with("UTC", "max_wal_size = 4GB").unwrap();
+    let master = Server::start_with("UTC", "wal_level = logical\nmax_wal_size = 4GB").unwrap();
+    let slave = Server::start_with("UTC", "max_wal_size = 4GB").unwrap();
     let phases = workloads(rows);
     let mut builtin = vec![Vec::new(); phases.len()];
     let mut ours = vec![Vec::new(); phases.len()];

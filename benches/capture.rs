@@ -5,7 +5,7 @@
 //!
 //!     cargo bench --bench capture
 
-use pgreplica::cluster::Cluster;
+use pgreplica::throwaway::Server;
 use pgreplica::{capture, db};
 use std::time::Instant;
 use tokio_postgres::Client;
@@ -77,7 +77,7 @@ async fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    let pg = Cluster::start("UTC").expect("a throwaway PostgreSQL server");
+    let pg = Server::start("UTC").expect("a throwaway PostgreSQL server");
     let mut client = db::connect(&pg.dsn("postgres"), None).await.unwrap();
     let version: String = client
         .query_one("SHOW server_version", &[])

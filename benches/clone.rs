@@ -6,7 +6,8 @@
 //!     cargo bench --bench clone
 //!     SCALE=10 RUNS=3 cargo bench --bench clone
 
-use pgreplica::cluster::{Cluster, find_bin};
+use pgreplica::programs::bin_dir;
+use pgreplica::throwaway::Server;
 use pgreplica::{capture, db};
 use std::path::Path;
 use std::process::Command;
@@ -35,7 +36,7 @@ fn shell(line: &str) {
 }
 
 /// Drops and creates database `name`.
-async fn fresh(pg: &Cluster, name: &str) {
+async fn fresh(pg: &Server, name: &str) {
     let admin = db::connect(&pg.dsn("postgres"), None).await.unwrap();
     for sql in [
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
@@ -55,10 +56,10 @@ fn timed(f: impl FnOnce()) -> f64 {
 async fn main() {
     let scale = env_number("SCALE", 50);
     let runs = env_number("RUNS", 5);
-    let bin = find_bin().unwrap();
+    let bin = bin_dir().unwrap();
     let tool = |name: &str| bin.join(name).display().to_string();
-    let master = Cluster::start_with("UTC", "max_wal_size = 4GB").unwrap();
-    let slave = Cluster::start_with("UTC", "max_wal_size = 4GB").unwrap();
+    let master = Server::start_with("UTC", "max_wal_size = 4GB").unwrap();
+    let slave = Server::start_with("UTC", "max_wal_size = 4GB").unwrap();
     fresh(&master, "bench").await;
     let source = master.dsn("bench");
     eprintln!("pgbench -i -s {scale} ...");
@@ -141,7 +142,7 @@ fn clone(conf: &Path) {
 
 /// The copy holds the accounts, with their primary key (restoring pgreplica's
 /// capture triggers fails on a slave without pgreplica, which is expected).
-async fn check_copied(slave: &Cluster) {
+async fn check_copied(slave: &Server) {
     let client = db::connect(&slave.dsn("copy"), None).await.unwrap();
     let row = client
         .query_one(

@@ -5,7 +5,7 @@
 //!     cargo bench --bench idle
 //!     SETS=20 IDLE_SECONDS=60 cargo bench --bench idle
 
-use pgreplica::cluster::Cluster;
+use pgreplica::throwaway::Server;
 use pgreplica::{capture, db};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,8 +44,8 @@ fn memory_mb(pid: u32, field: &str) -> f64 {
 async fn main() {
     let sets = env_number("SETS", 20);
     let seconds = env_number("IDLE_SECONDS", 60);
-    let master = Cluster::start_with("UTC", "max_connections = 200").unwrap();
-    let slave = Cluster::start_with("UTC", "max_connections = 200").unwrap();
+    let master = Server::start_with("UTC", "max_connections = 200").unwrap();
+    let slave = Server::start_with("UTC", "max_connections = 200").unwrap();
     let admin = db::connect(&master.dsn("postgres"), None).await.unwrap();
     admin.batch_execute("CREATE DATABASE app").await.unwrap();
     let mut client = db::connect(&master.dsn("app"), None).await.unwrap();

@@ -72,6 +72,23 @@ LANGUAGE sql STABLE AS $$
        AND (t.exclude IS NULL OR a.attname <> ALL (t.exclude))
 $$;
 
+-- The primary key's columns of a table, in the key's order (a key declared
+-- (b, a) gives {b,a}); empty when it has none. Every path that needs a key
+-- reads it here.
+CREATE OR REPLACE FUNCTION pgreplica.key_columns(tbl regclass) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(a.attname::text ORDER BY k.n), '{}')
+      FROM pg_index i
+     CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = tbl AND i.indisprimary
+$$;
+
+-- The version of this file's functions and tables; the daemon refuses a master
+-- whose version is not its own and says to run `pgreplica install` again.
+CREATE OR REPLACE FUNCTION pgreplica.version() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
+
 -- The capture function's name for a table.
 CREATE OR REPLACE FUNCTION pgreplica.capture_name(tbl regclass) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT 'capture_' || tbl::oid $$;
@@ -84,8 +101,7 @@ LANGUAGE sql STABLE AS $$
         WHEN c.relkind <> 'r' THEN 'not an ordinary table'
         WHEN c.relpersistence <> 'p' THEN 'temporary or unlogged table'
         WHEN n.nspname = 'pgreplica' THEN 'pgreplica''s own table'
-        WHEN NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
-            THEN 'no primary key'
+        WHEN cardinality(pgreplica.key_columns(c.oid)) = 0 THEN 'no primary key'
     END
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = tbl
@@ -129,10 +145,8 @@ BEGIN
     SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude
       INTO opts
       FROM (SELECT 1) AS one LEFT JOIN pgreplica.tables t ON t.reloid = tbl;
-    SELECT array_agg(quote_ident(a.attname) ORDER BY array_position(i.indkey::int2[], a.attnum))
-      INTO keys
-      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-     WHERE i.indrelid = tbl AND i.indisprimary;
+    SELECT array_agg(quote_ident(k.c) ORDER BY k.n) INTO keys
+      FROM unnest(pgreplica.key_columns(tbl)) WITH ORDINALITY AS k(c, n);
     k1 := keys[1];
     IF opts.columns IS NOT NULL OR opts.exclude IS NOT NULL THEN
         SELECT array_agg(quote_ident(c)) INTO cols FROM unnest(pgreplica.logged_columns(tbl)) c;
@@ -263,10 +277,9 @@ BEGIN
     IF wrong IS NOT NULL THEN
         RAISE EXCEPTION 'table %: no such column: %', tbl, wrong;
     END IF;
-    SELECT string_agg(a.attname, ', ') INTO wrong
-      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-     WHERE i.indrelid = tbl AND i.indisprimary
-       AND (a.attname <> ALL (coalesce(columns, known)) OR a.attname = ANY (coalesce(exclude, '{}')));
+    SELECT string_agg(k, ', ') INTO wrong
+      FROM unnest(pgreplica.key_columns(tbl)) k
+     WHERE k <> ALL (coalesce(columns, known)) OR k = ANY (coalesce(exclude, '{}'));
     IF wrong IS NOT NULL THEN
         RAISE EXCEPTION 'table %: the primary key column % must be replicated', tbl, wrong;
     END IF;
@@ -322,10 +335,7 @@ LANGUAGE sql STABLE AS $$
                'schema', n.nspname,
                'name', c.relname,
                'columns', pgreplica.logged_columns(c.oid),
-               'key', ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
-                                ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                             WHERE i.indrelid = c.oid AND i.indisprimary
-                             ORDER BY array_position(i.indkey::int2[], a.attnum)))), '{}')
+               'key', pgreplica.key_columns(c.oid))), '{}')
       FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
       JOIN pg_namespace n ON n.oid = c.relnamespace
 $$;

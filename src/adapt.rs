@@ -1,11 +1,10 @@
-//! What a slave takes of a master's log and how it lands: the origins it skips
-//! and its conflict policy (multi-master), and the renames and transforms of the
-//! set's `[TABLE]` sections, between reading a batch and applying it.
+//! How a master's rows land on a slave: the table and column renames and the
+//! transform scripts of a set's `[TABLE]` sections, between reading a batch and
+//! applying it.
 
-use crate::batch::{Event, MasterTable, Op, Origins};
 use crate::config::Config;
-use crate::conflict::Resolver;
 use crate::error::Error;
+use crate::event::{Event, MasterTable, Op};
 use crate::ident::TableName;
 use crate::record::Fields;
 use crate::transform::Scripts;
@@ -22,28 +21,25 @@ struct Route {
 /// Adapts the events of one set's batches for one slave; tables without a
 /// section pass unchanged.
 pub struct Adapter {
-    /// The events the slave takes, by origin.
-    pub origins: Origins,
-    /// How the slave settles conflicts, when the set says.
-    pub resolver: Option<Resolver>,
     routes: HashMap<TableName, Route>,
     scripts: Scripts,
     /// The adapted definitions of the current batch, by master definition
     /// (its address) and the columns a transform added.
     tables: HashMap<usize, Renamed>,
+    /// What the current event became.
+    out: Adapted,
 }
 
 /// Events ready for the applier, with the definitions they are read with.
-pub type Adapted = Vec<(Arc<MasterTable>, Event)>;
+type Adapted = Vec<(Arc<MasterTable>, Event)>;
 
 /// A master definition (kept alive, so that its address stays its own) and
 /// its definitions on the slave, by the columns a transform added.
 type Renamed = (Arc<MasterTable>, Vec<(Vec<String>, Arc<MasterTable>)>);
 
 impl Adapter {
-    /// Reads the set's `[TABLE]` sections and loads their transform scripts,
-    /// for slave `slave` of the set.
-    pub fn new(set: &Config, slave: u32) -> Result<Adapter, Error> {
+    /// Reads the set's `[TABLE]` sections and loads their transform scripts.
+    pub fn new(set: &Config) -> Result<Adapter, Error> {
         let mut scripts =
             Scripts::new(set.transform_memory << 20, set.transform_time).map_err(|message| {
                 Error::Options {
@@ -72,11 +68,10 @@ impl Adapter {
             }
         }
         Ok(Adapter {
-            origins: set.origins(slave),
-            resolver: Resolver::new(set, slave),
             routes,
             scripts,
             tables: HashMap::new(),
+            out: Vec::new(),
         })
     }
 
@@ -85,9 +80,24 @@ impl Adapter {
         self.tables.clear();
     }
 
-    /// Adds to `out` what `event` of `table` becomes on the slave: itself,
-    /// renamed, or the rows its transform gives back.
+    /// What `event` of `table` becomes on the slave: itself, renamed, or the
+    /// rows its transform gives back.
     pub fn adapt(
+        &mut self,
+        table: &Arc<MasterTable>,
+        event: Event,
+    ) -> Result<std::vec::Drain<'_, (Arc<MasterTable>, Event)>, Error> {
+        let mut out = std::mem::take(&mut self.out);
+        let result = self.reshape(table, event, &mut out);
+        if result.is_err() {
+            out.clear();
+        }
+        self.out = out;
+        result?;
+        Ok(self.out.drain(..))
+    }
+
+    fn reshape(
         &mut self,
         table: &Arc<MasterTable>,
         event: Event,

@@ -8,141 +8,12 @@
 //! order, which row locks make consistent with commit order for any one row.
 
 use crate::error::{Context, Error};
+use crate::event::{Event, MasterTable, Op, Origins, Snapshot};
 use crate::ident::TableName;
 use crate::record::{self, Fields};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio_postgres::{Portal, Statement, Transaction};
-
-/// A master snapshot (`txid_snapshot`): transactions below `xmin` are finished,
-/// those from `xmax` on are not, and `xip` lists those in between still running.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Oldest transaction still running.
-    pub xmin: i64,
-    /// First transaction not yet started.
-    pub xmax: i64,
-    /// Transactions between xmin and xmax still running.
-    pub xip: Vec<i64>,
-}
-
-impl Snapshot {
-    /// The position before every event: a new slave starts here.
-    pub fn start() -> Snapshot {
-        Snapshot {
-            xmin: 1,
-            xmax: 1,
-            xip: Vec::new(),
-        }
-    }
-
-    /// Reads `xmin:xmax:xip,xip,…`.
-    pub fn parse(text: &str) -> Option<Snapshot> {
-        let mut parts = text.trim().splitn(3, ':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let xip = match parts.next()? {
-            "" => Vec::new(),
-            list => list
-                .split(',')
-                .map(|x| x.parse().ok())
-                .collect::<Option<_>>()?,
-        };
-        Some(Snapshot { xmin, xmax, xip })
-    }
-
-    /// True when every transaction visible in `earlier` is visible in `self`,
-    /// that is, when `self` was taken after `earlier`.
-    pub fn includes(&self, earlier: &Snapshot) -> bool {
-        self.xmax >= earlier.xmax
-            && self
-                .xip
-                .iter()
-                .all(|x| *x >= earlier.xmax || earlier.xip.contains(x))
-    }
-
-    /// True when no transaction committed between `self` and the later `next`.
-    pub fn same_as(&self, next: &Snapshot) -> bool {
-        self.xmax == next.xmax && self.xip == next.xip
-    }
-}
-
-impl std::fmt::Display for Snapshot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let xip: Vec<String> = self.xip.iter().map(i64::to_string).collect();
-        write!(f, "{}:{}:{}", self.xmin, self.xmax, xip.join(","))
-    }
-}
-
-/// What an event did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// A row was inserted.
-    Insert,
-    /// A row was updated.
-    Update,
-    /// A row was deleted.
-    Delete,
-    /// The table was truncated.
-    Truncate,
-    /// A statement queued with `pgreplica.execute`, in `new`'s only field.
-    Execute,
-}
-
-/// One change of the master's log, its rows split into fields.
-#[derive(Debug, Clone)]
-pub struct Event {
-    /// Position in the log.
-    pub id: i64,
-    /// The master table's oid.
-    pub table: u32,
-    /// What was done.
-    pub op: Op,
-    /// The row before the change (update, delete).
-    pub old: Option<Fields>,
-    /// The row after the change (insert, update).
-    pub new: Option<Fields>,
-    /// The node where the change was made, when nodes are named (multi-master).
-    pub origin: Option<String>,
-    /// When the master logged it, in seconds since the epoch.
-    pub time: Option<f64>,
-}
-
-/// Which events of a master a slave takes, by the node they came from.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Origins {
-    /// The master's node name: the origin of its own changes.
-    pub master: Option<String>,
-    /// The slave's node name: changes that came from it never go back.
-    pub slave: Option<String>,
-    /// Only the master's own changes, none it applied from other nodes (a mesh,
-    /// or the spokes of a star).
-    pub local_only: bool,
-}
-
-/// A master table as the log describes it: its name, columns in row order, and key.
-#[derive(Debug)]
-pub struct MasterTable {
-    /// Qualified name on the master.
-    pub name: TableName,
-    /// Column names in the order of the row text's fields.
-    pub columns: Vec<String>,
-    /// Positions of the primary key's columns in `columns`.
-    pub key: Vec<usize>,
-}
-
-impl MasterTable {
-    /// The key of a row, as PostgreSQL shows it: `(a, b)=(1, x)`.
-    pub fn key_text(&self, row: &Fields) -> String {
-        let names: Vec<&str> = self.key.iter().map(|&k| self.columns[k].as_str()).collect();
-        let values: Vec<&str> = self
-            .key
-            .iter()
-            .map(|&k| row.get(k).and_then(|v| v.as_deref()).unwrap_or("NULL"))
-            .collect();
-        format!("({})=({})", names.join(", "), values.join(", "))
-    }
-}
 
 const SNAPSHOT_SQL: &str = "SELECT txid_current_snapshot()::text";
 
@@ -163,10 +34,7 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
 ORDER BY ev_id";
 
 const TABLE_SQL: &str = "
-SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid),
-       ARRAY(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
-                 ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-              WHERE i.indrelid = c.oid AND i.indisprimary)
+SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid), pgreplica.key_columns(c.oid)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = $1";
 
@@ -180,7 +48,7 @@ fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, E
         key: Vec<String>,
     }
     let layouts: HashMap<String, Layout> =
-        serde_json::from_str(text).map_err(|e| Error::Query {
+        serde_json::from_str(text).map_err(|e| Error::Invalid {
             doing: format!("reading execute event {id}"),
             message: format!("unreadable table definitions: {e}"),
         })?;
@@ -208,9 +76,9 @@ fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, E
 /// The master's current snapshot, read in `tx`.
 pub async fn current_snapshot(tx: &Transaction<'_>) -> Result<Snapshot, Error> {
     let doing = "taking a snapshot of the master";
-    let row = tx.query_one(SNAPSHOT_SQL, &[]).await.doing(doing)?;
+    let row = tx.query_one(SNAPSHOT_SQL, &[]).await.on_master(doing)?;
     let text: String = row.get(0);
-    Snapshot::parse(&text).ok_or_else(|| Error::Query {
+    Snapshot::parse(&text).ok_or_else(|| Error::Invalid {
         doing: doing.into(),
         message: format!("unreadable snapshot '{text}'"),
     })
@@ -253,22 +121,6 @@ pub struct Batch<'t> {
 }
 
 impl<'t> Batch<'t> {
-    /// Takes a snapshot in `tx` (REPEATABLE READ on the master) and opens the batch
-    /// that follows `prev`; `None` when nothing has committed since.
-    pub async fn open(
-        tx: &'t Transaction<'t>,
-        prev: &Snapshot,
-        origins: &Origins,
-    ) -> Result<Option<Batch<'t>>, Error> {
-        let snapshot = current_snapshot(tx).await?;
-        if prev.same_as(&snapshot) {
-            return Ok(None);
-        }
-        Batch::between(tx, prev, snapshot, None, origins)
-            .await
-            .map(Some)
-    }
-
     /// Opens the events of transactions visible in `snapshot` and not in `prev`,
     /// only those of the master table `table` when one is given, and only those
     /// `origins` lets through.
@@ -289,18 +141,18 @@ impl<'t> Batch<'t> {
             &snapshot.xmax,
         ];
         let mut layouts = Vec::new();
-        for row in tx.query(EXECUTES_SQL, &range).await.doing(doing)? {
+        for row in tx.query(EXECUTES_SQL, &range).await.on_master(doing)? {
             let id: i64 = row.get(0);
             let text: Option<String> = row.get(1);
             layouts.push((id, read_layouts(id, text.as_deref().unwrap_or("{}"))?));
         }
-        let stmt = tx.prepare(EVENTS_SQL).await.doing(doing)?;
+        let stmt = tx.prepare(EVENTS_SQL).await.on_master(doing)?;
         let mut params = range.to_vec();
         params.push(&table);
         params.push(&origins.slave);
         params.push(&origins.local_only);
-        let portal = tx.bind(&stmt, &params).await.doing(doing)?;
-        let table_stmt = tx.prepare(TABLE_SQL).await.doing(doing)?;
+        let portal = tx.bind(&stmt, &params).await.on_master(doing)?;
+        let table_stmt = tx.prepare(TABLE_SQL).await.on_master(doing)?;
         Ok(Batch {
             tx,
             portal,
@@ -341,7 +193,7 @@ impl<'t> Batch<'t> {
                     .tx
                     .query_portal(&self.portal, FETCH)
                     .await
-                    .doing(doing)?;
+                    .on_master(doing)?;
                 self.done = rows.len() < FETCH as usize;
                 self.buffered = rows.into_iter();
                 match self.buffered.next() {
@@ -375,7 +227,7 @@ impl<'t> Batch<'t> {
                 return Ok(Some((self.no_table.clone(), event)));
             }
             other => {
-                return Err(Error::Query {
+                return Err(Error::Invalid {
                     doing: doing.into(),
                     message: format!("event {id} has unknown operation '{}'", other as char),
                 });
@@ -403,7 +255,7 @@ impl<'t> Batch<'t> {
         }
         let fields = |text: Option<String>| -> Result<Option<Fields>, Error> {
             let Some(text) = text else { return Ok(None) };
-            let fields = record::parse(&text).map_err(|e| Error::Query {
+            let fields = record::parse(&text).map_err(|e| Error::Invalid {
                 doing: format!("reading event {id}"),
                 message: e.to_string(),
             })?;
@@ -445,8 +297,8 @@ impl<'t> Batch<'t> {
             .tx
             .query_opt(&self.table_stmt, &[&oid])
             .await
-            .doing("reading the master's catalog")?
-            .ok_or_else(|| Error::Query {
+            .on_master("reading the master's catalog")?
+            .ok_or_else(|| Error::Invalid {
                 doing: format!("reading event {event}"),
                 message: format!("its table (oid {oid}) no longer exists on the master"),
             })?;
@@ -469,33 +321,5 @@ impl<'t> Batch<'t> {
         let table = Arc::new(MasterTable { name, columns, key });
         self.tables.insert(oid, table.clone());
         Ok(table)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshots_round_trip() {
-        let s = Snapshot::parse("10:20:12,15").unwrap();
-        assert_eq!(s.xip, vec![12, 15]);
-        assert_eq!(s.to_string(), "10:20:12,15");
-        assert_eq!(Snapshot::parse("5:5:").unwrap().to_string(), "5:5:");
-        assert!(Snapshot::parse("x:1:").is_none());
-        assert!(Snapshot::start().same_as(&Snapshot::parse("1:1:").unwrap()));
-        assert!(!s.same_as(&Snapshot::parse("12:20:15").unwrap()));
-    }
-
-    #[test]
-    fn a_later_snapshot_includes_an_earlier_one() {
-        let earlier = Snapshot::parse("10:20:12,15").unwrap();
-        let later = Snapshot::parse("15:30:15,25").unwrap();
-        assert!(later.includes(&earlier));
-        assert!(earlier.includes(&earlier));
-        // 12 committed after `earlier` was taken, and 18 was visible in it.
-        assert!(!earlier.includes(&later));
-        assert!(!Snapshot::parse("10:30:18").unwrap().includes(&earlier));
-        assert!(!Snapshot::parse("10:19:").unwrap().includes(&earlier));
     }
 }

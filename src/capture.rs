@@ -1,7 +1,6 @@
 //! Capture on a master: installs the log and attaches triggers (runs the `sql/` files).
 
 use crate::config::Config;
-use crate::db::pg_message;
 use crate::error::{Context, Error};
 use crate::ident::TableName;
 use tokio_postgres::{Client, GenericClient};
@@ -10,6 +9,9 @@ use tokio_postgres::{Client, GenericClient};
 pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
 /// Removal of everything installed, as shipped in `sql/uninstall.sql`.
 pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
+
+/// The version of `sql/pgreplica.sql` this binary ships (`pgreplica.version()`).
+pub const VERSION: i32 = 2;
 
 /// What install did with one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,16 +30,16 @@ pub async fn install(
     tables: &[String],
     set: Option<&Config>,
 ) -> Result<Vec<TableReport>, Error> {
-    let tx = client.transaction().await.doing("installing capture")?;
+    let tx = client.transaction().await.on_master("installing capture")?;
     tx.batch_execute(INSTALL_SQL)
         .await
-        .doing("installing capture (sql/pgreplica.sql)")?;
+        .on_master("installing capture (sql/pgreplica.sql)")?;
     let mut reports = Vec::new();
     if tables.is_empty() {
         for row in tx
             .query("SELECT tbl::text, skipped FROM pgreplica.attach_all()", &[])
             .await
-            .doing("attaching capture to the tables")?
+            .on_master("attaching capture to the tables")?
         {
             reports.push(TableReport {
                 table: row.get(0),
@@ -52,7 +54,7 @@ pub async fn install(
                     &[table],
                 )
                 .await
-                .doing(&format!("attaching capture to table {table}"))?;
+                .on_master(&format!("attaching capture to table {table}"))?;
             reports.push(TableReport {
                 table: row.get(0),
                 skipped: row.get(1),
@@ -62,8 +64,57 @@ pub async fn install(
     if let Some(set) = set {
         configure(&tx, set).await?;
     }
-    tx.commit().await.doing("installing capture")?;
+    tx.commit().await.on_master("installing capture")?;
     Ok(reports)
+}
+
+/// Checks that the master runs this binary's version of the capture schema.
+pub async fn check_version(master: &Client) -> Result<(), Error> {
+    let doing = "checking pgreplica's version on the master";
+    let exists: bool = master
+        .query_one(
+            "SELECT to_regprocedure('pgreplica.version()') IS NOT NULL",
+            &[],
+        )
+        .await
+        .on_master(doing)?
+        .get(0);
+    let version: Option<i32> = match exists {
+        true => Some(
+            master
+                .query_one("SELECT pgreplica.version()", &[])
+                .await
+                .on_master(doing)?
+                .get(0),
+        ),
+        false => None,
+    };
+    match version {
+        Some(VERSION) => Ok(()),
+        Some(other) => Err(Error::Invalid {
+            doing: doing.into(),
+            message: format!(
+                "the master's capture schema is version {other}, this pgreplica's is {VERSION}: \
+                 run `pgreplica install` with this binary (it upgrades in place and keeps the log)"
+            ),
+        }),
+        None => Err(Error::Invalid {
+            doing: doing.into(),
+            message: "pgreplica is not installed on the master, or installed by an older \
+                      version: run `pgreplica install` (it upgrades in place and keeps the log)"
+                .into(),
+        }),
+    }
+}
+
+/// Runs `sql` on the master and queues it in the log (`pgreplica.execute`), so
+/// that every slave runs it at the same point between the data changes.
+pub async fn execute(master: &Client, sql: &str) -> Result<(), Error> {
+    master
+        .execute("SELECT pgreplica.execute($1)", &[&sql])
+        .await
+        .on_master("running the statement on the master")
+        .map(|_| ())
 }
 
 /// Removes capture and returns how many logged events were discarded with it.
@@ -72,18 +123,18 @@ pub async fn uninstall(client: &Client) -> Result<i64, Error> {
     let installed = client
         .query_one("SELECT to_regclass('pgreplica.log') IS NOT NULL", &[])
         .await
-        .doing(doing)?
+        .on_master(doing)?
         .get::<_, bool>(0);
     let pending = if installed {
         client
             .query_one("SELECT count(*) FROM pgreplica.log", &[])
             .await
-            .doing(doing)?
+            .on_master(doing)?
             .get(0)
     } else {
         0
     };
-    client.batch_execute(UNINSTALL_SQL).await.doing(doing)?;
+    client.batch_execute(UNINSTALL_SQL).await.on_master(doing)?;
     Ok(pending)
 }
 
@@ -111,7 +162,7 @@ pub async fn configure(client: &impl GenericClient, set: &Config) -> Result<Vec<
             .map_err(|e| Error::Options {
                 path: set.path.clone(),
                 line: t.line,
-                message: pg_message(&e),
+                message: crate::db::pg_message(&e),
             })?;
         if row.get::<_, bool>(0) {
             changed.push(t.table.clone());
@@ -125,7 +176,9 @@ pub async fn check_options(client: &mut Client, set: &Config) -> Result<(), Erro
     let tx = client
         .transaction()
         .await
-        .doing("checking the capture options")?;
+        .on_master("checking the capture options")?;
     configure(&tx, set).await?;
-    tx.rollback().await.doing("checking the capture options")
+    tx.rollback()
+        .await
+        .on_master("checking the capture options")
 }

@@ -8,13 +8,14 @@
 //! until a range is small enough to compare row by row, so memory stays bounded
 //! whatever the table's size.
 
-use crate::apply::{self, SESSION_SQL};
-use crate::batch::{Batch, Op, Origins, Snapshot, current_snapshot};
+use crate::batch::{Batch, current_snapshot};
 use crate::config::Config;
-use crate::db::{self, redact};
-use crate::error::{Context, Error};
+use crate::db::{self, SESSION_SQL, redact};
+use crate::error::{Context, Error, Side};
+use crate::event::{Op, Origins, Snapshot};
 use crate::ident::{TableName, quote_ident};
 use crate::record;
+use crate::slave;
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
@@ -49,11 +50,10 @@ impl std::fmt::Display for Difference {
 
 const TABLES_SQL: &str = "
 SELECT c.oid, n.nspname, c.relname, pgreplica.logged_columns(c.oid),
-       ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
-               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum ORDER BY k.n)
+       pgreplica.key_columns(c.oid)
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
   JOIN pg_namespace n ON n.oid = c.relnamespace
-  JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+ WHERE cardinality(pgreplica.key_columns(c.oid)) > 0
  ORDER BY n.nspname, c.relname";
 
 const KEY_TYPES_SQL: &str = "
@@ -62,12 +62,9 @@ SELECT format_type(a.atttypid, a.atttypmod)
   JOIN pg_attribute a ON a.attrelid = to_regclass($1) AND a.attname = k.name
  ORDER BY k.n";
 
-const LOCK_SQL: &str = "SELECT pg_advisory_lock(hashtext('pgreplica'), hashtext($1))";
-const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock(hashtext('pgreplica'), hashtext($1))";
-
 /// A replicated table as compared: names on the master and on the slave (its
 /// `[TABLE]` section may rename it and its columns), key positions.
-struct Table {
+struct Compared {
     oid: u32,
     name: TableName,
     columns: Vec<String>,
@@ -76,7 +73,7 @@ struct Table {
     slave_columns: Vec<String>,
 }
 
-impl Table {
+impl Compared {
     fn name(&self, side: Side) -> &TableName {
         match side {
             Side::Master => &self.name,
@@ -137,38 +134,31 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
             .await
             .doing("setting up the session")?;
     }
-    apply::prepare_slave(&slave).await?;
+    slave::prepare(&slave).await?;
 
     // The slave at its progress, with no batch half applied.
-    slave
-        .execute(LOCK_SQL, &[&set.name])
+    slave::hold_set(&slave, &set.name, true).await?;
+    let slave_tx = db::read_only(&mut slave)
         .await
-        .doing("locking the set's progress on the slave")?;
-    let slave_tx = db::read_snapshot(&mut slave, "reading the slave").await?;
-    let progress = apply::read_progress(&slave_tx, &set.name).await;
-    let cloning: HashSet<String> = slave_tx
-        .query(
-            "SELECT tbl FROM pgreplica.cloning WHERE set_name = $1",
-            &[&set.name],
-        )
-        .await
-        .doing("reading the tables being cloned")?
-        .iter()
-        .map(|r| r.get(0))
+        .on_slave("reading the slave")?;
+    let progress = slave::read_progress(&slave_tx, &set.name).await;
+    let cloning: HashSet<String> = slave::cloning(&slave_tx, &set.name)
+        .await?
+        .into_iter()
+        .map(|(table, _)| table)
         .collect();
-    slave_tx
-        .execute(UNLOCK_SQL, &[&set.name])
-        .await
-        .doing("unlocking the set's progress on the slave")?;
+    slave::hold_set(&slave_tx, &set.name, false).await?;
     let Some(position) = progress? else {
-        return Err(Error::Query {
+        return Err(Error::Invalid {
             doing: "checking".into(),
             message: "the slave has not replicated this set yet (run pgreplica clone or run)"
                 .into(),
         });
     };
 
-    let master_tx = db::read_snapshot(&mut master, "reading the master").await?;
+    let master_tx = db::read_only(&mut master)
+        .await
+        .on_master("reading the master")?;
     let snapshot = current_snapshot(&master_tx).await?;
     let mut tables = replicated(&master_tx, only).await?;
     let mut in_flight = in_flight(&master_tx, &position, &snapshot).await?;
@@ -195,7 +185,7 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
                 &[&table.slave_name.quoted()],
             )
             .await
-            .doing("reading the slave's catalog")?
+            .on_slave("reading the slave's catalog")?
             .get(0);
         if !on_slave {
             println!(
@@ -228,15 +218,15 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
 }
 
 /// The replicated tables with their columns and keys: all, or those named.
-async fn replicated(master: &Transaction<'_>, only: &[String]) -> Result<Vec<Table>, Error> {
+async fn replicated(master: &Transaction<'_>, only: &[String]) -> Result<Vec<Compared>, Error> {
     let mut wanted = HashSet::new();
     for name in only {
         let oid: Option<u32> = master
             .query_one("SELECT to_regclass($1)::oid", &[name])
             .await
-            .doing("reading the master's catalog")?
+            .on_master("reading the master's catalog")?
             .get(0);
-        wanted.insert(oid.ok_or_else(|| Error::Query {
+        wanted.insert(oid.ok_or_else(|| Error::Invalid {
             doing: format!("checking table {name}"),
             message: "no such table on the master".into(),
         })?);
@@ -244,7 +234,7 @@ async fn replicated(master: &Transaction<'_>, only: &[String]) -> Result<Vec<Tab
     let rows = master
         .query(TABLES_SQL, &[])
         .await
-        .doing("listing the replicated tables (is pgreplica installed on the master?)")?;
+        .on_master("listing the replicated tables (is pgreplica installed on the master?)")?;
     let mut tables = Vec::new();
     for r in rows {
         let oid: u32 = r.get(0);
@@ -261,7 +251,7 @@ async fn replicated(master: &Transaction<'_>, only: &[String]) -> Result<Vec<Tab
             schema: r.get(1),
             name: r.get(2),
         };
-        tables.push(Table {
+        tables.push(Compared {
             oid,
             slave_name: name.clone(),
             name,
@@ -295,13 +285,6 @@ async fn in_flight(
     Ok(keys)
 }
 
-/// Which server a query reads.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Master,
-    Slave,
-}
-
 /// A key range `(lo, hi]` in the master's key order; `None` is unbounded.
 #[derive(Clone)]
 struct Range {
@@ -312,7 +295,7 @@ struct Range {
 struct Compare<'a> {
     master: &'a Transaction<'a>,
     slave: &'a Transaction<'a>,
-    table: &'a Table,
+    table: &'a Compared,
     /// The key columns' types on the master and on the slave.
     key_types: [Vec<String>; 2],
     skip: &'a HashSet<String>,
@@ -556,7 +539,11 @@ fn refs(params: &[String]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 /// The types of a table's key columns, in key order, on one server.
-async fn key_types(tx: &Transaction<'_>, table: &Table, side: Side) -> Result<Vec<String>, Error> {
+async fn key_types(
+    tx: &Transaction<'_>,
+    table: &Compared,
+    side: Side,
+) -> Result<Vec<String>, Error> {
     let columns = table.columns(side);
     let names: Vec<&str> = table.key.iter().map(|&k| columns[k].as_str()).collect();
     let name = table.name(side);

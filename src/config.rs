@@ -1,7 +1,6 @@
 //! Configuration files: PyReplica's INI format read into a typed, validated `Config`.
 
-use crate::batch::Origins;
-use crate::conflict::Policy;
+use crate::event::Origins;
 use crate::ident::{TableName, parse_ident};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,6 +68,45 @@ pub struct Config {
     pub transform_memory: usize,
     /// Accepted but noteworthy lines, to be logged by the caller.
     pub warnings: Vec<String>,
+    /// The lines of the per-process keys this file gives (see [`PROCESS_KEYS`]).
+    pub process_lines: BTreeMap<&'static str, usize>,
+}
+
+/// Keys that set how the daemon process runs, not one set: the files of one
+/// daemon that give them must agree (see [`process_clash`]).
+pub const PROCESS_KEYS: [&str; 5] = ["USER", "LOGFILE", "HTTP", "LOG_FORMAT", "DEBUG_LEVEL"];
+
+/// How a set (or one table) settles a conflict (`CONFLICT=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The slave stops until the DBA resolves the conflict by hand.
+    Stop,
+    /// The slave's row stays as it is.
+    KeepLocal,
+    /// The master's change is applied over the slave's row.
+    ApplyRemote,
+    /// The later change wins; a tie goes to node priority.
+    Newest,
+    /// The change from the node earlier in `PRIORITY` wins.
+    Priority,
+}
+
+impl Policy {
+    /// Reads a policy's name as the config file writes it.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        Ok(match text.trim().to_ascii_lowercase().as_str() {
+            "stop" => Policy::Stop,
+            "keep-local" => Policy::KeepLocal,
+            "apply-remote" => Policy::ApplyRemote,
+            "newest" => Policy::Newest,
+            "priority" => Policy::Priority,
+            _ => {
+                return Err(format!(
+                    "'{text}' is not one of stop, keep-local, apply-remote, newest, priority"
+                ));
+            }
+        })
+    }
 }
 
 /// A `[TABLE schema.name]` section: what is captured of one master table (applied
@@ -185,6 +223,14 @@ pub enum ConfigError {
         /// What is wrong and what is expected.
         message: String,
     },
+    /// A slave number the file does not give.
+    #[error("{path} has no DSN{number}")]
+    NoSlave {
+        /// The file.
+        path: PathBuf,
+        /// The slave asked for.
+        number: u32,
+    },
     /// A required key is absent.
     #[error("{path}: [MAIN] {key} is missing: {message}")]
     Missing {
@@ -230,6 +276,18 @@ impl Config {
                 .or_else(|| pyreplica.then(|| format!("set {}", self.name))),
             slave: self.nodes.get(&slave).cloned(),
             local_only: self.local_only || pyreplica,
+        }
+    }
+
+    /// The slaves a command works on: `only` (checked to exist), or all.
+    pub fn chosen_slaves(&self, only: Option<u32>) -> Result<Vec<u32>, ConfigError> {
+        match only {
+            Some(n) if self.slaves.contains_key(&n) => Ok(vec![n]),
+            Some(number) => Err(ConfigError::NoSlave {
+                path: self.path.clone(),
+                number,
+            }),
+            None => Ok(self.slaves.keys().copied().collect()),
         }
     }
 
@@ -298,6 +356,7 @@ impl Config {
             transform_time: DEFAULT_TRANSFORM_TIME,
             transform_memory: DEFAULT_TRANSFORM_MEMORY,
             warnings: Vec::new(),
+            process_lines: BTreeMap::new(),
         };
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;
@@ -369,6 +428,9 @@ impl Config {
                 }
             } else {
                 main_key(&mut config, &key, value, line).map_err(|m| line_err(line, &key, m))?;
+                if let Some(k) = PROCESS_KEYS.iter().find(|k| **k == key) {
+                    config.process_lines.insert(k, line);
+                }
             }
         }
         let missing = |key: &str, message: &str| ConfigError::Missing {
@@ -586,6 +648,41 @@ pub fn capture_clash(sets: &[Config]) -> Option<String> {
                     ));
                 }
             }
+        }
+    }
+    None
+}
+
+/// Two files of one daemon that give a per-process key ([`PROCESS_KEYS`])
+/// different values: a message naming both places, or `None`. A file that
+/// leaves a key out follows the others.
+pub fn process_clash(sets: &[Config]) -> Option<String> {
+    let value = |set: &Config, key: &str| match key {
+        "USER" => format!("{:?}", set.user),
+        "LOGFILE" => format!("{:?}", set.logfile),
+        "HTTP" => format!("{:?}", set.http),
+        "LOG_FORMAT" => format!("{:?}", set.json_logs),
+        _ => format!("{:?}", set.debug_level),
+    };
+    for key in PROCESS_KEYS {
+        let giving: Vec<(&Config, usize)> = sets
+            .iter()
+            .filter_map(|s| Some((s, *s.process_lines.get(key)?)))
+            .collect();
+        let Some((first, line)) = giving.first() else {
+            continue;
+        };
+        if let Some((other, other_line)) = giving
+            .iter()
+            .find(|(s, _)| value(s, key) != value(first, key))
+        {
+            return Some(format!(
+                "{}:{line} and {}:{other_line} give {key} different values, but one daemon \
+                 runs both files and has one {key}: give the same value in both, or give it \
+                 in one file only",
+                first.path.display(),
+                other.path.display(),
+            ));
         }
     }
     None
@@ -833,6 +930,29 @@ TO_ADDRS=hostmaster@somewhere.com;dbadmin@somewhere.com";
         let clash = [file("a", "FILTER=new.x\n"), file("b", "")];
         let e = capture_clash(&clash).unwrap();
         assert!(e.starts_with("a.conf:5 and b.conf:5 give table"), "{e}");
+    }
+
+    #[test]
+    fn files_of_one_daemon_must_agree_on_its_process_keys() {
+        let file = |name: &str, extra: &str| {
+            let text = format!("[MAIN]\nNAME={name}\nDSN0=m\nDSN1=s\n{extra}");
+            Config::parse(Path::new(&format!("{name}.conf")), &text).unwrap()
+        };
+        let agree = [
+            file("a", "LOGFILE=/var/log/p.log\n"),
+            file("b", ""),
+            file("c", "\nLOGFILE=/var/log/p.log\n"),
+        ];
+        assert_eq!(process_clash(&agree), None);
+        let differ = [
+            file("a", "HTTP=127.0.0.1:1\n"),
+            file("b", "\nHTTP=127.0.0.1:2\n"),
+        ];
+        let e = process_clash(&differ).unwrap();
+        assert!(
+            e.starts_with("a.conf:5 and b.conf:6 give HTTP different values"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,45 +1,10 @@
-//! Conflicts: what a change from another node found on the slave, which side a
-//! set's policy lets win, and the table where every conflict is recorded.
+//! Conflicts: what a change from another node found on the slave, and which
+//! side a set's policy lets win.
 
-use crate::config::Config;
-use crate::db;
-use crate::error::{Context, Error};
+use crate::config::{Config, Policy};
 use crate::ident::TableName;
 use std::collections::HashMap;
 use std::fmt;
-
-/// How a set (or one table) settles a conflict (`CONFLICT=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// The slave stops until the DBA resolves the conflict by hand.
-    Stop,
-    /// The slave's row stays as it is.
-    KeepLocal,
-    /// The master's change is applied over the slave's row.
-    ApplyRemote,
-    /// The later change wins; a tie goes to node priority.
-    Newest,
-    /// The change from the node earlier in `PRIORITY` wins.
-    Priority,
-}
-
-impl Policy {
-    /// Reads a policy's name as the config file writes it.
-    pub fn parse(text: &str) -> Result<Policy, String> {
-        Ok(match text.trim().to_ascii_lowercase().as_str() {
-            "stop" => Policy::Stop,
-            "keep-local" => Policy::KeepLocal,
-            "apply-remote" => Policy::ApplyRemote,
-            "newest" => Policy::Newest,
-            "priority" => Policy::Priority,
-            _ => {
-                return Err(format!(
-                    "'{text}' is not one of stop, keep-local, apply-remote, newest, priority"
-                ));
-            }
-        })
-    }
-}
 
 /// What a change found on the slave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,117 +173,6 @@ impl Resolver {
             },
         })
     }
-}
-
-/// The table of conflicts on a slave.
-pub const SETUP_SQL: &str = "
-CREATE TABLE IF NOT EXISTS pgreplica.conflicts (
-    id          bigserial PRIMARY KEY,
-    at          timestamptz NOT NULL DEFAULT now(),
-    set_name    text NOT NULL,
-    tbl         text NOT NULL,     -- the slave's table, quoted schema.name
-    key         text NOT NULL,     -- (k)=(v)
-    kind        text NOT NULL,
-    event       bigint NOT NULL,   -- in the master's log
-    origin      text,              -- node the change came from
-    local_row   text,
-    remote_row  text,
-    resolution  text,              -- keep-local or apply-remote; NULL: waiting for the DBA
-    resolved_by text,              -- the policy, or 'hand'
-    UNIQUE (set_name, event, tbl, key)
-)";
-
-/// Records a conflict (once: a batch applied again finds it recorded).
-pub const RECORD_SQL: &str = "
-INSERT INTO pgreplica.conflicts
-       (set_name, tbl, key, kind, event, origin, local_row, remote_row, resolution, resolved_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (set_name, event, tbl, key) DO NOTHING";
-
-/// The resolution the DBA gave a conflict that stopped the set.
-pub const RESOLVED_SQL: &str = "
-SELECT resolution FROM pgreplica.conflicts
- WHERE set_name = $1 AND event = $2 AND tbl = $3 AND key = $4 AND resolution IS NOT NULL";
-
-const LIST_SQL: &str = "
-SELECT id, to_char(at, 'YYYY-MM-DD HH24:MI:SS'), tbl, key, kind, event, coalesce(origin, '-'),
-       coalesce(local_row, '(no row)'), coalesce(remote_row, '(no row)'),
-       coalesce(resolution || ' (' || resolved_by || ')', 'WAITING: the slave is stopped on it')
-  FROM pgreplica.conflicts WHERE set_name = $1 ORDER BY id";
-
-const HAND_SQL: &str = "
-UPDATE pgreplica.conflicts SET resolution = $3, resolved_by = 'hand'
- WHERE set_name = $1 AND id = $2 AND resolution IS NULL";
-
-/// Records a conflict that stopped slave `slave` (policy `stop`), unresolved.
-pub async fn record_stop(set: &Config, slave: u32, conflict: &Conflict) -> Result<(), Error> {
-    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
-    client
-        .execute(
-            RECORD_SQL,
-            &[
-                &conflict.set,
-                &conflict.table.quoted(),
-                &conflict.key,
-                &conflict.kind.to_string(),
-                &conflict.event,
-                &conflict.origin,
-                &conflict.local,
-                &conflict.remote,
-                &None::<String>,
-                &None::<String>,
-            ],
-        )
-        .await
-        .doing("recording a conflict in pgreplica.conflicts on the slave")?;
-    Ok(())
-}
-
-/// The conflicts recorded on slave `slave`, one line each.
-pub async fn list(set: &Config, slave: u32) -> Result<Vec<String>, Error> {
-    let client = db::connect(&set.slaves[&slave], None).await?;
-    let exists: bool = client
-        .query_one("SELECT to_regclass('pgreplica.conflicts') IS NOT NULL", &[])
-        .await
-        .doing("reading the slave's catalog")?
-        .get(0);
-    if !exists {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(LIST_SQL, &[&set.name])
-        .await
-        .doing("reading pgreplica.conflicts on the slave")?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            format!(
-                "#{} {} {}, key {}: {} (event {} from {})\n    slave:  {}\n    master: {}\n    {}",
-                r.get::<_, i64>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
-                r.get::<_, String>(3),
-                r.get::<_, String>(4),
-                r.get::<_, i64>(5),
-                r.get::<_, String>(6),
-                r.get::<_, String>(7),
-                r.get::<_, String>(8),
-                r.get::<_, String>(9),
-            )
-        })
-        .collect())
-}
-
-/// Resolves by hand conflict `id` that stopped slave `slave`; the slave applies
-/// the batch again with this resolution at its next try. Returns false when no
-/// such waiting conflict exists.
-pub async fn resolve(set: &Config, slave: u32, id: i64, winner: Winner) -> Result<bool, Error> {
-    let client = db::connect(&set.slaves[&slave], None).await?;
-    let changed = client
-        .execute(HAND_SQL, &[&set.name, &id, &winner.name()])
-        .await
-        .doing("resolving the conflict on the slave")?;
-    Ok(changed == 1)
 }
 
 #[cfg(test)]

@@ -1,17 +1,14 @@
 //! The daemon: one task per slave of each set, woken by NOTIFY, reconnecting with backoff.
 
 use crate::adapt::Adapter;
-use crate::apply::{self, Applied, Applier, Statements};
-use crate::batch::{Batch, Snapshot};
-use crate::capture;
 use crate::config::Config;
-use crate::conflict;
 use crate::db::{self, redact};
-use crate::error::{Context, Error};
-use crate::mail::{Kind, Mailer};
+use crate::error::{Context, Error, Side};
+use crate::mail::{Mailer, Notice};
 use crate::metrics::Metrics;
-use crate::sequence;
-use crate::status::{self, SlaveStatus};
+use crate::replicate::{self, Pipeline};
+use crate::status::SlaveStatus;
+use crate::{capture, registry, slave};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,42 +30,6 @@ const LAG_CHECK: Duration = Duration::from_secs(10);
 const MAIL_FLUSH: Duration = Duration::from_secs(40);
 /// Longest wait between two attempts after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-
-const REGISTER_SQL: &str = "
-INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, seen_at)
-VALUES ($1, $2, $3, $4::text::txid_snapshot, now())
-ON CONFLICT (set_name, slave) DO UPDATE SET dsn = EXCLUDED.dsn, seen_at = now()
-RETURNING snapshot::text";
-
-const SYNC_SQL: &str = "UPDATE pgreplica.slave SET snapshot = $3::text::txid_snapshot
- WHERE set_name = $1 AND slave = $2";
-
-const REPORT_SQL: &str = "
-UPDATE pgreplica.slave
-   SET snapshot = $3::text::txid_snapshot, events = events + $4, conflicts = conflicts + $5,
-       applied_at = CASE WHEN $4 > 0 OR applied_at IS NULL THEN now() ELSE applied_at END,
-       state = 'running', last_error = NULL, error_at = NULL, seen_at = now()
- WHERE set_name = $1 AND slave = $2";
-
-const ERROR_SQL: &str = "
-UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(), seen_at = now()
- WHERE set_name = $1 AND slave = $2";
-
-// Every slave of every set reading this master is registered: the log is kept
-// until the one furthest behind has applied it.
-// At most CLEANUP_ROWS at a time, so that one cleanup stays short; and only
-// once every slave of the set ($2) is registered, so that a slave whose task
-// has not reached the master yet is never cleaned past.
-const CLEANUP_SQL: &str = "
-DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM pgreplica.log
-     WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
-       AND ev_time < now() - make_interval(secs => $3)
-       AND NOT EXISTS (SELECT FROM unnest($2::int[]) AS n(slave)
-                        WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
-                                           WHERE s.set_name = $1 AND s.slave = n.slave))
-     LIMIT 100000))";
-const CLEANUP_ROWS: u64 = 100_000;
 
 /// Runs every slave of every set until `shutdown` turns true, or, with `once`,
 /// until each slave has applied everything committed when it started. Each
@@ -141,7 +102,7 @@ pub async fn run(
 /// when the set starts.
 async fn adaptable(sets: impl Iterator<Item = &Config>) -> bool {
     for set in sets.filter(|s| !s.tables.is_empty()) {
-        if let Err(e) = Adapter::new(set, 0) {
+        if let Err(e) = Adapter::new(set) {
             tracing::error!("{e}");
             return false;
         }
@@ -158,10 +119,12 @@ async fn adaptable(sets: impl Iterator<Item = &Config>) -> bool {
     true
 }
 
-/// Checks that set names are unique and that files reading one master agree
-/// on its capture options, and logs the files' warnings.
+/// Checks that set names are unique, that files reading one master agree on
+/// its capture options and files of one daemon on its process keys, and logs
+/// the files' warnings.
 fn valid(sets: &[Config]) -> bool {
-    if let Some(clash) = crate::config::capture_clash(sets) {
+    let clash = crate::config::capture_clash(sets).or_else(|| crate::config::process_clash(sets));
+    if let Some(clash) = clash {
         tracing::error!("{clash}");
         return false;
     }
@@ -199,7 +162,7 @@ impl Running {
         let (mailer, sender) = Mailer::start(&config.name, config.smtp.clone());
         if !once {
             mailer.send(
-                Kind::Start,
+                Notice::Start,
                 describe(&config, "pgreplica started replicating"),
             );
         }
@@ -208,7 +171,7 @@ impl Running {
             .keys()
             .map(|&slave| {
                 let span = tracing::info_span!("set", name = %config.name, slave);
-                let state = Slave {
+                let state = SlaveTask {
                     set: config.clone(),
                     number: slave,
                     once,
@@ -254,7 +217,7 @@ impl Running {
         }
         if !self.once {
             self.mailer.send(
-                Kind::Stop,
+                Notice::Stop,
                 describe(&self.config, "pgreplica stopped replicating"),
             );
         }
@@ -308,7 +271,7 @@ async fn watch_lag(
         }
         let Some(client) = &master else { continue };
         for &slave in set.slaves.keys() {
-            let Ok((events, seconds)) = status::lag(client, &set.name, slave).await else {
+            let Ok((events, seconds)) = registry::lag(client, &set.name, slave).await else {
                 continue;
             };
             metrics.update(&set.name, slave, |m| {
@@ -329,7 +292,7 @@ async fn watch_lag(
                     set.path.display()
                 );
                 tracing::warn!("{text}");
-                mailer.send(Kind::Warning, text);
+                mailer.send(Notice::Warning, text);
             } else if !lags && lagging.remove(&slave) {
                 let text = format!(
                     "Slave {slave} of set {} is back under its lag limits: {events} events \
@@ -337,14 +300,14 @@ async fn watch_lag(
                     set.name
                 );
                 tracing::info!("{text}");
-                mailer.send(Kind::Warning, text);
+                mailer.send(Notice::Warning, text);
             }
         }
     }
 }
 
 /// One slave of a set, and what its task keeps across sessions.
-struct Slave {
+struct SlaveTask {
     set: Arc<Config>,
     number: u32,
     once: bool,
@@ -359,7 +322,7 @@ struct Slave {
     metrics: Metrics,
 }
 
-impl Slave {
+impl SlaveTask {
     /// Replicates until shutdown (or, `once`, until caught up), retrying with
     /// backoff after any error. Returns false when stopped by an error in `once` mode.
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> bool {
@@ -389,7 +352,7 @@ impl Slave {
             self.metrics
                 .update(&self.set.name, self.number, |m| m.errors += 1);
             if let Error::Conflict(conflict) = &error
-                && let Err(e) = conflict::record_stop(&self.set, self.number, conflict).await
+                && let Err(e) = slave::record_stop(&self.set, self.number, conflict).await
             {
                 tracing::warn!("could not record the conflict on the slave: {e}");
             }
@@ -413,7 +376,7 @@ impl Slave {
             return;
         }
         self.mailer.send(
-            Kind::Error,
+            Notice::Error,
             format!(
                 "Slave {} ({}) of set {} is stopped by an error:\n\n{text}\n\n\
                  It keeps its place in the master's log (nothing is skipped) and retries \
@@ -440,27 +403,26 @@ impl Slave {
         let slave_dsn = &set.slaves[&slave];
         let (mut master, mut notifications) =
             db::connect_listening(&set.master, set.keepalive).await?;
-        master.batch_execute("LISTEN pgreplica").await.doing(
+        capture::check_version(&master).await?;
+        master.batch_execute("LISTEN pgreplica").await.on_master(
             "listening on the master (is pgreplica installed there? run pgreplica install)",
         )?;
         let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
-        apply::prepare_slave(&slave_client).await?;
-        let mut prev = register(&master, &slave_client, &set, slave).await?;
+        slave::prepare(&slave_client).await?;
+        let mut prev = replicate::register(&master, &slave_client, &set, slave).await?;
         if !set.tables.is_empty() {
             capture::configure(&master, &set).await?;
         }
-        let mut adapter = Adapter::new(&set, slave)?;
-        let mut statements = Statements::default();
+        let mut pipeline = Pipeline::new(&set, slave)?;
         let mut last_cleanup: Option<Instant> = None;
         let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
         loop {
             while notifications.try_recv().is_ok() {}
             let began = Instant::now();
-            let (snapshot, applied) = apply_batch(
+            let (snapshot, applied) = replicate::step(
                 &mut master,
                 &mut slave_client,
-                &mut statements,
-                &mut adapter,
+                &mut pipeline,
                 &set.name,
                 &prev,
                 self.exact,
@@ -475,7 +437,7 @@ impl Slave {
             }
             if let Some(error) = self.failing.take() {
                 self.mailer.send(
-                    Kind::Start,
+                    Notice::Start,
                     format!(
                         "Slave {slave} of set {} resumed replication after this error:\n\n{error}",
                         set.name
@@ -491,7 +453,7 @@ impl Slave {
             }
             if applied.conflicts > 0 {
                 self.mailer.send(
-                    Kind::Warning,
+                    Notice::Warning,
                     format!(
                         "{} conflict(s) on slave {slave} of set {} in the batch up to {snapshot}:\n\n{}",
                         applied.conflicts,
@@ -503,36 +465,26 @@ impl Slave {
             prev = snapshot;
             // Bookkeeping on the master, bounded in time: a master gone silent
             // right now is noticed here too.
-            let (position, number) = (prev.to_string(), slave as i32);
-            let (events, conflicts) = (applied.events as i64, applied.conflicts as i64);
-            let report = async {
-                master
-                    .execute(
-                        REPORT_SQL,
-                        &[&set.name, &number, &position, &events, &conflicts],
-                    )
-                    .await
-                    .doing("reporting progress to the master")
-            };
-            bounded(report, "master", heartbeat * 2).await?;
+            let report = registry::report(
+                &master,
+                &set.name,
+                slave,
+                &prev,
+                applied.events,
+                applied.conflicts,
+            );
+            bounded(report, Side::Master, heartbeat * 2).await?;
             if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
                 let slaves: Vec<i32> = set.slaves.keys().map(|&n| n as i32).collect();
-                let cleanup = async {
-                    master
-                        .execute(
-                            CLEANUP_SQL,
-                            &[&set.name, &slaves, &set.log_keep.as_secs_f64()],
-                        )
-                        .await
-                        .doing("cleaning the master's log")
-                };
+                let keep = set.log_keep.as_secs_f64();
+                let cleanup = registry::clean(&master, &set.name, &slaves, keep);
                 let removed =
-                    bounded(cleanup, "master", CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
+                    bounded(cleanup, Side::Master, CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
                 if removed > 0 {
                     tracing::debug!("removed {removed} applied events from the master's log");
                 }
                 // A full round means more to remove: again after the next batch.
-                last_cleanup = (removed < CLEANUP_ROWS).then(Instant::now);
+                last_cleanup = (removed < registry::CLEANUP_ROWS).then(Instant::now);
             }
             if self.once {
                 return Ok(());
@@ -544,13 +496,13 @@ impl Slave {
                 tokio::select! {
                     note = notifications.recv() => {
                         if note.is_none() {
-                            return Err(Error::Lost("master"));
+                            return Err(Error::Lost { side: Side::Master, what: "lost".into() });
                         }
                         break;
                     }
                     _ = tokio::time::sleep(heartbeat), if !cleaning => {
-                        alive(&master, "master", heartbeat).await?;
-                        alive(&slave_client, "slave", heartbeat).await?;
+                        alive(&master, Side::Master, heartbeat).await?;
+                        alive(&slave_client, Side::Slave, heartbeat).await?;
                     }
                     _ = std::future::ready(()), if cleaning => break,
                     _ = shutdown.changed() => return Ok(()),
@@ -561,7 +513,7 @@ impl Slave {
 }
 
 /// The heartbeat: the server answers a trivial query within `limit`.
-async fn alive(client: &Client, side: &'static str, limit: Duration) -> Result<(), Error> {
+async fn alive(client: &Client, side: Side, limit: Duration) -> Result<(), Error> {
     let check = async {
         client
             .simple_query("SELECT 1")
@@ -575,118 +527,27 @@ async fn alive(client: &Client, side: &'static str, limit: Duration) -> Result<(
 /// Runs `work` against one server, giving up after `limit`.
 async fn bounded<T>(
     work: impl std::future::Future<Output = Result<T, Error>>,
-    side: &'static str,
+    side: Side,
     limit: Duration,
 ) -> Result<T, Error> {
     tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-        Err(Error::Query {
-            doing: format!("checking the {side}"),
-            message: format!("no answer within {}s: reconnecting", limit.as_secs_f64()),
+        Err(Error::Lost {
+            side,
+            what: format!(
+                "no answer within {}s while checking the {side}: reconnecting",
+                limit.as_secs_f64()
+            ),
         })
     })
-}
-
-/// Registers the slave on the master and returns where it resumes. The slave's
-/// own progress row is the truth; the master's copy only protects the log from
-/// being cleaned past this slave.
-pub(crate) async fn register(
-    master: &Client,
-    slave_client: &Client,
-    set: &Config,
-    slave: u32,
-) -> Result<Snapshot, Error> {
-    let doing = "registering the slave on the master";
-    let progress = apply::read_progress(slave_client, &set.name).await?;
-    let start = progress.clone().unwrap_or_else(Snapshot::start);
-    let row = master
-        .query_one(
-            REGISTER_SQL,
-            &[
-                &set.name,
-                &(slave as i32),
-                &redact(&set.slaves[&slave]),
-                &start.to_string(),
-            ],
-        )
-        .await
-        .doing(doing)?;
-    let registered: String = row.get(0);
-    match progress {
-        Some(progress) => {
-            master
-                .execute(
-                    SYNC_SQL,
-                    &[&set.name, &(slave as i32), &progress.to_string()],
-                )
-                .await
-                .doing(doing)?;
-            Ok(progress)
-        }
-        None => Snapshot::parse(&registered).ok_or_else(|| Error::Query {
-            doing: doing.into(),
-            message: format!("pgreplica.slave holds an unreadable snapshot '{registered}'"),
-        }),
-    }
-}
-
-/// Applies the batch that follows the slave's progress (or `prev`, where the
-/// slave has none yet), if anything committed since. Returns where the slave now is.
-pub(crate) async fn apply_batch(
-    master: &mut Client,
-    slave: &mut Client,
-    statements: &mut Statements,
-    adapter: &mut Adapter,
-    set: &str,
-    prev: &Snapshot,
-    exact: bool,
-) -> Result<(Snapshot, Applied), Error> {
-    let slave_tx = slave
-        .transaction()
-        .await
-        .doing("starting the slave's transaction")?;
-    let (progress, cloning) = apply::lock_set(&slave_tx, set).await?;
-    let prev = progress.unwrap_or_else(|| prev.clone());
-    let master_tx = db::read_snapshot(master, "starting a read on the master").await?;
-    let Some(mut batch) = Batch::open(&master_tx, &prev, &adapter.origins).await? else {
-        return Ok((prev, Applied::default()));
-    };
-    batch.skip(cloning.clone());
-    let resolver = adapter.resolver.clone();
-    let mut applier = Applier::new(&slave_tx, statements, exact, resolver.as_ref());
-    adapter.begin();
-    let mut adapted = Vec::new();
-    while let Some((table, event)) = batch.next().await? {
-        if !cloning.contains(&table.name.quoted()) {
-            adapter.adapt(&table, event, &mut adapted)?;
-            for (table, event) in adapted.drain(..) {
-                applier.apply(&table, event).await?;
-            }
-        }
-    }
-    let snapshot = batch.snapshot.clone();
-    let applied = applier.finish(Some((set, &snapshot))).await?;
-    // Multi-master nodes keep disjoint ranges instead.
-    if adapter.origins.master.is_none() && applied.events > 0 {
-        sequence::carry(&master_tx, &slave_tx).await?;
-    }
-    slave_tx
-        .commit()
-        .await
-        .doing("committing the batch on the slave")?;
-    Ok((snapshot, applied))
 }
 
 /// Records a slave's error on the master for `status`, if the master answers.
 async fn record_error(set: &Config, slave: u32, error: &Error) {
     let result = async {
         let master = db::connect(&set.master, set.keepalive).await?;
-        let record = async {
-            master
-                .execute(ERROR_SQL, &[&set.name, &(slave as i32), &error.to_string()])
-                .await
-                .doing("recording the error on the master")
-        };
-        bounded(record, "master", RECORD_TIMEOUT).await
+        let text = error.to_string();
+        let record = registry::record_error(&master, &set.name, slave, &text);
+        bounded(record, Side::Master, RECORD_TIMEOUT).await
     }
     .await;
     if let Err(e) = result {

@@ -9,6 +9,11 @@ use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
+/// Session settings under which a value's text form is the same as the capture
+/// trigger's, so that texts read back from a slave compare equal.
+pub const SESSION_SQL: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres';
+SET extra_float_digits = 3; SET timezone = 'UTC'; SET bytea_output = 'hex'";
+
 /// A connection that could not be made.
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -277,19 +282,17 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A read-only REPEATABLE READ transaction: every read in it sees one snapshot.
-pub async fn read_snapshot<'c>(
-    client: &'c mut Client,
-    doing: &str,
-) -> Result<tokio_postgres::Transaction<'c>, crate::Error> {
-    use crate::error::Context;
+/// Starts a read-only REPEATABLE READ transaction: every read in it sees one
+/// snapshot.
+pub async fn read_only(
+    client: &mut Client,
+) -> Result<tokio_postgres::Transaction<'_>, tokio_postgres::Error> {
     client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await
-        .doing(doing)
 }
 
 #[cfg(test)]

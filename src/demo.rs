@@ -1,8 +1,8 @@
 //! The demo: two throwaway servers, a write load, and the slave catching up.
 
-use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{Context, Error};
+use crate::throwaway::Server;
 use crate::{capture, daemon, db};
 use futures_util::TryStreamExt;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ pub async fn copy_out(client: &Client, query: &str) -> Result<Vec<u8>, Error> {
 }
 
 fn setup_error(e: impl std::fmt::Display) -> Error {
-    Error::Query {
+    Error::Invalid {
         doing: "setting up the demo".into(),
         message: e.to_string(),
     }
@@ -40,8 +40,8 @@ pub async fn run() -> Result<bool, Error> {
     println!(
         "Starting two throwaway PostgreSQL servers (master in Europe/Madrid, slave in America/New_York)…"
     );
-    let master_pg = Cluster::start("Europe/Madrid").map_err(setup_error)?;
-    let slave_pg = Cluster::start("America/New_York").map_err(setup_error)?;
+    let master_pg = Server::start("Europe/Madrid").map_err(setup_error)?;
+    let slave_pg = Server::start("America/New_York").map_err(setup_error)?;
     for pg in [&master_pg, &slave_pg] {
         let admin = db::connect(&pg.dsn("postgres"), None).await?;
         admin

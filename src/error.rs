@@ -1,25 +1,49 @@
-//! The library's errors, each saying what failed and where.
+//! The library's errors, each saying what failed, where, and why.
 
+use crate::conflict::Conflict;
 use crate::db::{ConnectError, pg_message};
 use crate::ident::TableName;
 use thiserror::Error;
+use tokio_postgres::error::SqlState;
+
+/// Which server a statement ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The master of a set.
+    Master,
+    /// A slave of a set.
+    Slave,
+}
 
 /// Anything that stops a batch, a command or a slave.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// A config file, or what a command asked of it, cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A server could not be reached.
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// A statement failed outside of applying an event.
-    #[error("{doing}: {message}")]
-    Query {
+    /// A statement failed on a server (outside of applying an event).
+    #[error("{doing}: {}", pg_message(source))]
+    Db {
         /// What pgreplica was doing.
         doing: String,
-        /// PostgreSQL's message.
+        /// The server, when known.
+        side: Option<Side>,
+        /// PostgreSQL's error, with its SQLSTATE.
+        source: tokio_postgres::Error,
+    },
+    /// What a server or the log holds cannot be used as it is.
+    #[error("{doing}: {message}")]
+    Invalid {
+        /// What pgreplica was doing.
+        doing: String,
+        /// What is wrong, and what to do.
         message: String,
     },
     /// Applying one event on a slave failed.
-    #[error("table {table}, key {key}, event {event}: {message}")]
+    #[error("table {table}, key {key}, event {event}: {}", pg_message(source))]
     Apply {
         /// The slave's table.
         table: TableName,
@@ -27,12 +51,15 @@ pub enum Error {
         key: String,
         /// The event's id in the master's log.
         event: i64,
-        /// PostgreSQL's message.
-        message: String,
+        /// PostgreSQL's error.
+        source: tokio_postgres::Error,
     },
     /// A set-based statement applying several events failed; which event it was
     /// is found by applying the batch again one event per statement.
-    #[error("table {table}, one of {events} events from event {first}: {message}")]
+    #[error(
+        "table {table}, one of {events} events from event {first}: {}",
+        pg_message(source)
+    )]
     ApplyRun {
         /// The slave's table.
         table: TableName,
@@ -40,8 +67,8 @@ pub enum Error {
         events: usize,
         /// The first event's id.
         first: i64,
-        /// PostgreSQL's message.
-        message: String,
+        /// PostgreSQL's error.
+        source: tokio_postgres::Error,
     },
     /// Master and slave disagree on a table's definition.
     #[error("table {table}: {message}")]
@@ -79,23 +106,80 @@ pub enum Error {
         "{0}; the slave stops here (CONFLICT=stop): see pgreplica conflicts CONF, and resolve it \
          with --resolve ID keep-local|apply-remote"
     )]
-    Conflict(Box<crate::conflict::Conflict>),
-    /// A server connection ended while waiting for notifications.
-    #[error("connection to the {0} was lost")]
-    Lost(&'static str),
+    Conflict(Box<Conflict>),
+    /// A server did not answer in time, or its connection ended.
+    #[error("connection to the {side}: {what}")]
+    Lost {
+        /// The server.
+        side: Side,
+        /// What happened, e.g. "connection was lost".
+        what: String,
+    },
 }
 
-/// Adds what was being done to a PostgreSQL error.
+impl Error {
+    /// PostgreSQL's SQLSTATE of a failed statement, if that is what failed.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            Error::Db { source, .. }
+            | Error::Apply { source, .. }
+            | Error::ApplyRun { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+
+    /// The server that failed, when known.
+    pub fn side(&self) -> Option<Side> {
+        match self {
+            Error::Db { side, .. } => *side,
+            Error::Apply { .. } | Error::ApplyRun { .. } | Error::Conflict(_) => Some(Side::Slave),
+            Error::Lost { side, .. } => Some(*side),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Master => "master",
+            Side::Slave => "slave",
+        })
+    }
+}
+
+/// Adds what was being done, and where, to a PostgreSQL error.
 pub trait Context<T> {
-    /// Wraps the error as `Error::Query` with `doing` as its context.
+    /// Wraps the error as [`Error::Db`] with `doing` as its context.
     fn doing(self, doing: &str) -> Result<T, Error>;
+    /// Like `doing`, for a statement on the master.
+    fn on_master(self, doing: &str) -> Result<T, Error>;
+    /// Like `doing`, for a statement on a slave.
+    fn on_slave(self, doing: &str) -> Result<T, Error>;
 }
 
 impl<T> Context<T> for Result<T, tokio_postgres::Error> {
     fn doing(self, doing: &str) -> Result<T, Error> {
-        self.map_err(|e| Error::Query {
-            doing: doing.to_string(),
-            message: pg_message(&e),
-        })
+        wrap(self, doing, None)
     }
+
+    fn on_master(self, doing: &str) -> Result<T, Error> {
+        wrap(self, doing, Some(Side::Master))
+    }
+
+    fn on_slave(self, doing: &str) -> Result<T, Error> {
+        wrap(self, doing, Some(Side::Slave))
+    }
+}
+
+fn wrap<T>(
+    result: Result<T, tokio_postgres::Error>,
+    doing: &str,
+    side: Option<Side>,
+) -> Result<T, Error> {
+    result.map_err(|source| Error::Db {
+        doing: doing.to_string(),
+        side,
+        source,
+    })
 }

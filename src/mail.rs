@@ -14,9 +14,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// What a mail is about; each kind has its subject and its own digest.
+/// What a mail is about; each notice has its subject and its own digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kind {
+pub enum Notice {
     /// Replication started (or resumed after an error).
     Start,
     /// Replication stopped.
@@ -27,13 +27,13 @@ pub enum Kind {
     Warning,
 }
 
-impl Kind {
+impl Notice {
     fn key(self) -> &'static str {
         match self {
-            Kind::Start => "START",
-            Kind::Stop => "STOP",
-            Kind::Error => "ERROR",
-            Kind::Warning => "WARNING",
+            Notice::Start => "START",
+            Notice::Stop => "STOP",
+            Notice::Error => "ERROR",
+            Notice::Warning => "WARNING",
         }
     }
 }
@@ -46,7 +46,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sends a set's alerts; cheap to clone. Without `[SMTP]` it does nothing.
 #[derive(Clone)]
 pub struct Mailer {
-    tx: Option<mpsc::Sender<(Kind, String)>>,
+    tx: Option<mpsc::Sender<(Notice, String)>>,
 }
 
 impl Mailer {
@@ -61,7 +61,7 @@ impl Mailer {
     }
 
     /// Queues a mail; never waits.
-    pub fn send(&self, kind: Kind, text: impl Into<String>) {
+    pub fn send(&self, kind: Notice, text: impl Into<String>) {
         if let Some(tx) = &self.tx
             && tx.try_send((kind, text.into())).is_err()
         {
@@ -79,7 +79,7 @@ struct Pending {
 
 /// The sender task: sends at once or gathers for the digest; on close, sends
 /// what waits and ends.
-async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Kind, String)>) {
+async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Notice, String)>) {
     let transport = match transport(&smtp) {
         Ok(t) => t,
         Err(e) => {
@@ -88,7 +88,7 @@ async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Kind, String)>)
             return;
         }
     };
-    let mut kinds: BTreeMap<Kind, Pending> = BTreeMap::new();
+    let mut kinds: BTreeMap<Notice, Pending> = BTreeMap::new();
     loop {
         let due = kinds
             .iter()
@@ -164,7 +164,7 @@ fn transport(smtp: &Smtp) -> Result<Transport, String> {
 
 /// Sends one mail (one text) or a digest (several) to every recipient; failures
 /// are logged.
-async fn deliver(transport: &Transport, smtp: &Smtp, set: &str, kind: Kind, texts: &[String]) {
+async fn deliver(transport: &Transport, smtp: &Smtp, set: &str, kind: Notice, texts: &[String]) {
     let subject = smtp
         .subjects
         .get(kind.key())

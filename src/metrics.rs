@@ -10,7 +10,7 @@ const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 
 
 /// One slave's figures since the daemon started.
 #[derive(Debug, Default, Clone)]
-pub struct Slave {
+pub struct SlaveCounts {
     /// Events applied.
     pub events: u64,
     /// Batches committed.
@@ -34,11 +34,11 @@ pub struct Slave {
 /// Every slave's figures, shared by the daemon's tasks and the HTTP listener;
 /// cheap to clone.
 #[derive(Clone, Default)]
-pub struct Metrics(Arc<Mutex<BTreeMap<(String, u32), Slave>>>);
+pub struct Metrics(Arc<Mutex<BTreeMap<(String, u32), SlaveCounts>>>);
 
 impl Metrics {
     /// Changes one slave's figures.
-    pub fn update(&self, set: &str, slave: u32, change: impl FnOnce(&mut Slave)) {
+    pub fn update(&self, set: &str, slave: u32, change: impl FnOnce(&mut SlaveCounts)) {
         if let Ok(mut all) = self.0.lock() {
             change(all.entry((set.to_string(), slave)).or_default());
         }
@@ -66,9 +66,14 @@ impl Metrics {
 }
 
 /// A metric shown per slave: name, type, help, and how to read it.
-type Series = (&'static str, &'static str, &'static str, fn(&Slave) -> f64);
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&SlaveCounts) -> f64,
+);
 
-fn prometheus(all: &BTreeMap<(String, u32), Slave>) -> String {
+fn prometheus(all: &BTreeMap<(String, u32), SlaveCounts>) -> String {
     let mut out = String::new();
     let series: [Series; 7] = [
         (

@@ -35,7 +35,7 @@ pub async fn carry(master: &impl GenericClient, slave: &impl GenericClient) -> R
     let rows = master
         .query(OWNED_SQL, &[])
         .await
-        .doing("reading the master's sequences")?;
+        .on_master("reading the master's sequences")?;
     let (names, values): (Vec<String>, Vec<i64>) = rows
         .iter()
         .filter_map(|r| Some((r.get(0), r.get::<_, Option<i64>>(3)?)))
@@ -46,7 +46,7 @@ pub async fn carry(master: &impl GenericClient, slave: &impl GenericClient) -> R
     Ok(slave
         .query_one(RAISE_SQL, &[&names, &values])
         .await
-        .doing("raising the slave's sequences to the master's")?
+        .on_master("raising the slave's sequences to the master's")?
         .get(0))
 }
 
@@ -89,6 +89,13 @@ pub async fn partition(
     Ok(changed)
 }
 
+/// Reads `K/N` (this node's number K of N nodes, 1 ≤ K ≤ N).
+pub fn parse_share(spec: &str) -> Option<(i64, i64)> {
+    let (k, n) = spec.split_once('/')?;
+    let (k, n) = (k.trim().parse().ok()?, n.trim().parse().ok()?);
+    (1 <= k && k <= n).then_some((k, n))
+}
+
 /// The first value above `highest` that is `node` modulo `nodes`.
 fn next_in_range(highest: i64, node: i64, nodes: i64) -> i64 {
     let from = highest + 1;
@@ -98,6 +105,14 @@ fn next_in_range(highest: i64, node: i64, nodes: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_read_k_of_n() {
+        assert_eq!(parse_share("2/3"), Some((2, 3)));
+        assert_eq!(parse_share("4/3"), None);
+        assert_eq!(parse_share("0/3"), None);
+        assert_eq!(parse_share("x"), None);
+    }
 
     #[test]
     fn each_node_gets_its_own_residue_above_the_highest_value() {

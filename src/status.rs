@@ -2,9 +2,8 @@
 
 use crate::config::Config;
 use crate::db::{self, redact};
-use crate::error::{Context, Error};
+use crate::registry;
 use serde::Serialize;
-use tokio_postgres::Client;
 
 /// One slave's state as the master sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -43,31 +42,6 @@ impl SlaveStatus {
     }
 }
 
-/// Events a slave has not applied and the age in seconds of the oldest
-/// committed one, read on the master.
-pub async fn lag(master: &Client, set: &str, slave: u32) -> Result<(i64, f64), Error> {
-    let row = master
-        .query_opt(LAG_SQL, &[&set, &(slave as i32)])
-        .await
-        .doing("measuring the slave's lag on the master")?;
-    Ok(row.map_or((0, 0.0), |r| (r.get(0), r.get(1))))
-}
-
-const STATUS_SQL: &str = "
-SELECT s.state, s.applied_at::text, s.seen_at::text, s.events, s.conflicts,
-       CASE WHEN s.last_error IS NOT NULL THEN s.error_at::text || ': ' || s.last_error END
-  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
-
-const LAG_SQL: &str = "
-SELECT (SELECT count(*) FROM pgreplica.log l
-         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
-           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)),
-       coalesce((SELECT extract(epoch FROM now() - min(l.ev_time))::float8 FROM pgreplica.log l
-         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
-           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)
-           AND txid_visible_in_snapshot(l.ev_txid, txid_current_snapshot())), 0)
-  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
-
 /// Reads every slave's status of a set from its master. A slave the daemon has
 /// never started shows as `not started`; an unreachable master as `unknown`.
 pub async fn status(set: &Config) -> Vec<SlaveStatus> {
@@ -89,14 +63,10 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
             lagging: false,
         };
         let row = match &master {
-            Ok(client) => client
-                .query_opt(STATUS_SQL, &[&set.name, &(slave as i32)])
+            Ok(client) => registry::entry(client, &set.name, slave)
                 .await
-                .doing("reading status on the master"),
-            Err(e) => Err(Error::Query {
-                doing: "reading status".into(),
-                message: e.to_string(),
-            }),
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
         match row {
             Ok(Some(r)) => {
@@ -107,7 +77,7 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
                 s.conflicts = r.get(4);
                 s.last_error = r.get(5);
                 if let Ok(client) = &master {
-                    match lag(client, &set.name, slave).await {
+                    match registry::lag(client, &set.name, slave).await {
                         Ok((events, seconds)) => {
                             s.events_waiting = events;
                             s.lag_seconds = seconds;
@@ -118,7 +88,7 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
                 }
             }
             Ok(None) => s.state = "not started".into(),
-            Err(e) => s.last_error = Some(e.to_string()),
+            Err(e) => s.last_error = Some(e),
         }
         out.push(s);
     }

@@ -2,11 +2,11 @@
 
 mod support;
 
-use support::{Setup, cluster, connect, pgreplica, text};
+use support::{Setup, connect, pgreplica, server, text};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn install_reports_each_table_is_idempotent_and_uninstall_removes_everything() {
-    let pg = cluster("UTC");
+    let pg = server("UTC");
     connect(&pg.dsn("postgres"))
         .await
         .batch_execute("CREATE DATABASE shop")
@@ -72,7 +72,7 @@ async fn install_reports_each_table_is_idempotent_and_uninstall_removes_everythi
 
 #[tokio::test(flavor = "multi_thread")]
 async fn install_with_named_tables_attaches_only_those() {
-    let pg = cluster("UTC");
+    let pg = server("UTC");
     let client = connect(&pg.dsn("postgres")).await;
     client
         .batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")

@@ -4,13 +4,13 @@
 mod support;
 
 use pgreplica::capture;
-use pgreplica::cluster::Cluster;
+use pgreplica::throwaway::Server;
 use rand::Rng;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use support::{Daemon, cluster, connect, spawn_run};
+use support::{Daemon, connect, server, spawn_run};
 use tokio_postgres::Client;
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, qty int, note text);
@@ -19,7 +19,7 @@ const ALL: &str = "SELECT * FROM items ORDER BY id";
 
 /// Databases named n0, n1, … each with capture installed, and the sets that link them.
 struct Nodes {
-    clusters: Vec<Cluster>,
+    clusters: Vec<Server>,
     dir: PathBuf,
     confs: Vec<PathBuf>,
     /// Nodes the daemon reaches through a proxy, and the proxy's port.
@@ -30,7 +30,7 @@ struct Nodes {
 
 impl Nodes {
     async fn start(n: usize) -> Nodes {
-        let clusters: Vec<Cluster> = (0..n).map(|_| cluster("UTC")).collect();
+        let clusters: Vec<Server> = (0..n).map(|_| server("UTC")).collect();
         for c in &clusters {
             let admin = connect(&c.dsn("postgres")).await;
             admin.batch_execute("CREATE DATABASE app").await.unwrap();

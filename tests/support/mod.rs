@@ -6,8 +6,8 @@ pub mod proxy;
 pub mod smtp;
 pub mod writers;
 
-use pgreplica::cluster::Cluster;
 use pgreplica::demo::copy_out;
+use pgreplica::throwaway::Server;
 use pgreplica::{capture, db};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -16,15 +16,14 @@ use tokio_postgres::Client;
 
 /// A master with slaves, all holding database `app` with the same schema.
 pub struct Setup {
-    pub master: Cluster,
-    pub slaves: Vec<Cluster>,
+    pub master: Server,
+    pub slaves: Vec<Server>,
     pub conf: PathBuf,
     dir: PathBuf,
 }
 
-pub fn cluster(timezone: &str) -> Cluster {
-    Cluster::start(timezone)
-        .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
+pub fn server(timezone: &str) -> Server {
+    Server::start(timezone).unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
 }
 
 impl Setup {
@@ -35,8 +34,8 @@ impl Setup {
 
     /// Like `new`, with a different schema script on the slaves.
     pub async fn with_schemas(slaves: usize, master_schema: &str, slave_schema: &str) -> Setup {
-        let master = cluster("Europe/Madrid");
-        let slaves: Vec<Cluster> = (0..slaves).map(|_| cluster("Pacific/Auckland")).collect();
+        let master = server("Europe/Madrid");
+        let slaves: Vec<Server> = (0..slaves).map(|_| server("Pacific/Auckland")).collect();
         for (pg, schema) in std::iter::once((&master, master_schema))
             .chain(slaves.iter().map(|s| (s, slave_schema)))
         {

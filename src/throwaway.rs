@@ -4,6 +4,7 @@
 //! with the system's `initdb` and `pg_ctl`. PostgreSQL refuses to run as root, so
 //! when we are root the server runs as the `postgres` OS user.
 
+use crate::programs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,10 +14,10 @@ use thiserror::Error;
 /// A server that could not be set up.
 #[derive(Debug, Error)]
 #[error("{0}")]
-pub struct ClusterError(String);
+pub struct ServerError(String);
 
 /// A running throwaway server; stopped and removed when dropped.
-pub struct Cluster {
+pub struct Server {
     dir: PathBuf,
     bin: PathBuf,
     /// The loopback port it listens on.
@@ -24,31 +25,6 @@ pub struct Cluster {
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// The newest installed PostgreSQL's `bin` folder (or `$PG_BIN`).
-pub fn find_bin() -> Result<PathBuf, ClusterError> {
-    if let Some(bin) = std::env::var_os("PG_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, bin)| bin).ok_or_else(|| {
-        ClusterError(
-            "PostgreSQL's server programs (initdb, pg_ctl) were not found under /usr/lib/postgresql: \
-             install them with `apt-get install -y postgresql` (or set PG_BIN to their folder)"
-                .into(),
-        )
-    })
-}
 
 fn running_as_root() -> bool {
     #[cfg(unix)]
@@ -60,24 +36,24 @@ fn running_as_root() -> bool {
     false
 }
 
-fn free_port() -> Result<u16, ClusterError> {
+fn free_port() -> Result<u16, ServerError> {
     let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| ClusterError(format!("no free port: {e}")))?;
+        TcpListener::bind("127.0.0.1:0").map_err(|e| ServerError(format!("no free port: {e}")))?;
     listener
         .local_addr()
         .map(|a| a.port())
-        .map_err(|e| ClusterError(format!("no free port: {e}")))
+        .map_err(|e| ServerError(format!("no free port: {e}")))
 }
 
-impl Cluster {
+impl Server {
     /// Creates and starts a server whose `timezone` setting is `timezone`.
-    pub fn start(timezone: &str) -> Result<Cluster, ClusterError> {
-        Cluster::start_with(timezone, "")
+    pub fn start(timezone: &str) -> Result<Server, ServerError> {
+        Server::start_with(timezone, "")
     }
 
     /// Like `start`, with extra `postgresql.conf` lines.
-    pub fn start_with(timezone: &str, settings: &str) -> Result<Cluster, ClusterError> {
-        let bin = find_bin()?;
+    pub fn start_with(timezone: &str, settings: &str) -> Result<Server, ServerError> {
+        let bin = programs::bin_dir().map_err(|e| ServerError(e.to_string()))?;
         let dir = std::env::temp_dir().join(format!(
             "pgreplica-{}-{}",
             std::process::id(),
@@ -85,17 +61,17 @@ impl Cluster {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ClusterError(format!("{}: {e}", dir.display())))?;
-        let mut cluster = Cluster { dir, bin, port: 0 };
+            .map_err(|e| ServerError(format!("{}: {e}", dir.display())))?;
+        let mut server = Server { dir, bin, port: 0 };
         if running_as_root() {
-            cluster.run(
+            server.run(
                 "chown",
-                &["-R", "postgres:", cluster.dir.to_str().unwrap_or_default()],
+                &["-R", "postgres:", server.dir.to_str().unwrap_or_default()],
                 false,
             )?;
         }
-        let data = cluster.data();
-        cluster.run(
+        let data = server.data();
+        server.run(
             "initdb",
             &[
                 "-D",
@@ -113,18 +89,18 @@ impl Cluster {
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
              full_page_writes = off\ntimezone = '{timezone}'\nmax_connections = 200\nshared_buffers = 64MB\n{settings}\n",
-            cluster.dir.display()
+            server.dir.display()
         );
         append(&Path::new(&data).join("postgresql.conf"), &conf)?;
         for _ in 0..5 {
-            cluster.port = free_port()?;
-            if cluster.pg_ctl_start().is_ok() {
-                return Ok(cluster);
+            server.port = free_port()?;
+            if server.pg_ctl_start().is_ok() {
+                return Ok(server);
             }
         }
-        Err(ClusterError(format!(
+        Err(ServerError(format!(
             "the server did not start; see {}",
-            cluster.dir.join("log").display()
+            server.dir.join("log").display()
         )))
     }
 
@@ -132,7 +108,7 @@ impl Cluster {
         self.dir.join("data").display().to_string()
     }
 
-    fn run(&self, program: &str, args: &[&str], pg: bool) -> Result<(), ClusterError> {
+    fn run(&self, program: &str, args: &[&str], pg: bool) -> Result<(), ServerError> {
         let path = if pg {
             self.bin.join(program)
         } else {
@@ -148,9 +124,9 @@ impl Cluster {
         let output = command
             .args(args)
             .output()
-            .map_err(|e| ClusterError(format!("cannot run {}: {e}", path.display())))?;
+            .map_err(|e| ServerError(format!("cannot run {}: {e}", path.display())))?;
         if !output.status.success() {
-            return Err(ClusterError(format!(
+            return Err(ServerError(format!(
                 "{} {} failed: {}{}",
                 path.display(),
                 args.join(" "),
@@ -161,7 +137,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn pg_ctl_start(&self) -> Result<(), ClusterError> {
+    fn pg_ctl_start(&self) -> Result<(), ServerError> {
         let log = self.dir.join("log").display().to_string();
         let port = format!("-p {}", self.port);
         self.run(
@@ -191,7 +167,7 @@ impl Cluster {
     }
 
     /// Stops the server (`fast` mode waits for nothing; `immediate` is a crash).
-    pub fn stop(&self, mode: &str) -> Result<(), ClusterError> {
+    pub fn stop(&self, mode: &str) -> Result<(), ServerError> {
         self.run(
             "pg_ctl",
             &["-D", &self.data(), "-m", mode, "-w", "stop"],
@@ -200,24 +176,24 @@ impl Cluster {
     }
 
     /// Starts the server again on the same port.
-    pub fn restart(&self) -> Result<(), ClusterError> {
+    pub fn restart(&self) -> Result<(), ServerError> {
         self.pg_ctl_start()
     }
 }
 
-impl Drop for Cluster {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.stop("immediate");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn append(path: &Path, text: &str) -> Result<(), ClusterError> {
+fn append(path: &Path, text: &str) -> Result<(), ServerError> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(path)
-        .map_err(|e| ClusterError(format!("{}: {e}", path.display())))?;
+        .map_err(|e| ServerError(format!("{}: {e}", path.display())))?;
     file.write_all(text.as_bytes())
-        .map_err(|e| ClusterError(format!("{}: {e}", path.display())))
+        .map_err(|e| ServerError(format!("{}: {e}", path.display())))
 }

@@ -1,4 +1,4 @@
-//! Progress of a long copy: on a terminal, a line per table redrawn in place
+//! Meter of a long copy: on a terminal, a line per table redrawn in place
 //! (rows, bytes, rate, ETA); otherwise a log line per table every 10 seconds
 //! and when it is done.
 
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Shared progress of several tables; cheap to clone.
 #[derive(Clone)]
-pub struct Progress(Arc<Mutex<State>>);
+pub struct Meter(Arc<Mutex<State>>);
 
 struct State {
     tables: BTreeMap<String, Table>,
@@ -28,9 +28,9 @@ struct Table {
     logged: Instant,
 }
 
-impl Progress {
+impl Meter {
     /// Starts showing progress for these tables (name, estimated rows).
-    pub fn start(tables: impl Iterator<Item = (String, i64)>) -> Progress {
+    pub fn start(tables: impl Iterator<Item = (String, i64)>) -> Meter {
         let now = Instant::now();
         let tables = tables
             .map(|(name, estimate)| {
@@ -45,7 +45,7 @@ impl Progress {
                 (name, t)
             })
             .collect();
-        let progress = Progress(Arc::new(Mutex::new(State {
+        let progress = Meter(Arc::new(Mutex::new(State {
             tables,
             terminal: std::io::stderr().is_terminal(),
             drawn: 0,

@@ -1,0 +1,297 @@
+//! Conflicts while applying: a change checked against the slave's row and
+//! settled by the set's policy, and the rows set-based runs found changed.
+
+use super::sql::refs;
+use super::{Applier, CAPTURES_SQL, NOTES, Plan, SetRun, malformed};
+use crate::config::Policy;
+use crate::conflict::{Conflict, Kind, Resolver, Version, Winner};
+use crate::error::{Context, Error};
+use crate::event::{Event, MasterTable, Op};
+use crate::ident::quote_ident;
+use crate::record::{self, Fields};
+use crate::slave;
+use std::sync::Arc;
+use tokio_postgres::{Row, Transaction};
+
+const LOGGED_COLUMNS_SQL: &str = "SELECT pgreplica.logged_columns($1::text::regclass)";
+
+/// The slave's latest logged changes of a table, newest first, where a
+/// conflict looks for its row's last change.
+const RECENT: i64 = 10_000;
+const RECENT_SQL: &str = "
+SELECT extract(epoch FROM ev_time)::float8, ev_origin, coalesce(ev_new, ev_old)
+  FROM pgreplica.log
+ WHERE ev_table = $1::text::regclass::oid AND ev_op IN ('I', 'U', 'D')
+ ORDER BY ev_id DESC LIMIT $2";
+
+impl Applier<'_> {
+    /// Settles a change under the set's conflict policy before it is applied:
+    /// reads (and locks) the slave's row, and returns the event to apply: the
+    /// master's as it is, one rewritten so that the master's version wins over
+    /// the slave's row, or none when the slave's row stays.
+    pub(super) async fn resolve(
+        &mut self,
+        resolver: &Resolver,
+        plan: &Arc<Plan>,
+        event: Event,
+    ) -> Result<Option<Event>, Error> {
+        let (Some(row), Some(remote)) = (
+            if event.op == Op::Insert {
+                &event.new
+            } else {
+                &event.old
+            },
+            if event.op == Op::Delete {
+                &event.old
+            } else {
+                &event.new
+            },
+        ) else {
+            return Err(malformed(&event, "a change without its rows"));
+        };
+        self.flush().await?;
+        let master = &plan.master;
+        let local = Self::local_row(self.tx, plan, row).await?;
+        // An update is compared on the columns it changes, a delete on all.
+        let compared: Vec<usize> = (0..row.len())
+            .filter(|&i| !plan.generated[i] && (event.op == Op::Delete || row[i] != remote[i]))
+            .collect();
+        let differs = |l: &Fields| compared.iter().any(|&i| l[i] != row[i]);
+        let kind = match (event.op, &local) {
+            (Op::Insert, Some(_)) => Kind::InsertExisting,
+            (Op::Update, None) => Kind::UpdateMissing,
+            (Op::Delete, None) => Kind::DeleteMissing,
+            (Op::Update, Some(l)) if differs(l) => Kind::UpdateChanged,
+            (Op::Delete, Some(l)) if differs(l) => Kind::DeleteChanged,
+            _ => return Ok(Some(event)),
+        };
+        let all: Vec<usize> = (0..master.columns.len()).collect();
+        let conflict = Conflict {
+            set: resolver.set.clone(),
+            table: plan.slave.clone(),
+            key: master.key_text(row),
+            kind,
+            event: event.id,
+            origin: event.origin.clone(),
+            local: local.as_ref().map(|l| columns_text(master, l, &all)),
+            remote: Some(columns_text(master, remote, &all)),
+        };
+        let policy = resolver.policy(&master.name);
+        let local_version = match policy {
+            Policy::Newest | Policy::Priority => Self::local_version(self.tx, plan, row).await?,
+            _ => Version {
+                time: None,
+                node: None,
+            },
+        };
+        let remote_version = Version {
+            time: event.time,
+            node: event.origin.clone(),
+        };
+        let (winner, by) = match resolver.decide(policy, &local_version, &remote_version) {
+            Some(winner) => (winner, format!("{policy:?}").to_lowercase()),
+            None => (Self::by_hand(self.tx, &conflict).await?, "hand".to_string()),
+        };
+        slave::record_conflict(self.tx, &conflict, Some((winner, &by))).await?;
+        let note = format!("{conflict}; resolved: {} ({by})", winner.name());
+        tracing::warn!("{note}");
+        self.counts.conflicts += 1;
+        if self.counts.notes.len() < NOTES {
+            self.counts.notes.push(note);
+        }
+        Ok(match (winner, kind) {
+            (Winner::Local, _) | (_, Kind::DeleteMissing) => None,
+            (Winner::Remote, Kind::UpdateMissing) => Some(Event {
+                op: Op::Insert,
+                old: None,
+                ..event
+            }),
+            (Winner::Remote, Kind::InsertExisting) => Some(Event {
+                op: Op::Update,
+                old: local,
+                ..event
+            }),
+            (Winner::Remote, _) => Some(Event {
+                old: local,
+                ..event
+            }),
+        })
+    }
+
+    /// The slave's row with `row`'s key, locked, as text in the master's columns.
+    async fn local_row(
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        row: &Fields,
+    ) -> Result<Option<Fields>, Error> {
+        let master = &plan.master;
+        let list: Vec<String> = master
+            .columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(c)))
+            .collect();
+        let keys: Vec<String> = master
+            .key
+            .iter()
+            .map(|&k| quote_ident(&master.columns[k]))
+            .collect();
+        let params: Vec<String> = master
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| format!("${}::text::{}", n + 1, plan.types[k]))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM ONLY {} WHERE ({}) = ({}) FOR UPDATE",
+            list.join(", "),
+            plan.slave,
+            keys.join(", "),
+            params.join(", ")
+        );
+        let values: Vec<Option<String>> = master.key.iter().map(|&k| row[k].clone()).collect();
+        let found = tx.query_opt(&sql, &refs(&values)).await.on_slave(&format!(
+            "reading the slave's row of a conflict in {}",
+            plan.slave
+        ))?;
+        Ok(found.map(|r| (0..master.columns.len()).map(|i| r.get(i)).collect()))
+    }
+
+    /// When and on which node the slave's row last changed, from the slave's
+    /// own log (multi-master): its latest event for the key among the table's
+    /// last RECENT. Unknown when the log no longer holds one.
+    async fn local_version(
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        row: &Fields,
+    ) -> Result<Version, Error> {
+        let doing = "reading the slave's log for a conflict";
+        let unknown = Version {
+            time: None,
+            node: None,
+        };
+        let captures: bool = tx
+            .query_one(CAPTURES_SQL, &[])
+            .await
+            .on_slave(doing)?
+            .get(0);
+        if !captures {
+            return Ok(unknown);
+        }
+        let name = plan.slave.quoted();
+        let logged: Vec<String> = tx
+            .query_one(LOGGED_COLUMNS_SQL, &[&name])
+            .await
+            .on_slave(doing)?
+            .get(0);
+        // The key's positions in the rows the slave logs, matched by name.
+        let master = &plan.master;
+        let Some(key): Option<Vec<(usize, &Option<String>)>> = master
+            .key
+            .iter()
+            .map(|&k| {
+                Some((
+                    logged.iter().position(|c| *c == master.columns[k])?,
+                    &row[k],
+                ))
+            })
+            .collect()
+        else {
+            return Ok(unknown);
+        };
+        for r in tx
+            .query(RECENT_SQL, &[&name, &RECENT])
+            .await
+            .on_slave(doing)?
+        {
+            let text: Option<String> = r.get(2);
+            let Some(fields) = text.and_then(|t| record::parse(&t).ok()) else {
+                continue;
+            };
+            if fields.len() == logged.len() && key.iter().all(|(at, v)| fields[*at] == **v) {
+                return Ok(Version {
+                    time: r.get(0),
+                    node: r.get(1),
+                });
+            }
+        }
+        Ok(unknown)
+    }
+
+    /// The DBA's resolution of a conflict under policy `stop`, or the error
+    /// that stops the slave until there is one.
+    async fn by_hand(tx: &Transaction<'_>, conflict: &Conflict) -> Result<Winner, Error> {
+        slave::resolution(tx, conflict)
+            .await?
+            .ok_or_else(|| Error::Conflict(Box::new(conflict.clone())))
+    }
+}
+
+/// Logs a conflict when the slave's row (`local`: position, then the compared
+/// columns' values before the change) was missing or differed from the master's
+/// old row. Returns its description.
+pub(super) fn check_conflict(run: &SetRun, event: &Event, local: Option<&Row>) -> Option<String> {
+    let master = &run.plan.master;
+    let old = event.old.as_ref()?;
+    let key = master.key_text(old);
+    let what = if run.op == Op::Update {
+        "update"
+    } else {
+        "delete"
+    };
+    let remote_old = columns_text(master, old, &run.compared);
+    let remote_new = event
+        .new
+        .as_ref()
+        .map(|n| columns_text(master, n, &run.compared))
+        .unwrap_or_default();
+    let table = &run.plan.slave;
+    let Some(row) = local else {
+        tracing::warn!(
+            table = %table, key = %key, event = event.id, remote_old = %remote_old,
+            remote_new = %remote_new,
+            "conflict: {what} of a row that is missing on the slave; nothing to apply"
+        );
+        return Some(format!(
+            "{what} of a row missing on the slave, nothing applied: table {table}, key {key}, \
+             event {}, master before: {remote_old}, master after: {remote_new}",
+            event.id
+        ));
+    };
+    let local: Fields = (1..=run.compared.len()).map(|n| row.get(n)).collect();
+    let expected: Fields = run.compared.iter().map(|&i| old[i].clone()).collect();
+    if local == expected {
+        return None;
+    }
+    let local_text = run
+        .compared
+        .iter()
+        .zip(&local)
+        .map(|(&i, v)| format!("{}={}", master.columns[i], v.as_deref().unwrap_or("NULL")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::warn!(
+        table = %run.plan.slave, key = %key, event = event.id, local = %local_text,
+        remote_old = %remote_old, remote_new = %remote_new,
+        "conflict: {what} of a row that had changed on the slave; the master's change was applied"
+    );
+    Some(format!(
+        "{what} of a row changed on the slave, the master's change applied: table {table}, \
+         key {key}, event {}, slave had: {local_text}, master before: {remote_old}, \
+         master after: {remote_new}",
+        event.id
+    ))
+}
+
+fn columns_text(master: &MasterTable, row: &Fields, columns: &[usize]) -> String {
+    columns
+        .iter()
+        .map(|&i| {
+            format!(
+                "{}={}",
+                master.columns[i],
+                row[i].as_deref().unwrap_or("NULL")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

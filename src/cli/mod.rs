@@ -1,0 +1,5 @@
+//! The command line's parts beside `main.rs`: its words, and how the daemon
+//! runs as a process.
+
+pub mod args;
+pub mod process;

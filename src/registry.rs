@@ -1,0 +1,176 @@
+//! What pgreplica keeps on a master about its slaves (`pgreplica.slave`): where
+//! each has applied to, its counts and last error, and the log cleanup it allows.
+
+use crate::db::redact;
+use crate::error::{Context, Error};
+use crate::event::Snapshot;
+use tokio_postgres::{Client, Row};
+
+const ENTER_SQL: &str = "
+INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, seen_at)
+VALUES ($1, $2, $3, $4::text::txid_snapshot, now())
+ON CONFLICT (set_name, slave) DO UPDATE SET dsn = EXCLUDED.dsn, seen_at = now()
+RETURNING snapshot::text";
+
+const SYNC_SQL: &str = "UPDATE pgreplica.slave SET snapshot = $3::text::txid_snapshot
+ WHERE set_name = $1 AND slave = $2";
+
+const REPORT_SQL: &str = "
+UPDATE pgreplica.slave
+   SET snapshot = $3::text::txid_snapshot, events = events + $4, conflicts = conflicts + $5,
+       applied_at = CASE WHEN $4 > 0 OR applied_at IS NULL THEN now() ELSE applied_at END,
+       state = 'running', last_error = NULL, error_at = NULL, seen_at = now()
+ WHERE set_name = $1 AND slave = $2";
+
+const ERROR_SQL: &str = "
+UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(), seen_at = now()
+ WHERE set_name = $1 AND slave = $2";
+
+// Every slave of every set reading this master is registered: the log is kept
+// until the one furthest behind has applied it.
+// At most CLEANUP_ROWS at a time, so that one cleanup stays short; and only
+// once every slave of the set ($2) is registered, so that a slave whose task
+// has not reached the master yet is never cleaned past.
+const CLEANUP_SQL: &str = "
+DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM pgreplica.log
+     WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
+       AND ev_time < now() - make_interval(secs => $3)
+       AND NOT EXISTS (SELECT FROM unnest($2::int[]) AS n(slave)
+                        WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
+                                           WHERE s.set_name = $1 AND s.slave = n.slave))
+     LIMIT 100000))";
+
+/// Events removed from the log by one cleanup at most.
+pub const CLEANUP_ROWS: u64 = 100_000;
+
+// A clone's hold: an entry of its own (the slave's number, negated) that keeps
+// the log from being cleaned past the copy until the handover.
+const HOLD_SQL: &str = "
+INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, state)
+VALUES ($1, $2, 'clone in progress', txid_current_snapshot(), 'cloning')
+ON CONFLICT (set_name, slave) DO NOTHING";
+
+const UNHOLD_SQL: &str = "DELETE FROM pgreplica.slave WHERE set_name = $1 AND slave = $2";
+
+const STATUS_SQL: &str = "
+SELECT s.state, s.applied_at::text, s.seen_at::text, s.events, s.conflicts,
+       CASE WHEN s.last_error IS NOT NULL THEN s.error_at::text || ': ' || s.last_error END
+  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
+
+const LAG_SQL: &str = "
+SELECT (SELECT count(*) FROM pgreplica.log l
+         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
+           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)),
+       coalesce((SELECT extract(epoch FROM now() - min(l.ev_time))::float8 FROM pgreplica.log l
+         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
+           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)
+           AND txid_visible_in_snapshot(l.ev_txid, txid_current_snapshot())), 0)
+  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
+
+/// Enters a slave in the registry at `start` if it is not there yet, and
+/// returns the position the registry holds for it.
+pub async fn enter(
+    master: &Client,
+    set: &str,
+    slave: u32,
+    dsn: &str,
+    start: &Snapshot,
+) -> Result<Snapshot, Error> {
+    let doing = "registering the slave on the master";
+    let row = master
+        .query_one(
+            ENTER_SQL,
+            &[&set, &(slave as i32), &redact(dsn), &start.to_string()],
+        )
+        .await
+        .on_master(doing)?;
+    let registered: String = row.get(0);
+    Snapshot::parse(&registered).ok_or_else(|| Error::Invalid {
+        doing: doing.into(),
+        message: format!("pgreplica.slave holds an unreadable snapshot '{registered}'"),
+    })
+}
+
+/// Sets the registry's position of a slave to the slave's own progress.
+pub async fn sync(master: &Client, set: &str, slave: u32, at: &Snapshot) -> Result<(), Error> {
+    master
+        .execute(SYNC_SQL, &[&set, &(slave as i32), &at.to_string()])
+        .await
+        .on_master("registering the slave on the master")
+        .map(|_| ())
+}
+
+/// Reports a slave's progress: its position, and the events and conflicts of
+/// the batch that brought it there; the slave is running again.
+pub async fn report(
+    master: &Client,
+    set: &str,
+    slave: u32,
+    at: &Snapshot,
+    events: u64,
+    conflicts: u64,
+) -> Result<(), Error> {
+    let (number, position) = (slave as i32, at.to_string());
+    let (events, conflicts) = (events as i64, conflicts as i64);
+    master
+        .execute(REPORT_SQL, &[&set, &number, &position, &events, &conflicts])
+        .await
+        .on_master("reporting progress to the master")
+        .map(|_| ())
+}
+
+/// Records the error a slave is stopped on, for `status`.
+pub async fn record_error(
+    master: &Client,
+    set: &str,
+    slave: u32,
+    error: &str,
+) -> Result<(), Error> {
+    master
+        .execute(ERROR_SQL, &[&set, &(slave as i32), &error])
+        .await
+        .on_master("recording the error on the master")
+        .map(|_| ())
+}
+
+/// Removes up to [`CLEANUP_ROWS`] events that every registered slave has
+/// applied and that are older than `keep` seconds, once every slave of the set
+/// (`slaves`) is registered. Returns how many it removed.
+pub async fn clean(master: &Client, set: &str, slaves: &[i32], keep: f64) -> Result<u64, Error> {
+    master
+        .execute(CLEANUP_SQL, &[&set, &slaves, &keep])
+        .await
+        .on_master("cleaning the master's log")
+}
+
+/// Keeps the log from being cleaned past this moment for a clone of `slave`
+/// (`hold`), or lets it go.
+pub async fn hold(master: &Client, set: &str, slave: u32, hold: bool) -> Result<(), Error> {
+    let entry = -(slave as i32);
+    let result = match hold {
+        true => master.execute(HOLD_SQL, &[&set, &entry]).await,
+        false => master.execute(UNHOLD_SQL, &[&set, &entry]).await,
+    };
+    result
+        .on_master("holding the master's log for the clone")
+        .map(|_| ())
+}
+
+/// A slave's entry: state, last apply, last word, events, conflicts, last error.
+pub async fn entry(master: &Client, set: &str, slave: u32) -> Result<Option<Row>, Error> {
+    master
+        .query_opt(STATUS_SQL, &[&set, &(slave as i32)])
+        .await
+        .on_master("reading status on the master")
+}
+
+/// Events a slave has not applied and the age in seconds of the oldest
+/// committed one, read on the master.
+pub async fn lag(master: &Client, set: &str, slave: u32) -> Result<(i64, f64), Error> {
+    let row = master
+        .query_opt(LAG_SQL, &[&set, &(slave as i32)])
+        .await
+        .on_master("measuring the slave's lag on the master")?;
+    Ok(row.map_or((0, 0.0), |r| (r.get(0), r.get(1))))
+}

@@ -1,0 +1,121 @@
+//! One replication step: open the batch that follows a slave's progress, adapt
+//! its events, apply them with the new progress in one slave transaction.
+
+use crate::adapt::Adapter;
+use crate::apply::{Applied, Applier, Statements};
+use crate::batch::{Batch, current_snapshot};
+use crate::config::Config;
+use crate::conflict::Resolver;
+use crate::db;
+use crate::error::{Context, Error};
+use crate::event::{Event, MasterTable, Origins, Snapshot};
+use crate::{registry, sequence, slave};
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+/// One slave's way from its master's log: the origins it takes, how rows are
+/// adapted, how conflicts are settled, and its prepared statements.
+pub struct Pipeline {
+    /// The events the slave takes, by origin.
+    pub origins: Origins,
+    /// How the slave settles conflicts, when the set says.
+    pub resolver: Option<Resolver>,
+    /// Renames and transforms of the set's `[TABLE]` sections.
+    pub adapter: Adapter,
+    /// Statements prepared on the slave connection.
+    pub statements: Statements,
+}
+
+impl Pipeline {
+    /// The pipeline of slave `slave` of `set`; loads its transform scripts.
+    pub fn new(set: &Config, slave: u32) -> Result<Pipeline, Error> {
+        Ok(Pipeline {
+            origins: set.origins(slave),
+            resolver: Resolver::new(set, slave),
+            adapter: Adapter::new(set)?,
+            statements: Statements::default(),
+        })
+    }
+}
+
+/// Adapts one event and applies what it becomes on the slave.
+pub async fn pipe(
+    adapter: &mut Adapter,
+    applier: &mut Applier<'_>,
+    table: &Arc<MasterTable>,
+    event: Event,
+) -> Result<(), Error> {
+    for (table, event) in adapter.adapt(table, event)? {
+        applier.apply(&table, event).await?;
+    }
+    Ok(())
+}
+
+/// Registers the slave on the master and returns where it resumes. The slave's
+/// own progress row is the truth; the master's copy only protects the log from
+/// being cleaned past this slave.
+pub async fn register(
+    master: &Client,
+    slave_client: &Client,
+    set: &Config,
+    slave: u32,
+) -> Result<Snapshot, Error> {
+    let progress = slave::read_progress(slave_client, &set.name).await?;
+    let start = progress.clone().unwrap_or_else(Snapshot::start);
+    let dsn = &set.slaves[&slave];
+    let registered = registry::enter(master, &set.name, slave, dsn, &start).await?;
+    match progress {
+        Some(progress) => {
+            registry::sync(master, &set.name, slave, &progress).await?;
+            Ok(progress)
+        }
+        None => Ok(registered),
+    }
+}
+
+/// Applies the batch that follows the slave's progress (or `prev`, where the
+/// slave has none yet), if anything committed since. Returns where the slave
+/// now is and what was applied.
+pub async fn step(
+    master: &mut Client,
+    slave_client: &mut Client,
+    pipeline: &mut Pipeline,
+    set: &str,
+    prev: &Snapshot,
+    exact: bool,
+) -> Result<(Snapshot, Applied), Error> {
+    let slave_tx = slave_client
+        .transaction()
+        .await
+        .on_slave("starting the slave's transaction")?;
+    let (progress, cloning) = slave::lock_set(&slave_tx, set).await?;
+    let prev = progress.unwrap_or_else(|| prev.clone());
+    let master_tx = db::read_only(master)
+        .await
+        .on_master("starting a read on the master")?;
+    let snapshot = current_snapshot(&master_tx).await?;
+    if prev.same_as(&snapshot) {
+        return Ok((prev, Applied::default()));
+    }
+    let mut batch = Batch::between(&master_tx, &prev, snapshot, None, &pipeline.origins).await?;
+    batch.skip(cloning.clone());
+    let resolver = pipeline.resolver.as_ref();
+    let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
+    pipeline.adapter.begin();
+    while let Some((table, event)) = batch.next().await? {
+        if !cloning.contains(&table.name.quoted()) {
+            pipe(&mut pipeline.adapter, &mut applier, &table, event).await?;
+        }
+    }
+    let snapshot = batch.snapshot.clone();
+    let applied = applier.finish(Some((set, &snapshot))).await?;
+    // Multi-master nodes keep disjoint ranges instead.
+    if pipeline.origins.master.is_none() && applied.events > 0 {
+        sequence::carry(&master_tx, &slave_tx).await?;
+    }
+    slave_tx
+        .commit()
+        .await
+        .on_slave("committing the batch on the slave")?;
+    Ok((snapshot, applied))
+}

@@ -1,0 +1,355 @@
+//! What pgreplica keeps on a slave (`sql/slave.sql`): each set's progress, the
+//! tables a clone is copying, the conflicts met, and the lock over them.
+
+use crate::config::Config;
+use crate::conflict::{Conflict, Winner};
+use crate::db;
+use crate::error::{Context, Error};
+use crate::event::Snapshot;
+use std::collections::HashSet;
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+/// The slave's side, as shipped in `sql/slave.sql`.
+pub const SETUP_SQL: &str = include_str!("../sql/slave.sql");
+
+// The lock that serializes everything that moves a set's progress on a slave:
+// the daemon's batches, the clone's handover, and check's reading.
+const LOCK_KEY: &str = "hashtext('pgreplica'), hashtext($1)";
+
+const PROGRESS_READ_SQL: &str = "SELECT snapshot FROM pgreplica.progress WHERE set_name = $1";
+
+const PROGRESS_WRITE_SQL: &str = "
+INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events) VALUES ($1, $2, now(), $3)
+ON CONFLICT (set_name) DO UPDATE
+   SET snapshot = EXCLUDED.snapshot, applied_at = now(), events = progress.events + EXCLUDED.events";
+
+const CLONING_SQL: &str =
+    "SELECT tbl, snapshot FROM pgreplica.cloning WHERE set_name = $1 ORDER BY tbl";
+
+const MARK_SQL: &str = "
+INSERT INTO pgreplica.cloning (set_name, tbl) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+const COPIED_SQL: &str = "
+UPDATE pgreplica.cloning SET snapshot = $3, copied_at = now() WHERE set_name = $1 AND tbl = $2";
+
+const DONE_SQL: &str = "DELETE FROM pgreplica.cloning WHERE set_name = $1 AND tbl = $2";
+
+const CREATED_SQL: &str = "
+UPDATE pgreplica.cloning SET after_rows = $3, deferred = $4 WHERE set_name = $1 AND tbl = $2";
+
+const CREATED_READ_SQL: &str =
+    "SELECT after_rows, deferred FROM pgreplica.cloning WHERE set_name = $1 AND tbl = $2";
+
+const DEFER_SQL: &str =
+    "UPDATE pgreplica.cloning SET deferred = $3 WHERE set_name = $1 AND tbl = $2";
+
+const DEFERRED_SQL: &str =
+    "SELECT deferred FROM pgreplica.cloning WHERE set_name = $1 AND tbl = $2";
+
+// Records a conflict (once: a batch applied again finds it recorded).
+const RECORD_SQL: &str = "
+INSERT INTO pgreplica.conflicts
+       (set_name, tbl, key, kind, event, origin, local_row, remote_row, resolution, resolved_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (set_name, event, tbl, key) DO NOTHING";
+
+// The resolution the DBA gave a conflict that stopped the set.
+const RESOLVED_SQL: &str = "
+SELECT resolution FROM pgreplica.conflicts
+ WHERE set_name = $1 AND event = $2 AND tbl = $3 AND key = $4 AND resolution IS NOT NULL";
+
+const LIST_SQL: &str = "
+SELECT id, to_char(at, 'YYYY-MM-DD HH24:MI:SS'), tbl, key, kind, event, coalesce(origin, '-'),
+       coalesce(local_row, '(no row)'), coalesce(remote_row, '(no row)'),
+       coalesce(resolution || ' (' || resolved_by || ')', 'WAITING: the slave is stopped on it')
+  FROM pgreplica.conflicts WHERE set_name = $1 ORDER BY id";
+
+const HAND_SQL: &str = "
+UPDATE pgreplica.conflicts SET resolution = $3, resolved_by = 'hand'
+ WHERE set_name = $1 AND id = $2 AND resolution IS NULL";
+
+/// Prepares a slave connection: the session settings under which values read
+/// back compare with the log's, and pgreplica's tables.
+pub async fn prepare(client: &Client) -> Result<(), Error> {
+    client
+        .batch_execute(db::SESSION_SQL)
+        .await
+        .on_slave("setting up the slave session")?;
+    client.batch_execute(SETUP_SQL).await.on_slave(
+        "creating pgreplica's tables on the slave (the slave's role needs CREATE on the database)",
+    )
+}
+
+/// Locks `set`'s progress on the slave for the rest of `tx` and reads it, with
+/// the tables being cloned (quoted master names), whose events batches skip.
+pub async fn lock_set(
+    tx: &Transaction<'_>,
+    set: &str,
+) -> Result<(Option<Snapshot>, HashSet<String>), Error> {
+    tx.execute(
+        &format!("SELECT pg_advisory_xact_lock({LOCK_KEY})"),
+        &[&set],
+    )
+    .await
+    .on_slave("locking the set's progress on the slave")?;
+    let progress = read_progress(tx, set).await?;
+    let cloning = cloning(tx, set)
+        .await?
+        .into_iter()
+        .map(|(table, _)| table)
+        .collect();
+    Ok((progress, cloning))
+}
+
+/// Takes (`hold`) or gives back the set's lock for the session, so that a
+/// reader sees the slave between two batches.
+pub async fn hold_set(client: &impl GenericClient, set: &str, hold: bool) -> Result<(), Error> {
+    let call = if hold {
+        "pg_advisory_lock"
+    } else {
+        "pg_advisory_unlock"
+    };
+    client
+        .execute(&format!("SELECT {call}({LOCK_KEY})"), &[&set])
+        .await
+        .on_slave("locking the set's progress on the slave")
+        .map(|_| ())
+}
+
+/// The snapshot the slave has applied up to for `set`, if it has started.
+pub async fn read_progress(
+    client: &impl GenericClient,
+    set: &str,
+) -> Result<Option<Snapshot>, Error> {
+    let doing = "reading the slave's progress";
+    let row = client
+        .query_opt(PROGRESS_READ_SQL, &[&set])
+        .await
+        .on_slave(doing)?;
+    row.map(|r| {
+        let text: String = r.get(0);
+        Snapshot::parse(&text).ok_or_else(|| Error::Invalid {
+            doing: doing.into(),
+            message: format!("pgreplica.progress holds an unreadable snapshot '{text}'"),
+        })
+    })
+    .transpose()
+}
+
+/// Records `snapshot` as the slave's progress for `set`, with `events` more applied.
+pub async fn write_progress(
+    tx: &Transaction<'_>,
+    set: &str,
+    snapshot: &Snapshot,
+    events: u64,
+) -> Result<(), Error> {
+    tx.execute(
+        PROGRESS_WRITE_SQL,
+        &[&set, &snapshot.to_string(), &(events as i64)],
+    )
+    .await
+    .on_slave("writing the slave's progress")
+    .map(|_| ())
+}
+
+/// The tables a clone of `set` has marked (quoted master names), with the
+/// master snapshot each copy reflects once copied.
+pub async fn cloning(
+    client: &impl GenericClient,
+    set: &str,
+) -> Result<Vec<(String, Option<String>)>, Error> {
+    Ok(client
+        .query(CLONING_SQL, &[&set])
+        .await
+        .on_slave("reading the clone's state on the slave")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Marks a table as being cloned: batches skip its events from now on.
+pub async fn mark_cloning(tx: &Transaction<'_>, set: &str, table: &str) -> Result<(), Error> {
+    tx.execute(MARK_SQL, &[&set, &table])
+        .await
+        .on_slave("marking the tables to clone on the slave")
+        .map(|_| ())
+}
+
+/// Records that a table's copy reflects the master at `snapshot`.
+pub async fn mark_copied(
+    tx: &Transaction<'_>,
+    set: &str,
+    table: &str,
+    snapshot: &str,
+) -> Result<(), Error> {
+    tx.execute(COPIED_SQL, &[&set, &table, &snapshot])
+        .await
+        .on_slave("recording the copy on the slave")
+        .map(|_| ())
+}
+
+/// Hands a cloned table over to the batches.
+pub async fn mark_done(tx: &Transaction<'_>, set: &str, table: &str) -> Result<(), Error> {
+    tx.execute(DONE_SQL, &[&set, &table])
+        .await
+        .on_slave("handing the copied tables over to replication")
+        .map(|_| ())
+}
+
+/// Keeps what is left to build of a table the clone created: keys and indexes
+/// (`after_rows`) and foreign keys (`deferred`).
+pub async fn keep_definition(
+    tx: &Transaction<'_>,
+    set: &str,
+    table: &str,
+    after_rows: &str,
+    deferred: &str,
+) -> Result<(), Error> {
+    tx.execute(CREATED_SQL, &[&set, &table, &after_rows, &deferred])
+        .await
+        .on_slave("recording the created table on the slave")
+        .map(|_| ())
+}
+
+/// What an interrupted clone left to build of a table it created: keys and
+/// indexes, and foreign keys.
+pub async fn kept_definition(
+    tx: &Transaction<'_>,
+    set: &str,
+    table: &str,
+) -> Result<Option<(Option<String>, Option<String>)>, Error> {
+    Ok(tx
+        .query_opt(CREATED_READ_SQL, &[&set, &table])
+        .await
+        .on_slave("reading the slave's catalog")?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Keeps a created table's foreign keys for the handover, its keys being built.
+pub async fn defer(
+    tx: &Transaction<'_>,
+    set: &str,
+    table: &str,
+    deferred: &str,
+) -> Result<(), Error> {
+    tx.execute(DEFER_SQL, &[&set, &table, &deferred])
+        .await
+        .on_slave("recording the copy on the slave")
+        .map(|_| ())
+}
+
+/// The foreign keys kept for a table's handover.
+pub async fn deferred(
+    tx: &Transaction<'_>,
+    set: &str,
+    table: &str,
+) -> Result<Option<String>, Error> {
+    Ok(tx
+        .query_one(DEFERRED_SQL, &[&set, &table])
+        .await
+        .on_slave("handing the copied tables over to replication")?
+        .get(0))
+}
+
+/// Records a conflict with its resolution (`None` while it waits for the DBA)
+/// and what resolved it.
+pub async fn record_conflict(
+    client: &impl GenericClient,
+    conflict: &Conflict,
+    resolution: Option<(Winner, &str)>,
+) -> Result<(), Error> {
+    let (winner, by) = match resolution {
+        Some((winner, by)) => (Some(winner.name()), Some(by)),
+        None => (None, None),
+    };
+    client
+        .execute(
+            RECORD_SQL,
+            &[
+                &conflict.set,
+                &conflict.table.quoted(),
+                &conflict.key,
+                &conflict.kind.to_string(),
+                &conflict.event,
+                &conflict.origin,
+                &conflict.local,
+                &conflict.remote,
+                &winner,
+                &by,
+            ],
+        )
+        .await
+        .on_slave("recording a conflict in pgreplica.conflicts on the slave")
+        .map(|_| ())
+}
+
+/// The DBA's resolution of a conflict that stopped the set, if given yet.
+pub async fn resolution(
+    tx: &Transaction<'_>,
+    conflict: &Conflict,
+) -> Result<Option<Winner>, Error> {
+    let found = tx
+        .query_opt(
+            RESOLVED_SQL,
+            &[
+                &conflict.set,
+                &conflict.event,
+                &conflict.table.quoted(),
+                &conflict.key,
+            ],
+        )
+        .await
+        .on_slave("reading the resolutions of conflicts on the slave")?;
+    Ok(found.and_then(|r| Winner::parse(r.get(0))))
+}
+
+/// Records a conflict that stopped slave `slave` (policy `stop`), unresolved.
+pub async fn record_stop(set: &Config, slave: u32, conflict: &Conflict) -> Result<(), Error> {
+    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
+    record_conflict(&client, conflict, None).await
+}
+
+/// The conflicts recorded on slave `slave`, one description each.
+pub async fn conflicts(set: &Config, slave: u32) -> Result<Vec<String>, Error> {
+    let client = db::connect(&set.slaves[&slave], None).await?;
+    let doing = "reading pgreplica.conflicts on the slave";
+    let exists: bool = client
+        .query_one("SELECT to_regclass('pgreplica.conflicts') IS NOT NULL", &[])
+        .await
+        .on_slave(doing)?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client.query(LIST_SQL, &[&set.name]).await.on_slave(doing)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!(
+                "#{} {} {}, key {}: {} (event {} from {})\n    slave:  {}\n    master: {}\n    {}",
+                r.get::<_, i64>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                r.get::<_, i64>(5),
+                r.get::<_, String>(6),
+                r.get::<_, String>(7),
+                r.get::<_, String>(8),
+                r.get::<_, String>(9),
+            )
+        })
+        .collect())
+}
+
+/// Resolves by hand conflict `id` that stopped slave `slave`; the slave applies
+/// the batch again with this resolution at its next try. Returns false when no
+/// such waiting conflict exists.
+pub async fn resolve(set: &Config, slave: u32, id: i64, winner: Winner) -> Result<bool, Error> {
+    let client = db::connect(&set.slaves[&slave], None).await?;
+    let changed = client
+        .execute(HAND_SQL, &[&set.name, &id, &winner.name()])
+        .await
+        .on_slave("resolving the conflict on the slave")?;
+    Ok(changed == 1)
+}
