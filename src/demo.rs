@@ -35,8 +35,9 @@ fn setup_error(e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Runs the demo, printing what happens; returns whether master and slave ended equal.
-pub async fn run() -> Result<bool, Error> {
+/// Runs the demo, printing what happens (the daemon logs to `log`); returns
+/// whether master and slave ended equal.
+pub async fn run(log: &std::path::Path) -> Result<bool, Error> {
     println!(
         "Starting two throwaway PostgreSQL servers (master in Europe/Madrid, slave in America/New_York)…"
     );
@@ -81,8 +82,10 @@ pub async fn run() -> Result<bool, Error> {
     let config = Config::load(&path).map_err(setup_error)?;
 
     println!(
-        "$ pgreplica run {}   (in the background, while 4 seconds of orders are written)",
-        path.display()
+        "$ pgreplica run {}   (in the background, while 4 seconds of orders are written;\n  \
+         its log goes to {})",
+        path.display(),
+        log.display()
     );
     let (stop, shutdown) = watch::channel(false);
     let (_reload, reloads) = tokio::sync::mpsc::channel(1);
@@ -150,12 +153,18 @@ pub async fn run() -> Result<bool, Error> {
             started.elapsed().as_secs_f64() - 4.0
         );
     } else {
-        println!("  the slave did NOT catch up within 30s: see the log lines above");
+        println!(
+            "  the slave did NOT catch up within 30s: see the daemon's log, {}",
+            log.display()
+        );
     }
     let _ = stop.send(true);
     let _ = daemon.await;
     let _ = std::fs::remove_dir_all(&dir);
-    println!("Stopping and removing the throwaway servers.");
+    println!(
+        "Stopping and removing the throwaway servers. The daemon's log stays in {}.",
+        log.display()
+    );
     Ok(equal)
 }
 

@@ -253,8 +253,12 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Command::Demo => {
-            init_logging(1);
-            Ok(demo::run().await?)
+            // The daemon's log would flood the screen: it goes to a file.
+            let path =
+                std::env::temp_dir().join(format!("pgreplica-demo-{}.log", std::process::id()));
+            let log = LogFile::open(&path).context("opening the demo's log file")?;
+            init_logging_to(1, false, Some(log));
+            Ok(demo::run(&path).await?)
         }
     }
 }

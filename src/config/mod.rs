@@ -1,11 +1,19 @@
 //! Configuration files: PyReplica's INI format read into a typed, validated `Config`.
 
 use crate::event::Origins;
-use crate::ident::{TableName, parse_ident};
+use crate::ident::TableName;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
+
+mod smtp;
+mod table;
+
+use smtp::smtp_key;
+pub use smtp::{DEFAULT_DIGEST, Smtp, SmtpTls};
+use table::table_section;
+pub use table::{TableConfig, capture_clash};
 
 /// Default `LAG_WARNING`.
 pub const DEFAULT_LAG_WARNING: Duration = Duration::from_secs(300);
@@ -109,33 +117,6 @@ impl Policy {
     }
 }
 
-/// A `[TABLE schema.name]` section: what is captured of one master table (applied
-/// on the master by install and by the daemon) and how it lands on the slaves.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TableConfig {
-    /// The master table.
-    pub table: TableName,
-    /// The section's line, for messages.
-    pub line: usize,
-    /// `OPERATIONS`: the operations captured, as letters of `IUDT`.
-    pub operations: String,
-    /// `FILTER`: only changes for which this SQL boolean over `new.*` and `old.*`
-    /// holds are captured.
-    pub filter: Option<String>,
-    /// `COLUMNS`: only these columns are captured.
-    pub columns: Option<Vec<String>>,
-    /// `EXCLUDE_COLUMNS`: these columns are not captured.
-    pub exclude: Option<Vec<String>>,
-    /// `SLAVE_TABLE`: the table's name on the slaves.
-    pub slave_table: Option<TableName>,
-    /// `RENAME_COLUMNS`: master column → slave column.
-    pub renames: Vec<(String, String)>,
-    /// `TRANSFORM`: a Lua script that reshapes each row on its way to the slaves.
-    pub transform: Option<PathBuf>,
-    /// `CONFLICT`: this table's conflict policy, over the set's.
-    pub conflict: Option<Policy>,
-}
-
 /// Default `LOG_KEEP` of sets whose conflicts are settled by `newest` or
 /// `priority`: a week.
 pub const DEFAULT_LOG_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -145,60 +126,6 @@ pub const DEFAULT_TRANSFORM_TIME: Duration = Duration::from_secs(1);
 
 /// Default `TRANSFORM_MEMORY_LIMIT`, in MB.
 pub const DEFAULT_TRANSFORM_MEMORY: usize = 64;
-
-/// PyReplica's `[SMTP]` section.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Smtp {
-    /// `SERVER`: host or host:port.
-    pub server: String,
-    /// `USERNAME`, for login.
-    pub username: Option<String>,
-    /// `PASSWORD`, for login.
-    pub password: Option<String>,
-    /// `FROM_ADDR`.
-    pub from: String,
-    /// `TO_ADDRS`, split on `;`.
-    pub to: Vec<String>,
-    /// Subjects by kind: START, STOP, ERROR, WARNING.
-    pub subjects: BTreeMap<String, String>,
-    /// `TLS`: how the connection is secured.
-    pub tls: SmtpTls,
-    /// `DIGEST_INTERVAL` (seconds): after a mail of one kind, further ones
-    /// within this time go out together as one digest at its end.
-    pub digest: Duration,
-}
-
-/// How mail connections are secured (`[SMTP] TLS=`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum SmtpTls {
-    /// STARTTLS when the server offers it (the default).
-    #[default]
-    Opportunistic,
-    /// STARTTLS, required.
-    StartTls,
-    /// TLS from the first byte (port 465).
-    Tls,
-    /// Plain text.
-    Off,
-}
-
-/// Default `[SMTP] DIGEST_INTERVAL`.
-pub const DEFAULT_DIGEST: Duration = Duration::from_secs(600);
-
-impl Default for Smtp {
-    fn default() -> Smtp {
-        Smtp {
-            server: String::new(),
-            username: None,
-            password: None,
-            from: String::new(),
-            to: Vec::new(),
-            subjects: BTreeMap::new(),
-            tls: SmtpTls::default(),
-            digest: DEFAULT_DIGEST,
-        }
-    }
-}
 
 /// A configuration file that cannot be used, with the place that is wrong.
 #[derive(Debug, Error)]
@@ -242,20 +169,6 @@ pub enum ConfigError {
         message: String,
     },
 }
-
-const SMTP_KEYS: &[&str] = &[
-    "SERVER",
-    "USERNAME",
-    "PASSWORD",
-    "START_SUBJECT",
-    "STOP_SUBJECT",
-    "ERROR_SUBJECT",
-    "WARNING_SUBJECT",
-    "FROM_ADDR",
-    "TO_ADDRS",
-    "TLS",
-    "DIGEST_INTERVAL",
-];
 
 impl Config {
     /// The `[TABLE]` section of a master table, if any.
@@ -575,84 +488,6 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
     Ok(())
 }
 
-fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
-    match key {
-        "SERVER" => smtp.server = value,
-        "USERNAME" => smtp.username = Some(value),
-        "PASSWORD" => smtp.password = Some(value),
-        "FROM_ADDR" => smtp.from = value,
-        "TLS" => {
-            smtp.tls = match value.to_ascii_lowercase().as_str() {
-                "opportunistic" | "" => SmtpTls::Opportunistic,
-                "starttls" => SmtpTls::StartTls,
-                "tls" | "ssl" => SmtpTls::Tls,
-                "off" | "none" | "false" => SmtpTls::Off,
-                _ => {
-                    return Err(format!(
-                        "'{value}' is not one of opportunistic, starttls, tls, off"
-                    ));
-                }
-            }
-        }
-        "DIGEST_INTERVAL" => smtp.digest = parse_seconds(&value)?,
-        "TO_ADDRS" => {
-            smtp.to = value
-                .split(';')
-                .map(str::trim)
-                .filter(|a| !a.is_empty())
-                .map(String::from)
-                .collect()
-        }
-        _ if key.ends_with("_SUBJECT") && SMTP_KEYS.contains(&key) => {
-            let kind = key.trim_end_matches("_SUBJECT").to_string();
-            smtp.subjects.insert(kind, value);
-        }
-        _ => {
-            return Err(format!(
-                "unknown key; [SMTP] takes {}",
-                SMTP_KEYS.join(", ")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Two files reading the same master that give one table different capture
-/// options (the master's log is shared, so they would undo each other): a
-/// message naming both places, or `None`.
-pub fn capture_clash(sets: &[Config]) -> Option<String> {
-    let captured = |t: &TableConfig| {
-        (
-            t.operations.clone(),
-            t.filter.clone(),
-            t.columns.clone(),
-            t.exclude.clone(),
-        )
-    };
-    for (i, a) in sets.iter().enumerate() {
-        for b in sets[i + 1..].iter().filter(|b| b.master == a.master) {
-            for ta in &a.tables {
-                if let Some(tb) = b
-                    .section(&ta.table)
-                    .filter(|tb| captured(tb) != captured(ta))
-                {
-                    return Some(format!(
-                        "{}:{} and {}:{} give table {} different capture options (OPERATIONS, \
-                         FILTER, COLUMNS, EXCLUDE_COLUMNS), but both sets read the same master \
-                         and share its log: give them the same options",
-                        a.path.display(),
-                        ta.line,
-                        b.path.display(),
-                        tb.line,
-                        ta.table
-                    ));
-                }
-            }
-        }
-    }
-    None
-}
-
 /// Two files of one daemon that give a per-process key ([`PROCESS_KEYS`])
 /// different values: a message naming both places, or `None`. A file that
 /// leaves a key out follows the others.
@@ -688,89 +523,8 @@ pub fn process_clash(sets: &[Config]) -> Option<String> {
     None
 }
 
-/// The table of a `[TABLE schema.name]` header.
-fn table_section(header: &str) -> Option<&str> {
-    let (word, rest) = header.split_once(char::is_whitespace)?;
-    word.eq_ignore_ascii_case("TABLE").then(|| rest.trim())
-}
-
-impl TableConfig {
-    /// Whether rows land on the slave in another shape or place than the
-    /// master's table (columns, renames, transform).
-    pub fn reshapes(&self) -> bool {
-        self.columns.is_some()
-            || self.exclude.is_some()
-            || self.slave_table.is_some()
-            || !self.renames.is_empty()
-            || self.transform.is_some()
-    }
-
-    fn new(table: TableName, line: usize) -> TableConfig {
-        TableConfig {
-            table,
-            line,
-            operations: "IUDT".into(),
-            filter: None,
-            columns: None,
-            exclude: None,
-            slave_table: None,
-            renames: Vec::new(),
-            transform: None,
-            conflict: None,
-        }
-    }
-
-    fn key(&mut self, key: &str, value: String, dir: &Path) -> Result<(), String> {
-        let names = |value: &str| -> Result<Vec<String>, String> {
-            value.split(',').map(parse_ident).collect()
-        };
-        match key {
-            "OPERATIONS" => {
-                let mut letters = String::new();
-                for op in value.split(',').map(|o| o.trim().to_ascii_lowercase()) {
-                    let letter = match op.as_str() {
-                        "insert" => 'I',
-                        "update" => 'U',
-                        "delete" => 'D',
-                        "truncate" => 'T',
-                        _ => {
-                            return Err(format!(
-                                "'{op}' is not one of insert, update, delete, truncate"
-                            ));
-                        }
-                    };
-                    if !letters.contains(letter) {
-                        letters.push(letter);
-                    }
-                }
-                self.operations = letters;
-            }
-            "FILTER" if value.is_empty() => return Err("empty filter".into()),
-            "FILTER" => self.filter = Some(value),
-            "COLUMNS" => self.columns = Some(names(&value)?),
-            "EXCLUDE_COLUMNS" => self.exclude = Some(names(&value)?),
-            "SLAVE_TABLE" => self.slave_table = Some(TableName::parse(&value)?),
-            "RENAME_COLUMNS" => {
-                for pair in value.split(',') {
-                    let (from, to) = pair.split_once(':').ok_or_else(|| {
-                        format!("'{}' is not master_column:slave_column", pair.trim())
-                    })?;
-                    self.renames.push((parse_ident(from)?, parse_ident(to)?));
-                }
-            }
-            "CONFLICT" => self.conflict = Some(Policy::parse(&value)?),
-            "TRANSFORM" if value.is_empty() => return Err("empty script path".into()),
-            "TRANSFORM" => self.transform = Some(dir.join(value)),
-            _ => {
-                return Err("unknown key; [TABLE] takes OPERATIONS, FILTER, COLUMNS, EXCLUDE_COLUMNS, SLAVE_TABLE, RENAME_COLUMNS, TRANSFORM, CONFLICT".into());
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A duration in (possibly fractional) seconds, 0 or more.
-fn parse_seconds(value: &str) -> Result<Duration, String> {
+pub(super) fn parse_seconds(value: &str) -> Result<Duration, String> {
     value
         .parse::<f64>()
         .ok()
