@@ -208,7 +208,7 @@ mod tests {
 
     fn script(source: &str) -> (Scripts, usize, tempfile_path::TempScript) {
         let file = tempfile_path::TempScript::new(source);
-        let mut scripts = Scripts::new(16 << 20, Duration::from_millis(200)).unwrap();
+        let mut scripts = Scripts::new(16 << 20, Duration::from_secs(2)).unwrap();
         let n = scripts.load(&file.path).unwrap();
         (scripts, n, file)
     }
