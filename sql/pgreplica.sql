@@ -138,6 +138,7 @@ DECLARE
     no_old text := '';
     no_new text := '';
     cond   text := 'true';
+    trig   name;
 BEGIN
     IF why IS NOT NULL THEN
         RETURN why;
@@ -230,6 +231,12 @@ $body$, k1,
         EXECUTE format('CREATE TRIGGER pgreplica_truncate AFTER TRUNCATE ON %s'
                        ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
     END IF;
+    -- ALWAYS: capture also fires in sessions that apply changes from another node
+    -- (session_replication_role = replica), where a node captures too.
+    FOR trig IN SELECT t.tgname FROM pg_trigger t
+                 WHERE t.tgrelid = tbl AND t.tgname LIKE 'pgreplica\_%' LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tbl, trig);
+    END LOOP;
     INSERT INTO pgreplica.tables (reloid) VALUES (tbl) ON CONFLICT DO NOTHING;
     RETURN NULL;
 END

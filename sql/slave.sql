@@ -14,6 +14,11 @@ CREATE TABLE IF NOT EXISTS pgreplica.progress (
     applied_at timestamptz NOT NULL,
     events     bigint NOT NULL
 );
+-- A batch too big for one transaction is applied in steps: its end, and the
+-- last event applied of it (NULL when the last batch was applied whole).
+ALTER TABLE pgreplica.progress
+    ADD COLUMN IF NOT EXISTS target text,
+    ADD COLUMN IF NOT EXISTS upto   bigint;
 
 -- Tables that `clone` is copying or has copied but not yet handed over: their
 -- events are the clone's business, not the batches'.

@@ -31,6 +31,7 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND ($6::oid IS NULL OR ev_table = $6)
   AND ($7::text IS NULL OR ev_origin IS DISTINCT FROM $7)
   AND (NOT $8 OR ev_origin IS NULL)
+  AND ev_id > $9
 ORDER BY ev_id";
 
 const TABLE_SQL: &str = "
@@ -122,12 +123,13 @@ pub struct Batch<'t> {
 
 impl<'t> Batch<'t> {
     /// Opens the events of transactions visible in `snapshot` and not in `prev`,
-    /// only those of the master table `table` when one is given, and only those
-    /// `origins` lets through.
+    /// from the one after event `after` on (0: all), only those of the master
+    /// table `table` when one is given, and only those `origins` lets through.
     pub async fn between(
         tx: &'t Transaction<'t>,
         prev: &Snapshot,
         snapshot: Snapshot,
+        after: i64,
         table: Option<u32>,
         origins: &Origins,
     ) -> Result<Batch<'t>, Error> {
@@ -151,6 +153,7 @@ impl<'t> Batch<'t> {
         params.push(&table);
         params.push(&origins.slave);
         params.push(&origins.local_only);
+        params.push(&after);
         let portal = tx.bind(&stmt, &params).await.on_master(doing)?;
         let table_stmt = tx.prepare(TABLE_SQL).await.on_master(doing)?;
         Ok(Batch {

@@ -148,7 +148,7 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
         .map(|(table, _)| table)
         .collect();
     slave::hold_set(&slave_tx, &set.name, false).await?;
-    let Some(position) = progress? else {
+    let Some(position) = progress?.map(|p| p.snapshot) else {
         return Err(Error::Invalid {
             doing: "checking".into(),
             message: "the slave has not replicated this set yet (run pgreplica clone or run)"
@@ -272,7 +272,7 @@ async fn in_flight(
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
     // Every origin: a row in flight is left out whichever node changed it.
     let all = Origins::default();
-    let mut events = Batch::between(master, position, snapshot.clone(), None, &all).await?;
+    let mut events = Batch::between(master, position, snapshot.clone(), 0, None, &all).await?;
     while let Some((table, event)) = events.next().await? {
         if event.op == Op::Execute {
             continue;
@@ -373,11 +373,14 @@ impl Compare<'_> {
             hi: None,
         };
         let (condition, params) = self.condition(side, &range);
-        let keys = self.key_list(side, "::text");
+        let keys = self.key_list(side, "", "::text");
         let sql = format!(
-            "SELECT {keys} FROM ONLY {t} WHERE {condition} ORDER BY {order} OFFSET {offset} LIMIT 1",
+            "SELECT {keys} FROM ONLY {t} AS pgreplica_t WHERE {condition} \
+             ORDER BY {order} OFFSET {offset} LIMIT 1",
             t = self.table.name(side),
-            order = self.key_list(side, ""),
+            // Qualified: the bare names would sort the text columns of the
+            // select list, in another order than the ranges' conditions.
+            order = self.key_list(side, "pgreplica_t.", ""),
             offset = (n - 1).max(0),
         );
         let row = self
@@ -440,7 +443,7 @@ impl Compare<'_> {
         let (condition, params) = self.condition(side, range);
         let sql = format!(
             "SELECT {keys}, {row}::text FROM ONLY {t} WHERE {condition}",
-            keys = self.key_list(side, "::text"),
+            keys = self.key_list(side, "", "::text"),
             row = self.row(side),
             t = self.table.name(side),
         );
@@ -496,13 +499,14 @@ impl Compare<'_> {
         format!("ROW({})", columns.join(", "))
     }
 
-    fn key_list(&self, side: Side, suffix: &str) -> String {
+    /// The key columns on one side, each as `{prefix}column{suffix}`.
+    fn key_list(&self, side: Side, prefix: &str, suffix: &str) -> String {
         let columns = self.table.columns(side);
         let keys: Vec<String> = self
             .table
             .key
             .iter()
-            .map(|&k| format!("{}{suffix}", quote_ident(&columns[k])))
+            .map(|&k| format!("{prefix}{}{suffix}", quote_ident(&columns[k])))
             .collect();
         keys.join(", ")
     }
@@ -517,7 +521,7 @@ impl Compare<'_> {
     /// `(k) > (lo) AND (k) <= (hi)`, the bounds as text parameters cast to the
     /// key columns' types on that side.
     fn condition(&self, side: Side, range: &Range) -> (String, Vec<String>) {
-        let key = format!("({})", self.key_list(side, ""));
+        let key = format!("({})", self.key_list(side, "", ""));
         let types = &self.key_types[usize::from(side == Side::Slave)];
         let mut parts = vec!["true".to_string()];
         let mut params = Vec::new();

@@ -419,7 +419,11 @@ impl SlaveTask {
         loop {
             while notifications.try_recv().is_ok() {}
             let began = Instant::now();
-            let (snapshot, applied) = replicate::step(
+            let replicate::Step {
+                at: snapshot,
+                applied,
+                more,
+            } = replicate::step(
                 &mut master,
                 &mut slave_client,
                 &mut pipeline,
@@ -445,8 +449,13 @@ impl SlaveTask {
                 );
             }
             if applied.events > 0 {
+                let part = if more {
+                    ", part of the batch after it"
+                } else {
+                    ""
+                };
                 tracing::info!(
-                    "applied {} events ({} conflicts) up to {snapshot}",
+                    "applied {} events ({} conflicts) up to {snapshot}{part}",
                     applied.events,
                     applied.conflicts
                 );
@@ -485,6 +494,10 @@ impl SlaveTask {
                 }
                 // A full round means more to remove: again after the next batch.
                 last_cleanup = (removed < registry::CLEANUP_ROWS).then(Instant::now);
+            }
+            if more {
+                // The rest of a batch cut into steps: at once, no NOTIFY to wait for.
+                continue;
             }
             if self.once {
                 return Ok(());

@@ -98,6 +98,18 @@ pub struct Event {
     pub time: Option<f64>,
 }
 
+impl Event {
+    /// The bytes of its rows' text, old and new.
+    pub fn size(&self) -> usize {
+        [&self.old, &self.new]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|v| v.as_ref().map_or(0, String::len))
+            .sum()
+    }
+}
+
 /// Which events of a master a slave takes, by the node they came from.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Origins {

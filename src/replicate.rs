@@ -24,6 +24,19 @@ pub struct Pipeline {
     pub adapter: Adapter,
     /// Statements prepared on the slave connection.
     pub statements: Statements,
+    /// Events and bytes of row data after which a batch is cut into steps.
+    pub limit: (u64, usize),
+}
+
+/// What one step did.
+#[derive(Debug)]
+pub struct Step {
+    /// Where the slave now is: the end of the last batch applied whole.
+    pub at: Snapshot,
+    /// What was applied.
+    pub applied: Applied,
+    /// The batch was cut here: more of it is waiting.
+    pub more: bool,
 }
 
 impl Pipeline {
@@ -34,6 +47,7 @@ impl Pipeline {
             resolver: Resolver::new(set, slave),
             adapter: Adapter::new(set)?,
             statements: Statements::default(),
+            limit: (set.batch_events, set.batch_bytes),
         })
     }
 }
@@ -60,7 +74,9 @@ pub async fn register(
     set: &Config,
     slave: u32,
 ) -> Result<Snapshot, Error> {
-    let progress = slave::read_progress(slave_client, &set.name).await?;
+    let progress = slave::read_progress(slave_client, &set.name)
+        .await?
+        .map(|p| p.snapshot);
     let start = progress.clone().unwrap_or_else(Snapshot::start);
     let dsn = &set.slaves[&slave];
     let registered = registry::enter(master, &set.name, slave, dsn, &start).await?;
@@ -74,8 +90,10 @@ pub async fn register(
 }
 
 /// Applies the batch that follows the slave's progress (or `prev`, where the
-/// slave has none yet), if anything committed since. Returns where the slave
-/// now is and what was applied.
+/// slave has none yet), if anything committed since, with the slave's new
+/// progress in the same transaction. A batch of more than the pipeline's limit
+/// is applied in steps, each starting after the last event of the one before:
+/// a slave that was away for long catches up with bounded transactions.
 pub async fn step(
     master: &mut Client,
     slave_client: &mut Client,
@@ -83,39 +101,79 @@ pub async fn step(
     set: &str,
     prev: &Snapshot,
     exact: bool,
-) -> Result<(Snapshot, Applied), Error> {
+) -> Result<Step, Error> {
     let slave_tx = slave_client
         .transaction()
         .await
         .on_slave("starting the slave's transaction")?;
     let (progress, cloning) = slave::lock_set(&slave_tx, set).await?;
-    let prev = progress.unwrap_or_else(|| prev.clone());
+    let (prev, partial) = match progress {
+        Some(p) => (p.snapshot, p.partial),
+        None => (prev.clone(), None),
+    };
     let master_tx = db::read_only(master)
         .await
         .on_master("starting a read on the master")?;
-    let snapshot = current_snapshot(&master_tx).await?;
-    if prev.same_as(&snapshot) {
-        return Ok((prev, Applied::default()));
-    }
-    let mut batch = Batch::between(&master_tx, &prev, snapshot, None, &pipeline.origins).await?;
+    let (target, after) = match partial {
+        Some((target, upto)) => (target, upto),
+        None => {
+            let now = current_snapshot(&master_tx).await?;
+            if prev.same_as(&now) {
+                let applied = Applied::default();
+                return Ok(Step {
+                    at: prev,
+                    applied,
+                    more: false,
+                });
+            }
+            (now, 0)
+        }
+    };
+    let origins = &pipeline.origins;
+    let mut batch = Batch::between(&master_tx, &prev, target.clone(), after, None, origins).await?;
     batch.skip(cloning.clone());
     let resolver = pipeline.resolver.as_ref();
     let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
     pipeline.adapter.begin();
+    let (mut events, mut bytes, mut last, mut cut) = (0, 0, after, false);
     while let Some((table, event)) = batch.next().await? {
+        (events, bytes, last) = (events + 1, bytes + event.size(), event.id);
         if !cloning.contains(&table.name.quoted()) {
             pipe(&mut pipeline.adapter, &mut applier, &table, event).await?;
         }
+        if events >= pipeline.limit.0 || bytes >= pipeline.limit.1 {
+            cut = true;
+            break;
+        }
     }
-    let snapshot = batch.snapshot.clone();
-    let applied = applier.finish(Some((set, &snapshot))).await?;
-    // Multi-master nodes keep disjoint ranges instead.
-    if pipeline.origins.master.is_none() && applied.events > 0 {
-        sequence::carry(&master_tx, &slave_tx).await?;
-    }
+    drop(batch);
+    let applied = applier.finish().await?;
+    let step = match cut {
+        true => {
+            let partial = Some((&target, last));
+            slave::write_progress(&slave_tx, set, &prev, partial, applied.events).await?;
+            Step {
+                at: prev,
+                applied,
+                more: true,
+            }
+        }
+        false => {
+            slave::write_progress(&slave_tx, set, &target, None, applied.events).await?;
+            // Multi-master nodes keep disjoint ranges instead.
+            if pipeline.origins.master.is_none() && applied.events > 0 {
+                sequence::carry(&master_tx, &slave_tx).await?;
+            }
+            Step {
+                at: target,
+                applied,
+                more: false,
+            }
+        }
+    };
     slave_tx
         .commit()
         .await
         .on_slave("committing the batch on the slave")?;
-    Ok((snapshot, applied))
+    Ok(step)
 }

@@ -7,6 +7,7 @@ use crate::db;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use std::collections::HashSet;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 /// The slave's side, as shipped in `sql/slave.sql`.
@@ -16,12 +17,25 @@ pub const SETUP_SQL: &str = include_str!("../sql/slave.sql");
 // the daemon's batches, the clone's handover, and check's reading.
 const LOCK_KEY: &str = "hashtext('pgreplica'), hashtext($1)";
 
-const PROGRESS_READ_SQL: &str = "SELECT snapshot FROM pgreplica.progress WHERE set_name = $1";
+const PROGRESS_READ_SQL: &str =
+    "SELECT snapshot, target, upto FROM pgreplica.progress WHERE set_name = $1";
 
 const PROGRESS_WRITE_SQL: &str = "
-INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events) VALUES ($1, $2, now(), $3)
+INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events, target, upto)
+VALUES ($1, $2, now(), $3, $4, $5)
 ON CONFLICT (set_name) DO UPDATE
-   SET snapshot = EXCLUDED.snapshot, applied_at = now(), events = progress.events + EXCLUDED.events";
+   SET snapshot = EXCLUDED.snapshot, applied_at = now(), events = progress.events + EXCLUDED.events,
+       target = EXCLUDED.target, upto = EXCLUDED.upto";
+
+/// How far a slave has applied a set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The snapshot that ends the last batch applied whole.
+    pub snapshot: Snapshot,
+    /// The batch being applied in steps: the snapshot it ends at, and the last
+    /// of its events applied.
+    pub partial: Option<(Snapshot, i64)>,
+}
 
 const CLONING_SQL: &str =
     "SELECT tbl, snapshot FROM pgreplica.cloning WHERE set_name = $1 ORDER BY tbl";
@@ -68,13 +82,44 @@ const HAND_SQL: &str = "
 UPDATE pgreplica.conflicts SET resolution = $3, resolved_by = 'hand'
  WHERE set_name = $1 AND id = $2 AND resolution IS NULL";
 
-/// Prepares a slave connection: the session settings under which values read
-/// back compare with the log's, and pgreplica's tables.
-pub async fn prepare(client: &Client) -> Result<(), Error> {
+/// Sets up a session that writes on a slave: values read back compare with the
+/// log's, and, as in PostgreSQL's own logical replication, the slave's ordinary
+/// triggers, rules and foreign-key actions do not fire (pgreplica's capture,
+/// `ENABLE ALWAYS`, still does where the slave captures too).
+pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
     client
         .batch_execute(db::SESSION_SQL)
         .await
         .on_slave("setting up the slave session")?;
+    match client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            let role: String = client
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .on_slave("reading the slave's role")?
+                .get(0);
+            Err(Error::Invalid {
+                doing: "setting up the slave session".into(),
+                message: format!(
+                    "role {role} may not set session_replication_role, which keeps the \
+                     slave's own triggers and foreign-key actions from firing while changes \
+                     are applied: as a superuser on the slave run \
+                     GRANT SET ON PARAMETER session_replication_role TO \"{role}\" \
+                     (PostgreSQL 15 and later; before, the role must be a superuser)"
+                ),
+            })
+        }
+        other => other.on_slave("setting up the slave session"),
+    }
+}
+
+/// Prepares a slave connection: the session (see [`session`]) and pgreplica's
+/// tables.
+pub async fn prepare(client: &Client) -> Result<(), Error> {
+    session(client).await?;
     client.batch_execute(SETUP_SQL).await.on_slave(
         "creating pgreplica's tables on the slave (the slave's role needs CREATE on the database)",
     )
@@ -85,7 +130,7 @@ pub async fn prepare(client: &Client) -> Result<(), Error> {
 pub async fn lock_set(
     tx: &Transaction<'_>,
     set: &str,
-) -> Result<(Option<Snapshot>, HashSet<String>), Error> {
+) -> Result<(Option<Progress>, HashSet<String>), Error> {
     tx.execute(
         &format!("SELECT pg_advisory_xact_lock({LOCK_KEY})"),
         &[&set],
@@ -116,36 +161,59 @@ pub async fn hold_set(client: &impl GenericClient, set: &str, hold: bool) -> Res
         .map(|_| ())
 }
 
-/// The snapshot the slave has applied up to for `set`, if it has started.
+/// How far the slave has applied `set`, if it has started.
 pub async fn read_progress(
     client: &impl GenericClient,
     set: &str,
-) -> Result<Option<Snapshot>, Error> {
+) -> Result<Option<Progress>, Error> {
     let doing = "reading the slave's progress";
-    let row = client
+    let Some(row) = client
         .query_opt(PROGRESS_READ_SQL, &[&set])
         .await
-        .on_slave(doing)?;
-    row.map(|r| {
-        let text: String = r.get(0);
+        .on_slave(doing)?
+    else {
+        return Ok(None);
+    };
+    let read = |text: String| {
         Snapshot::parse(&text).ok_or_else(|| Error::Invalid {
             doing: doing.into(),
             message: format!("pgreplica.progress holds an unreadable snapshot '{text}'"),
         })
-    })
-    .transpose()
+    };
+    let snapshot = read(row.get(0))?;
+    let partial = match (
+        row.get::<_, Option<String>>(1),
+        row.get::<_, Option<i64>>(2),
+    ) {
+        (Some(target), Some(upto)) => Some((read(target)?, upto)),
+        _ => None,
+    };
+    Ok(Some(Progress { snapshot, partial }))
 }
 
-/// Records `snapshot` as the slave's progress for `set`, with `events` more applied.
+/// Records the slave's progress for `set`, with `events` more applied: the
+/// batch up to `snapshot` applied whole, or (`partial`) in part, up to an event
+/// of the batch that ends at another snapshot.
 pub async fn write_progress(
     tx: &Transaction<'_>,
     set: &str,
     snapshot: &Snapshot,
+    partial: Option<(&Snapshot, i64)>,
     events: u64,
 ) -> Result<(), Error> {
+    let (target, upto) = match partial {
+        Some((target, upto)) => (Some(target.to_string()), Some(upto)),
+        None => (None, None),
+    };
     tx.execute(
         PROGRESS_WRITE_SQL,
-        &[&set, &snapshot.to_string(), &(events as i64)],
+        &[
+            &set,
+            &snapshot.to_string(),
+            &(events as i64),
+            &target,
+            &upto,
+        ],
     )
     .await
     .on_slave("writing the slave's progress")

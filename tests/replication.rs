@@ -409,3 +409,38 @@ async fn an_idle_daemon_applies_a_change_within_milliseconds() {
     // well before the 2 s heartbeat would have picked it up.
     println!("idle change arrived on the slave after {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_backlog_is_applied_in_bounded_steps() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    s.configure("BATCH_EVENTS=1000\n");
+    let master = s.master().await;
+    for i in 0..10 {
+        let (from, to) = (i * 500 + 1, i * 500 + 500);
+        master
+            .batch_execute(&format!(
+                "INSERT INTO t SELECT g, 'x' FROM generate_series({from}, {to}) g"
+            ))
+            .await
+            .unwrap();
+    }
+    // One transaction of 5,000 events is cut too.
+    master.batch_execute("UPDATE t SET v = 'y'").await.unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    s.assert_same(0, "SELECT * FROM t ORDER BY id").await;
+    let steps = text(&out).matches("part of the batch after it").count();
+    assert!(
+        steps >= 9,
+        "10,000 events in steps of 1,000: {steps} cut steps\n{}",
+        text(&out)
+    );
+    let applied: i64 = s
+        .slave(0)
+        .await
+        .query_one("SELECT events FROM pgreplica.progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 10_000, "every event applied once");
+}

@@ -14,9 +14,8 @@ mod resolve;
 mod sql;
 
 use crate::conflict::Resolver;
-use crate::db::SESSION_SQL;
 use crate::error::{Context, Error};
-use crate::event::{Event, MasterTable, Op, Snapshot};
+use crate::event::{Event, MasterTable, Op};
 use crate::ident::TableName;
 use crate::slave;
 use bytes::{Bytes, BytesMut};
@@ -233,22 +232,15 @@ impl<'t> Applier<'t> {
             false => self.tx.batch_execute(&sql).await.map(|_| 0),
         };
         ran.on_slave(&format!("running event {} on the slave ({sql})", event.id))?;
-        self.tx
-            .batch_execute(SESSION_SQL)
-            .await
-            .on_slave("setting up the slave session")?;
+        slave::session(self.tx).await?;
         self.plans.clear();
         self.statements.0.clear();
         Ok(())
     }
 
-    /// Sends what is queued, checks every result, and records `progress` (set,
-    /// snapshot) as the slave's progress in the same transaction when given.
-    pub async fn finish(mut self, progress: Option<(&str, &Snapshot)>) -> Result<Applied, Error> {
+    /// Sends what is queued, checks every result, and returns the counts.
+    pub async fn finish(mut self) -> Result<Applied, Error> {
         self.flush().await?;
-        if let Some((set, snapshot)) = progress {
-            slave::write_progress(self.tx, set, snapshot, self.counts.events).await?;
-        }
         Ok(self.counts)
     }
 
@@ -412,11 +404,7 @@ impl<'t> Applier<'t> {
             keys: HashSet::new(),
             bytes: 0,
         });
-        run.bytes += [&event.old, &event.new]
-            .iter()
-            .flat_map(|row| row.iter().flatten())
-            .map(|v| v.as_ref().map_or(0, String::len))
-            .sum::<usize>();
+        run.bytes += event.size();
         run.keys.insert(old_key);
         run.keys.extend(new_key);
         run.events.push(event);

@@ -1,7 +1,7 @@
 //! Conflicts while applying: a change checked against the slave's row and
 //! settled by the set's policy, and the rows set-based runs found changed.
 
-use super::sql::refs;
+use super::sql::{as_text, refs};
 use super::{Applier, CAPTURES_SQL, NOTES, Plan, SetRun, malformed};
 use crate::config::Policy;
 use crate::conflict::{Conflict, Kind, Resolver, Version, Winner};
@@ -128,7 +128,7 @@ impl Applier<'_> {
         let list: Vec<String> = master
             .columns
             .iter()
-            .map(|c| format!("{}::text", quote_ident(c)))
+            .map(|c| as_text(&quote_ident(c)))
             .collect();
         let keys: Vec<String> = master
             .key

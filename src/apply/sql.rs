@@ -72,7 +72,10 @@ pub(super) fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) 
                 column(i),
                 plan.types[i]
             )),
-            olds = list(&|n, i| format!("pgreplica_l.{}::text AS pgreplica_o{n}", column(i))),
+            olds = list(&|n, i| format!(
+                "{} AS pgreplica_o{n}",
+                as_text(&format!("pgreplica_l.{}", column(i)))
+            )),
             arrays = arrays.join(", "),
             names = names.join(", "),
             matches = matches.join(" AND "),
@@ -90,10 +93,18 @@ pub(super) fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) 
             arrays = arrays.join(", "),
             names = names.join(", "),
             matches = matches.join(" AND "),
-            returned = list(&|_, i| format!("pgreplica_l.{}::text", column(i))),
+            returned = list(&|_, i| as_text(&format!("pgreplica_l.{}", column(i)))),
         )
     };
     (sql, params)
+}
+
+/// A value's text as the log holds it: its type's output function, which
+/// `format('%s')` calls. A cast to text is not the same for every type:
+/// `char(n)` loses its trailing blanks there, and the slave's row would then
+/// differ from the master's old row although nothing changed it.
+pub(super) fn as_text(expression: &str) -> String {
+    format!("CASE WHEN {expression} IS NOT NULL THEN format('%s', {expression}) END")
 }
 
 pub(super) fn refs(values: &[Option<String>]) -> Vec<&(dyn ToSql + Sync)> {

@@ -162,7 +162,7 @@ async fn work(
 async fn slave_session(set: &Config, slave: u32) -> Result<Client, Error> {
     let client = db::connect(&set.slaves[&slave], None).await?;
     let doing = "setting up the slave session";
-    client.batch_execute(SESSION_SQL).await.on_slave(doing)?;
+    slave::session(&client).await?;
     if let Some(origin) = set.origins(slave).master {
         client
             .execute(
@@ -445,7 +445,7 @@ impl Job {
             };
             replicate::pipe(&mut pipeline.adapter, &mut applier, &table, event).await?;
         }
-        applier.finish(None).await?;
+        applier.finish().await?;
         self.copied(tx, &name).await
     }
 }

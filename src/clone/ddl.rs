@@ -3,7 +3,6 @@
 //! handover.
 
 use crate::config::Config;
-use crate::db::SESSION_SQL;
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
 use crate::{programs, slave};
@@ -56,9 +55,7 @@ pub(super) async fn create(
             crate::db::pg_message(&e)
         ),
     })?;
-    tx.batch_execute(SESSION_SQL)
-        .await
-        .on_slave("setting up the slave session")
+    slave::session(tx).await
 }
 
 /// A table's definition from `pg_dump --schema-only`, split as `pg_restore`

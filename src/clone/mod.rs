@@ -265,7 +265,21 @@ async fn handover(
         // A slave that has no progress yet starts at the latest copy.
         let fresh = progress.is_none();
         let target = match progress {
-            Some(p) => p,
+            // A batch applied in part is finished first.
+            Some(p) if p.partial.is_some() => {
+                drop(tx);
+                replicate::step(
+                    &mut master,
+                    &mut slave_client,
+                    &mut pipeline,
+                    &set.name,
+                    &p.snapshot,
+                    false,
+                )
+                .await?;
+                continue;
+            }
+            Some(p) => p.snapshot,
             None => match copied
                 .iter()
                 .find(|(_, s)| copied.iter().all(|(_, o)| s.includes(o)))
@@ -301,6 +315,7 @@ async fn handover(
             resolver,
             adapter,
             statements,
+            ..
         } = &mut pipeline;
         let mut applier = Applier::new(&tx, statements, false, resolver.as_ref());
         for (table, since) in &copied {
@@ -310,15 +325,16 @@ async fn handover(
                 .on_master(doing)?
                 .get(0);
             let mut events =
-                Batch::between(&master_tx, since, target.clone(), oid, origins).await?;
+                Batch::between(&master_tx, since, target.clone(), 0, oid, origins).await?;
             adapter.begin();
             while let Some((t, event)) = events.next().await? {
                 replicate::pipe(adapter, &mut applier, &t, event).await?;
             }
         }
-        let applied = applier
-            .finish(fresh.then_some((set.name.as_str(), &target)))
-            .await?;
+        let applied = applier.finish().await?;
+        if fresh {
+            slave::write_progress(&tx, &set.name, &target, None, applied.events).await?;
+        }
         drop(master_tx);
         for (table, _) in &copied {
             let deferred = slave::deferred(&tx, &set.name, table).await?;

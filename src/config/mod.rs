@@ -70,6 +70,12 @@ pub struct Config {
     pub smtp: Option<Smtp>,
     /// The `[TABLE schema.name]` sections.
     pub tables: Vec<TableConfig>,
+    /// `BATCH_EVENTS`: a batch with more events is applied in steps of this many
+    /// events (one slave transaction each).
+    pub batch_events: u64,
+    /// `BATCH_MB` (in bytes here): a batch with more row data is applied in
+    /// steps of about this much.
+    pub batch_bytes: usize,
     /// `TRANSFORM_TIME_LIMIT`: the longest one call of a transform may run.
     pub transform_time: Duration,
     /// `TRANSFORM_MEMORY_LIMIT` (MB): the memory all of a set's transforms may use.
@@ -120,6 +126,12 @@ impl Policy {
 /// Default `LOG_KEEP` of sets whose conflicts are settled by `newest` or
 /// `priority`: a week.
 pub const DEFAULT_LOG_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Default `BATCH_EVENTS`.
+pub const DEFAULT_BATCH_EVENTS: u64 = 100_000;
+
+/// Default `BATCH_MB`.
+pub const DEFAULT_BATCH_MB: usize = 64;
 
 /// Default `TRANSFORM_TIME_LIMIT`.
 pub const DEFAULT_TRANSFORM_TIME: Duration = Duration::from_secs(1);
@@ -266,6 +278,8 @@ impl Config {
             user: None,
             smtp: None,
             tables: Vec::new(),
+            batch_events: DEFAULT_BATCH_EVENTS,
+            batch_bytes: DEFAULT_BATCH_MB << 20,
             transform_time: DEFAULT_TRANSFORM_TIME,
             transform_memory: DEFAULT_TRANSFORM_MEMORY,
             warnings: Vec::new(),
@@ -435,6 +449,21 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.lag_warning_events = (events > 0).then_some(events);
         }
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
+        "BATCH_EVENTS" => {
+            config.batch_events = value
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("'{value}' is not a number of events (1 or more)"))?
+        }
+        "BATCH_MB" => {
+            let mb: usize = value
+                .parse()
+                .ok()
+                .filter(|mb| *mb > 0)
+                .ok_or_else(|| format!("'{value}' is not a number of megabytes (1 or more)"))?;
+            config.batch_bytes = mb << 20;
+        }
         "TRANSFORM_TIME_LIMIT" => config.transform_time = parse_seconds(&value)?,
         "TRANSFORM_MEMORY_LIMIT" => {
             config.transform_memory = value
@@ -473,7 +502,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, BATCH_EVENTS, BATCH_MB, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());

@@ -1,0 +1,164 @@
+//! Databases as shops have them: the slave's own triggers and foreign keys,
+//! pgbench's tables with their `char(n)` columns, and `check` on them.
+
+mod support;
+
+use pgreplica::capture;
+use std::process::Command;
+use std::time::Duration;
+use support::{Setup, text};
+
+/// A schema with what real databases carry on both sides: an audit trigger, a
+/// `BEFORE UPDATE` trigger that stamps rows, and foreign keys with cascades.
+const SHOP: &str = "
+CREATE TABLE audit (id bigserial PRIMARY KEY, tbl text, op text, at timestamptz DEFAULT now());
+CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO audit (tbl, op) VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$;
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.updated_at = clock_timestamp(); RETURN NEW; END $$;
+CREATE TABLE orders (id int PRIMARY KEY, amount int, updated_at timestamptz);
+CREATE TRIGGER orders_audit AFTER INSERT OR UPDATE OR DELETE ON orders
+    FOR EACH ROW EXECUTE FUNCTION audit();
+CREATE TRIGGER orders_touch BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TABLE parent (id int PRIMARY KEY, name text);
+CREATE TABLE child (id int PRIMARY KEY,
+                    parent int REFERENCES parent ON UPDATE CASCADE ON DELETE CASCADE,
+                    note text);";
+
+const TABLES: [&str; 4] = [
+    "SELECT * FROM audit ORDER BY id",
+    "SELECT * FROM orders ORDER BY id",
+    "SELECT * FROM parent ORDER BY id",
+    "SELECT * FROM child ORDER BY id",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slaves_own_triggers_and_foreign_key_actions_do_not_fire_while_applying() {
+    let s = Setup::new(1, SHOP).await;
+    let master = s.master().await;
+    master
+        .batch_execute(
+            "INSERT INTO orders SELECT g, g * 10 FROM generate_series(1, 50) g;
+             INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 3) g;
+             INSERT INTO child SELECT g, 1 + g % 3, 'c' || g FROM generate_series(1, 9) g;",
+        )
+        .await
+        .unwrap();
+    let first = s.run_once();
+    assert!(first.status.success(), "{}", text(&first));
+    master
+        .batch_execute(
+            "UPDATE orders SET amount = amount + 1 WHERE id % 2 = 0;
+             DELETE FROM orders WHERE id > 45;
+             UPDATE parent SET id = 100 WHERE id = 1;
+             DELETE FROM parent WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    let second = s.run_once();
+    assert!(second.status.success(), "{}", text(&second));
+    for query in TABLES {
+        s.assert_same(0, query).await;
+    }
+    for out in [&first, &second] {
+        assert!(!text(out).contains("conflict:"), "{}", text(out));
+    }
+}
+
+/// The newest installed PostgreSQL's pgbench.
+fn pgbench(dsn: &str, args: &[&str]) {
+    let bin = pgreplica::programs::bin_dir().unwrap().join("pgbench");
+    let out = Command::new(&bin)
+        .args(args)
+        .arg(dsn)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed:\n{}",
+        text(&out)
+    );
+}
+
+/// A master and a slave that both hold `pgbench -i -s scale`'s tables (the
+/// same rows: pgbench fills them the same way), with capture on the master.
+async fn pgbench_pair(scale: &str) -> Setup {
+    let s = Setup::new(1, "SELECT 1").await;
+    pgbench(&s.master.dsn("app"), &["-i", "-q", "-s", scale]);
+    pgbench(&s.slaves[0].dsn("app"), &["-i", "-q", "-s", scale]);
+    let mut master = s.master().await;
+    capture::install(&mut master, &[], None).await.unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_char_columns_raise_no_conflict() {
+    let s = pgbench_pair("1").await;
+    pgbench(
+        &s.master.dsn("app"),
+        &["-n", "-t", "300", "-c", "2", "-M", "prepared"],
+    );
+    s.master()
+        .await
+        .batch_execute(
+            "DELETE FROM pgbench_accounts WHERE aid % 1000 = 7;
+             UPDATE pgbench_tellers SET filler = 'x' WHERE tid = 3;
+             UPDATE pgbench_branches SET filler = NULL WHERE bid = 1;",
+        )
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("conflict:"), "{}", text(&out));
+    for table in ["accounts", "tellers", "branches"] {
+        let id = &table[..1];
+        s.assert_same(0, &format!("SELECT * FROM pgbench_{table} ORDER BY {id}id"))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_names_three_differences_of_a_pgbench_database() {
+    let s = pgbench_pair("5").await;
+    s.sync();
+    s.slave(0)
+        .await
+        .batch_execute(
+            "UPDATE pgbench_accounts SET abalance = 99 WHERE aid = 180000;
+             DELETE FROM pgbench_accounts WHERE aid = 1667;
+             INSERT INTO pgbench_tellers VALUES (51, 1, 0, NULL);",
+        )
+        .await
+        .unwrap();
+    let conf = s.conf.to_str().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["check", &conf])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A hang guard, not a speed limit: check finishes in seconds.
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            panic!("check did not finish within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let printed = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(printed.contains("3 difference(s)"), "{printed}");
+    assert!(
+        printed.contains("different: (aid)=(180000): abalance: master 0, slave 99"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("missing on the slave: (aid)=(1667)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("extra on the slave: (tid)=(51)"),
+        "{printed}"
+    );
+}
