@@ -509,7 +509,7 @@ impl SlaveTask {
                 tokio::select! {
                     note = notifications.recv() => {
                         if note.is_none() {
-                            return Err(Error::Lost { side: Side::Master, what: "lost".into() });
+                            return Err(Error::Lost { side: Side::Master, what: "was lost".into() });
                         }
                         break;
                     }
@@ -547,7 +547,7 @@ async fn bounded<T>(
         Err(Error::Lost {
             side,
             what: format!(
-                "no answer within {}s while checking the {side}: reconnecting",
+                "gave no answer within {}s while checking the {side}: reconnecting",
                 limit.as_secs_f64()
             ),
         })

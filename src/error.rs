@@ -108,11 +108,11 @@ pub enum Error {
     )]
     Conflict(Box<Conflict>),
     /// A server did not answer in time, or its connection ended.
-    #[error("connection to the {side}: {what}")]
+    #[error("connection to the {side} {what}")]
     Lost {
         /// The server.
         side: Side,
-        /// What happened, e.g. "connection was lost".
+        /// What happened, e.g. "was lost".
         what: String,
     },
 }

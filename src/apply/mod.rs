@@ -356,7 +356,7 @@ impl<'t> Applier<'t> {
                     Some(run) => copy_error(&run, e),
                     None => Error::Lost {
                         side: crate::error::Side::Slave,
-                        what: "lost".into(),
+                        what: "was lost".into(),
                     },
                 });
             }
