@@ -93,44 +93,117 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
 CREATE OR REPLACE FUNCTION pgreplica.capture_name(tbl regclass) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT 'capture_' || tbl::oid $$;
 
+-- The table whose changes a table's are logged as: the top of its partition
+-- tree (a statement on a partition or on the partitioned table is logged as a
+-- change of the partitioned table, whatever the slave's partitioning), or itself.
+CREATE OR REPLACE FUNCTION pgreplica.root(tbl regclass) RETURNS regclass
+LANGUAGE sql STABLE AS $$ SELECT coalesce(pg_partition_root(tbl), tbl) $$;
+
 -- Why a table cannot be replicated, or NULL when it can.
 CREATE OR REPLACE FUNCTION pgreplica.unsupported(tbl regclass) RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT CASE
-        WHEN c.relkind = 'p' THEN 'partitioned table: attach its partitions'
-        WHEN c.relkind <> 'r' THEN 'not an ordinary table'
+        WHEN c.relkind NOT IN ('r', 'p') THEN 'not an ordinary table'
         WHEN c.relpersistence <> 'p' THEN 'temporary or unlogged table'
         WHEN n.nspname = 'pgreplica' THEN 'pgreplica''s own table'
-        WHEN cardinality(pgreplica.key_columns(c.oid)) = 0 THEN 'no primary key'
+        WHEN NOT c.relispartition AND EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid)
+            THEN 'inherits from ' || (SELECT string_agg(i.inhparent::regclass::text, ', ')
+                                        FROM pg_inherits i WHERE i.inhrelid = c.oid)
+                 || ': an UPDATE or DELETE through its parent changes its rows without its '
+                 || 'triggers knowing; make it a partition of a partitioned table'
+        WHEN c.relkind = 'r' AND EXISTS (SELECT FROM pg_inherits i WHERE i.inhparent = c.oid)
+            THEN 'has inheritance children ('
+                 || (SELECT string_agg(i.inhrelid::regclass::text, ', ')
+                       FROM pg_inherits i WHERE i.inhparent = c.oid)
+                 || '): an UPDATE or DELETE through it changes their rows without their '
+                 || 'triggers knowing; make it a partitioned table'
+        WHEN cardinality(pgreplica.key_columns(pgreplica.root(c.oid))) = 0 THEN
+            CASE WHEN c.relispartition
+                 THEN 'its partitioned table ' || pgreplica.root(c.oid)::text || ' has no primary key'
+                 ELSE 'no primary key' END
     END
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = tbl
 $$;
 
--- Attaches capture to one table: generates its capture function (statement-level,
--- with transition tables) and its triggers, following the table's options in
--- pgreplica.tables. Idempotent; returns NULL on success or the reason the table
--- cannot be replicated.
+-- Attaches capture to a table, following its options in pgreplica.tables, and
+-- to every partition of a partitioned table (a partition attaches its whole
+-- tree). Idempotent; returns NULL on success or the reason the table cannot be
+-- replicated.
+CREATE OR REPLACE FUNCTION pgreplica.attach(tbl regclass) RETURNS text
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
+DECLARE
+    why    text := pgreplica.unsupported(tbl);
+    root   regclass := pgreplica.root(tbl);
+    member regclass;
+BEGIN
+    IF why IS NOT NULL THEN
+        RETURN why;
+    END IF;
+    IF root <> tbl THEN
+        RETURN pgreplica.attach(root);
+    END IF;
+    PERFORM pgreplica.capture(tbl, tbl);
+    FOR member IN SELECT relid FROM pg_partition_tree(tbl) WHERE relid <> tbl LOOP
+        PERFORM pgreplica.capture(member, tbl);
+    END LOOP;
+    INSERT INTO pgreplica.tables (reloid) VALUES (tbl) ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+-- Attaches the partitions made since their partitioned table was attached
+-- (pg_partman makes them ahead of time); returns how many. Writes through the
+-- partitioned table are captured without this; writes straight into a new
+-- partition need it.
+CREATE OR REPLACE FUNCTION pgreplica.attach_partitions() RETURNS integer
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
+DECLARE
+    tbl    regclass;
+    member regclass;
+    n      integer := 0;
+BEGIN
+    FOR tbl, member IN
+        SELECT t.reloid, p.relid FROM pgreplica.tables t, pg_partition_tree(t.reloid) p
+         WHERE p.relid <> t.reloid
+           AND NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = p.relid
+                                                      AND g.tgname LIKE 'pgreplica\_%')
+    LOOP
+        PERFORM pgreplica.capture(member, tbl);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Generates the capture function (statement-level, with transition tables) and
+-- the triggers of one table, which logs its changes as changes of `root`: the
+-- table itself, or the partitioned table it is a partition of.
 --
 -- An UPDATE statement's old and new rows are paired by primary key: a key present
 -- on both sides is an update (logged only when the logged columns' text changed),
 -- a key only among the old rows a delete, a key only among the new rows an
 -- insert. That is exactly the statement's net effect, also when it changes
--- primary keys. Deletes are logged first and inserts last, so that a slave never
--- sees a transient duplicate key.
+-- primary keys or moves rows between partitions. Deletes are logged first and
+-- inserts last, so that a slave never sees a transient duplicate key.
 --
 -- The row filter sees the row as `new` and `old`; the one a change lacks (old for
 -- an insert, new for a delete or for the insert half of a key change) is all NULL.
-CREATE OR REPLACE FUNCTION pgreplica.attach(tbl regclass) RETURNS text
+--
+-- A partition's rows are logged by column name in its partitioned table's
+-- order. TRUNCATE of a partition is logged before it happens as a truncate of
+-- the partitioned table with the partition's constraint, which the slave
+-- applies as a DELETE of those rows, whether it has the same partitions or not.
+CREATE OR REPLACE FUNCTION pgreplica.capture(tbl regclass, root regclass) RETURNS void
 LANGUAGE plpgsql SET client_min_messages = warning AS $attach$
 DECLARE
-    why  text := pgreplica.unsupported(tbl);
     fn   text := pgreplica.capture_name(tbl);
     opts record;
     keys text[];
     cols text[];
     k1   text;
     body text;
+    trig name;
     -- How a row is logged: its text form, or that of the logged columns only.
     old_text text := '(old.*)::text';
     new_text text := '(new.*)::text';
@@ -138,21 +211,22 @@ DECLARE
     no_old text := '';
     no_new text := '';
     cond   text := 'true';
-    trig   name;
+    -- What a TRUNCATE logs: the whole table, or a partition's rows.
+    truncated text := 'NULL';
 BEGIN
-    IF why IS NOT NULL THEN
-        RETURN why;
-    END IF;
     SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude
       INTO opts
-      FROM (SELECT 1) AS one LEFT JOIN pgreplica.tables t ON t.reloid = tbl;
+      FROM (SELECT 1) AS one LEFT JOIN pgreplica.tables t ON t.reloid = root;
     SELECT array_agg(quote_ident(k.c) ORDER BY k.n) INTO keys
-      FROM unnest(pgreplica.key_columns(tbl)) WITH ORDINALITY AS k(c, n);
+      FROM unnest(pgreplica.key_columns(root)) WITH ORDINALITY AS k(c, n);
     k1 := keys[1];
-    IF opts.columns IS NOT NULL OR opts.exclude IS NOT NULL THEN
-        SELECT array_agg(quote_ident(c)) INTO cols FROM unnest(pgreplica.logged_columns(tbl)) c;
+    IF opts.columns IS NOT NULL OR opts.exclude IS NOT NULL OR tbl <> root THEN
+        SELECT array_agg(quote_ident(c)) INTO cols FROM unnest(pgreplica.logged_columns(root)) c;
         old_text := format('ROW(%s)::text', (SELECT string_agg('old.' || c, ', ') FROM unnest(cols) c));
         new_text := format('ROW(%s)::text', (SELECT string_agg('new.' || c, ', ') FROM unnest(cols) c));
+    END IF;
+    IF tbl <> root THEN
+        truncated := format('pg_get_partition_constraintdef(%s)', tbl::oid);
     END IF;
     IF opts.filter IS NOT NULL THEN
         cond := '(' || opts.filter || ')';
@@ -170,17 +244,17 @@ BEGIN
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
-        SELECT TG_RELID, 'I', nullif(current_setting('pgreplica.origin', true), ''), %4$s
+        SELECT %9$s, 'I', nullif(current_setting('pgreplica.origin', true), ''), %4$s
           FROM pgreplica_new new%6$s
          WHERE %8$s;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
-        SELECT TG_RELID, 'D', nullif(current_setting('pgreplica.origin', true), ''), %5$s
+        SELECT %9$s, 'D', nullif(current_setting('pgreplica.origin', true), ''), %5$s
           FROM pgreplica_old old%7$s
          WHERE %8$s;
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
-        SELECT TG_RELID, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
+        SELECT %9$s, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
                nullif(current_setting('pgreplica.origin', true), ''), ot, nt
           FROM (SELECT CASE WHEN old.%1$s IS NOT NULL THEN %5$s END AS ot,
                        CASE WHEN new.%1$s IS NOT NULL THEN %4$s END AS nt
@@ -189,8 +263,8 @@ BEGIN
          WHERE ot IS DISTINCT FROM nt
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
     ELSE
-        INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin)
-        VALUES (TG_RELID, 'T', nullif(current_setting('pgreplica.origin', true), ''));
+        INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
+        VALUES (%9$s, 'T', nullif(current_setting('pgreplica.origin', true), ''), %10$s);
     END IF;
     PERFORM pg_notify('pgreplica', '');
     RETURN NULL;
@@ -198,7 +272,7 @@ END
 $body$, k1,
         (SELECT string_agg('old.' || k, ', ') FROM unnest(keys) k),
         (SELECT string_agg('new.' || k, ', ') FROM unnest(keys) k),
-        new_text, old_text, no_old, no_new, cond);
+        new_text, old_text, no_old, no_new, cond, root::oid, truncated);
     -- SECURITY DEFINER: application roles write the log only through this function.
     -- The SET clauses make every value's text form independent of the writer's
     -- session: instants in UTC, ISO dates, floats with all their digits.
@@ -228,8 +302,10 @@ $body$, k1,
                        ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
     END IF;
     IF strpos(opts.operations, 'T') > 0 THEN
-        EXECUTE format('CREATE TRIGGER pgreplica_truncate AFTER TRUNCATE ON %s'
-                       ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
+        -- A partition's before: its constraint is read while it still holds.
+        EXECUTE format('CREATE TRIGGER pgreplica_truncate %s TRUNCATE ON %s'
+                       ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()',
+                       CASE WHEN tbl = root THEN 'AFTER' ELSE 'BEFORE' END, tbl, fn);
     END IF;
     -- ALWAYS: capture also fires in sessions that apply changes from another node
     -- (session_replication_role = replica), where a node captures too.
@@ -237,8 +313,6 @@ $body$, k1,
                  WHERE t.tgrelid = tbl AND t.tgname LIKE 'pgreplica\_%' LOOP
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tbl, trig);
     END LOOP;
-    INSERT INTO pgreplica.tables (reloid) VALUES (tbl) ON CONFLICT DO NOTHING;
-    RETURN NULL;
 END
 $attach$;
 
@@ -273,6 +347,10 @@ DECLARE
 BEGIN
     IF why IS NOT NULL THEN
         RAISE EXCEPTION 'table %: cannot be replicated: %', tbl, why;
+    END IF;
+    IF pgreplica.root(tbl) <> tbl THEN
+        RAISE EXCEPTION 'table %: is a partition of %, whose options it follows: give the [TABLE] section to %',
+            tbl, pgreplica.root(tbl), pgreplica.root(tbl);
     END IF;
     IF operations !~ '^[IUDT]+$' THEN
         RAISE EXCEPTION 'table %: operations ''%'' are not letters of IUDT', tbl, operations;
@@ -326,9 +404,13 @@ $$;
 -- Removes capture from one table. Its events already in the log stay.
 CREATE OR REPLACE FUNCTION pgreplica.detach(tbl regclass) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    member regclass;
 BEGIN
-    PERFORM pgreplica.drop_triggers(tbl);
-    EXECUTE format('DROP FUNCTION IF EXISTS pgreplica.%I()', pgreplica.capture_name(tbl));
+    FOR member IN SELECT tbl UNION ALL SELECT relid FROM pg_partition_tree(tbl) WHERE relid <> tbl LOOP
+        PERFORM pgreplica.drop_triggers(member);
+        EXECUTE format('DROP FUNCTION IF EXISTS pgreplica.%I()', pgreplica.capture_name(member));
+    END LOOP;
     DELETE FROM pgreplica.tables WHERE reloid = tbl;
 END
 $$;
@@ -368,19 +450,29 @@ BEGIN
 END
 $$;
 
--- Attaches every ordinary table outside the system schemas; one row per table
--- with NULL or the reason it was skipped.
+-- Attaches every ordinary or partitioned table outside the system schemas that
+-- is not an extension's; one row per table with NULL or the reason it was skipped.
 CREATE OR REPLACE FUNCTION pgreplica.attach_all(OUT tbl regclass, OUT skipped text)
 RETURNS SETOF record LANGUAGE plpgsql AS $$
 BEGIN
     FOR tbl IN
         SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.relkind IN ('r', 'p')
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
            AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgreplica')
            AND n.nspname NOT LIKE 'pg\_%'
          ORDER BY n.nspname, c.relname
     LOOP
-        skipped := pgreplica.attach(tbl);
+        -- An extension's tables (PostGIS's spatial_ref_sys, pg_partman's
+        -- part_config) are filled by the extension on each server.
+        SELECT 'belongs to extension ' || e.extname || ', which fills its own copy on the '
+               || 'slave: name it with --table to replicate it anyway'
+          INTO skipped
+          FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+         WHERE d.classid = 'pg_class'::regclass AND d.objid = tbl
+           AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e';
+        IF skipped IS NULL THEN
+            skipped := pgreplica.attach(tbl);
+        END IF;
         RETURN NEXT;
     END LOOP;
 END

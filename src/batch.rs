@@ -280,11 +280,16 @@ impl<'t> Batch<'t> {
             }
             Ok(Some(fields))
         };
+        // A partition's truncate keeps its constraint where rows go.
+        let old = match op {
+            Op::Truncate => row.get::<_, Option<String>>(3).map(|c| vec![Some(c)]),
+            _ => fields(row.get(3))?,
+        };
         let event = Event {
             id,
             table: oid,
             op,
-            old: fields(row.get(3))?,
+            old,
             new: fields(row.get(4))?,
             origin,
             time,

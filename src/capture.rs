@@ -117,6 +117,16 @@ pub async fn execute(master: &Client, sql: &str) -> Result<(), Error> {
         .map(|_| ())
 }
 
+/// Attaches capture to the partitions made since their partitioned table was
+/// attached (`pgreplica.attach_partitions()`); returns how many.
+pub async fn attach_partitions(master: &Client) -> Result<i32, Error> {
+    Ok(master
+        .query_one("SELECT pgreplica.attach_partitions()", &[])
+        .await
+        .on_master("attaching capture to new partitions on the master")?
+        .get(0))
+}
+
 /// Removes capture and returns how many logged events were discarded with it.
 pub async fn uninstall(client: &Client) -> Result<i64, Error> {
     let doing = "uninstalling capture";

@@ -375,7 +375,7 @@ impl Compare<'_> {
         let (condition, params) = self.condition(side, &range);
         let keys = self.key_list(side, "", "::text");
         let sql = format!(
-            "SELECT {keys} FROM ONLY {t} AS pgreplica_t WHERE {condition} \
+            "SELECT {keys} FROM {t} AS pgreplica_t WHERE {condition} \
              ORDER BY {order} OFFSET {offset} LIMIT 1",
             t = self.table.name(side),
             // Qualified: the bare names would sort the text columns of the
@@ -396,7 +396,7 @@ impl Compare<'_> {
         let (condition, params) = self.condition(side, range);
         let sql = format!(
             "SELECT count(*), coalesce(sum(hashtextextended({row}::text, 0)), 0)::text \
-             FROM ONLY {t} WHERE {condition}",
+             FROM {t} WHERE {condition}",
             row = self.row(side),
             t = self.table.name(side),
         );
@@ -442,7 +442,7 @@ impl Compare<'_> {
     async fn fetch(&self, side: Side, range: &Range) -> Result<HashMap<String, String>, Error> {
         let (condition, params) = self.condition(side, range);
         let sql = format!(
-            "SELECT {keys}, {row}::text FROM ONLY {t} WHERE {condition}",
+            "SELECT {keys}, {row}::text FROM {t} WHERE {condition}",
             keys = self.key_list(side, "", "::text"),
             row = self.row(side),
             t = self.table.name(side),

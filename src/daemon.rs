@@ -415,6 +415,7 @@ impl SlaveTask {
         }
         let mut pipeline = Pipeline::new(&set, slave)?;
         let mut last_cleanup: Option<Instant> = None;
+        let mut partitions_warned = false;
         let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
         loop {
             while notifications.try_recv().is_ok() {}
@@ -489,6 +490,19 @@ impl SlaveTask {
                 let cleanup = registry::clean(&master, &set.name, &slaves, keep);
                 let removed =
                     bounded(cleanup, Side::Master, CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
+                // Partitions made ahead (pg_partman) get capture for the writes
+                // made straight into them; the daemon's role may lack the right.
+                match capture::attach_partitions(&master).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("capture attached to {n} new partition(s)"),
+                    Err(e) if !partitions_warned => {
+                        partitions_warned = true;
+                        tracing::warn!(
+                            "{e}: run pgreplica install to capture writes made straight into new partitions"
+                        );
+                    }
+                    Err(_) => {}
+                }
                 if removed > 0 {
                     tracing::debug!("removed {removed} applied events from the master's log");
                 }

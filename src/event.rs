@@ -73,7 +73,8 @@ pub enum Op {
     Update,
     /// A row was deleted.
     Delete,
-    /// The table was truncated.
+    /// The table was truncated; a partition of it when `old` holds one field:
+    /// the partition's constraint, a condition on the table's columns.
     Truncate,
     /// A statement queued with `pgreplica.execute`, in `new`'s only field.
     Execute,

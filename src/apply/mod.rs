@@ -190,7 +190,14 @@ impl<'t> Applier<'t> {
             Op::Update | Op::Delete => self.change(plan, event).await,
             Op::Truncate => {
                 self.flush().await?;
-                let sql = format!("TRUNCATE ONLY {}", plan.slave);
+                let partition = event
+                    .old
+                    .as_ref()
+                    .and_then(|o| o.first().cloned().flatten());
+                let sql = match partition {
+                    Some(condition) => format!("DELETE FROM {} WHERE {condition}", plan.slave),
+                    None => format!("TRUNCATE {}", plan.slave),
+                };
                 self.tx
                     .batch_execute(&sql)
                     .await

@@ -142,7 +142,7 @@ impl Applier<'_> {
             .map(|(n, &k)| format!("${}::text::{}", n + 1, plan.types[k]))
             .collect();
         let sql = format!(
-            "SELECT {} FROM ONLY {} WHERE ({}) = ({}) FOR UPDATE",
+            "SELECT {} FROM {} WHERE ({}) = ({}) FOR UPDATE",
             list.join(", "),
             plan.slave,
             keys.join(", "),

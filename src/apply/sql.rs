@@ -59,12 +59,14 @@ pub(super) fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) 
             .map(|p| format!("${p}::text[]"))
             .collect();
         format!(
-            "UPDATE ONLY {t} AS pgreplica_t SET {sets} \
-             FROM (SELECT pgreplica_l.ctid AS pgreplica_ctid, s.*, {olds} \
+            "UPDATE {t} AS pgreplica_t SET {sets} \
+             FROM (SELECT pgreplica_l.tableoid AS pgreplica_rel, pgreplica_l.ctid AS pgreplica_ctid, \
+                          s.*, {olds} \
                      FROM unnest({arrays}) WITH ORDINALITY AS s({names}, pgreplica_seq) \
-                     JOIN ONLY {t} AS pgreplica_l ON {matches} \
+                     JOIN {t} AS pgreplica_l ON {matches} \
                       FOR UPDATE OF pgreplica_l) AS pgreplica_o \
-             WHERE pgreplica_t.ctid = pgreplica_o.pgreplica_ctid \
+             WHERE pgreplica_t.tableoid = pgreplica_o.pgreplica_rel \
+               AND pgreplica_t.ctid = pgreplica_o.pgreplica_ctid \
              RETURNING pgreplica_o.pgreplica_seq, {returned}",
             t = plan.slave,
             sets = list(&|n, i| format!(
@@ -86,7 +88,7 @@ pub(super) fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) 
             .map(|p| format!("${p}::text[]"))
             .collect();
         format!(
-            "DELETE FROM ONLY {t} AS pgreplica_l \
+            "DELETE FROM {t} AS pgreplica_l \
              USING unnest({arrays}) WITH ORDINALITY AS s({names}, pgreplica_seq) \
              WHERE {matches} RETURNING s.pgreplica_seq, {returned}",
             t = plan.slave,

@@ -277,7 +277,7 @@ impl Job {
             .section(&t.name)
             .and_then(|s| s.filter.as_deref());
         let mut source = match filter {
-            None => format!("SELECT {list} FROM ONLY {name} WHERE true"),
+            None => format!("SELECT {list} FROM {name} WHERE true"),
             Some(_) => {
                 let list: Vec<String> = columns.iter().map(|c| format!("new.{c}")).collect();
                 format!("SELECT {} {}", list.join(", "), filtered(&name, filter))
@@ -399,7 +399,7 @@ impl Job {
                 ),
             });
         }
-        tx.batch_execute(&format!("TRUNCATE ONLY {target}"))
+        tx.batch_execute(&format!("TRUNCATE {target}"))
             .await
             .on_slave(&format!("emptying {target} on the slave"))?;
         let list: Vec<String> = table
@@ -458,7 +458,7 @@ SELECT pgreplica.logged_columns($1::oid), pgreplica.key_columns($1::oid)";
 /// capture trigger sees an inserted row (`old` all NULL).
 fn filtered(table: &str, filter: Option<&str>) -> String {
     format!(
-        "FROM ONLY {table} AS new LEFT JOIN ONLY {table} AS old ON false WHERE {}",
+        "FROM {table} AS new LEFT JOIN {table} AS old ON false WHERE {}",
         filter.map_or("true".to_string(), |f| format!("({f})"))
     )
 }

@@ -23,7 +23,7 @@ pub(super) async fn prepare(
         .on_slave(doing)?
         .get(0);
     if exists {
-        tx.batch_execute(&format!("TRUNCATE ONLY {name}"))
+        tx.batch_execute(&format!("TRUNCATE {name}"))
             .await
             .on_slave(&format!("emptying {name} on the slave"))?;
         let kept = slave::kept_definition(tx, &set.name, &name).await?;
@@ -91,10 +91,16 @@ fn table_ddl(master_dsn: &str, table: &TableName) -> Result<Ddl, Error> {
             message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(split_dump(
-        &table.schema,
-        &String::from_utf8_lossy(&out.stdout),
-    ))
+    let dump = String::from_utf8_lossy(&out.stdout);
+    if dump.contains("\nPARTITION BY ") {
+        return Err(Error::Schema {
+            table: table.clone(),
+            message: "a partitioned table, missing on the slave: create it there first, with \
+                      its partitions or as a plain table, and run clone again"
+                .into(),
+        });
+    }
+    Ok(split_dump(&table.schema, &dump))
 }
 
 /// Splits `pg_dump` output at its `-- Name: …; Type: …;` headers: drops

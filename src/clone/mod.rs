@@ -208,7 +208,7 @@ async fn refuse_non_empty(
             .await
             .on_slave("reading the slave's catalog")?
             .get(0);
-        let sql = format!("SELECT EXISTS (SELECT FROM ONLY {name})");
+        let sql = format!("SELECT EXISTS (SELECT FROM {name})");
         if exists
             && slave
                 .query_one(&sql, &[])
