@@ -49,6 +49,14 @@ CREATE TABLE IF NOT EXISTS pgreplica.slave (
     PRIMARY KEY (set_name, slave)
 );
 
+-- How far the log was cleaned: the events of every transaction below `below`
+-- that had any are gone. A slave whose progress is older (restored from a
+-- backup, or one that lost its last commits) cannot catch up from the log.
+CREATE TABLE IF NOT EXISTS pgreplica.cleaned (
+    one   boolean PRIMARY KEY DEFAULT true CHECK (one),
+    below bigint  NOT NULL
+);
+
 -- Tables attached to capture, and what is captured of each (set with
 -- pgreplica.set_options, from the [TABLE] sections of a set's config).
 CREATE TABLE IF NOT EXISTS pgreplica.tables (
@@ -88,6 +96,17 @@ $$;
 -- whose version is not its own and says to run `pgreplica install` again.
 CREATE OR REPLACE FUNCTION pgreplica.version() RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
+
+-- The node a change being logged came from: what pgreplica's apply marks in
+-- pgreplica.origin, in a session that applies changes from another node
+-- (session_replication_role = replica, which an application role may not
+-- set). NULL, this node, in every other session: a forged or inherited
+-- pgreplica.origin cannot keep a change from reaching a node.
+CREATE OR REPLACE FUNCTION pgreplica.origin() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN current_setting('session_replication_role') = 'replica'
+                THEN nullif(current_setting('pgreplica.origin', true), '') END
+$$;
 
 -- The capture function's name for a table.
 CREATE OR REPLACE FUNCTION pgreplica.capture_name(tbl regclass) RETURNS text
@@ -244,18 +263,18 @@ BEGIN
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
-        SELECT %9$s, 'I', nullif(current_setting('pgreplica.origin', true), ''), %4$s
+        SELECT %9$s, 'I', pgreplica.origin(), %4$s
           FROM pgreplica_new new%6$s
          WHERE %8$s;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
-        SELECT %9$s, 'D', nullif(current_setting('pgreplica.origin', true), ''), %5$s
+        SELECT %9$s, 'D', pgreplica.origin(), %5$s
           FROM pgreplica_old old%7$s
          WHERE %8$s;
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
         SELECT %9$s, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
-               nullif(current_setting('pgreplica.origin', true), ''), ot, nt
+               pgreplica.origin(), ot, nt
           FROM (SELECT CASE WHEN old.%1$s IS NOT NULL THEN %5$s END AS ot,
                        CASE WHEN new.%1$s IS NOT NULL THEN %4$s END AS nt
                   FROM pgreplica_old old FULL JOIN pgreplica_new new ON (%2$s) = (%3$s)
@@ -264,7 +283,7 @@ BEGIN
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
     ELSE
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
-        VALUES (%9$s, 'T', nullif(current_setting('pgreplica.origin', true), ''), %10$s);
+        VALUES (%9$s, 'T', pgreplica.origin(), %10$s);
     END IF;
     PERFORM pg_notify('pgreplica', '');
     RETURN NULL;
@@ -395,7 +414,7 @@ BEGIN
     PERFORM pgreplica.attach(tbl);
     IF before -> tbl::oid::text IS DISTINCT FROM pgreplica.layouts() -> tbl::oid::text THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
-        VALUES (0, 'X', nullif(current_setting('pgreplica.origin', true), ''), before::text, '');
+        VALUES (0, 'X', pgreplica.origin(), before::text, '');
     END IF;
     RETURN true;
 END
@@ -445,7 +464,7 @@ BEGIN
         PERFORM pgreplica.attach(tbl);
     END LOOP;
     INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
-    VALUES (0, 'X', nullif(current_setting('pgreplica.origin', true), ''), before::text, sql);
+    VALUES (0, 'X', pgreplica.origin(), before::text, sql);
     PERFORM pg_notify('pgreplica', '');
 END
 $$;

@@ -123,7 +123,9 @@ async fn adaptable(sets: impl Iterator<Item = &Config>) -> bool {
 /// its capture options and files of one daemon on its process keys, and logs
 /// the files' warnings.
 fn valid(sets: &[Config]) -> bool {
-    let clash = crate::config::capture_clash(sets).or_else(|| crate::config::process_clash(sets));
+    let clash = crate::config::capture_clash(sets)
+        .or_else(|| crate::config::process_clash(sets))
+        .or_else(|| crate::config::loop_clash(sets));
     if let Some(clash) = clash {
         tracing::error!("{clash}");
         return false;
@@ -409,6 +411,7 @@ impl SlaveTask {
         )?;
         let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
         slave::prepare(&slave_client).await?;
+        slave::bound_waits(&slave_client, set.lock_timeout).await?;
         let mut prev = replicate::register(&master, &slave_client, &set, slave).await?;
         if !set.tables.is_empty() {
             capture::configure(&master, &set).await?;

@@ -30,16 +30,26 @@ UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(),
 // until the one furthest behind has applied it.
 // At most CLEANUP_ROWS at a time, so that one cleanup stays short; and only
 // once every slave of the set ($2) is registered, so that a slave whose task
-// has not reached the master yet is never cleaned past.
+// has not reached the master yet is never cleaned past. What was removed is
+// remembered in pgreplica.cleaned.
 const CLEANUP_SQL: &str = "
-DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM pgreplica.log
-     WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
-       AND ev_time < now() - make_interval(secs => $3)
-       AND NOT EXISTS (SELECT FROM unnest($2::int[]) AS n(slave)
-                        WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
-                                           WHERE s.set_name = $1 AND s.slave = n.slave))
-     LIMIT 100000))";
+WITH gone AS (
+    DELETE FROM pgreplica.log WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM pgreplica.log
+         WHERE ev_txid < (SELECT min(txid_snapshot_xmin(snapshot)) FROM pgreplica.slave)
+           AND ev_time < now() - make_interval(secs => $3)
+           AND NOT EXISTS (SELECT FROM unnest($2::int[]) AS n(slave)
+                            WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
+                                               WHERE s.set_name = $1 AND s.slave = n.slave))
+         LIMIT 100000))
+    RETURNING ev_txid
+), mark AS (
+    INSERT INTO pgreplica.cleaned (below) SELECT max(ev_txid) + 1 FROM gone HAVING count(*) > 0
+    ON CONFLICT (one) DO UPDATE SET below = greatest(cleaned.below, EXCLUDED.below)
+)
+SELECT count(*) FROM gone";
+
+const CLEANED_SQL: &str = "SELECT below FROM pgreplica.cleaned";
 
 /// Events removed from the log by one cleanup at most.
 pub const CLEANUP_ROWS: u64 = 100_000;
@@ -138,10 +148,21 @@ pub async fn record_error(
 /// applied and that are older than `keep` seconds, once every slave of the set
 /// (`slaves`) is registered. Returns how many it removed.
 pub async fn clean(master: &Client, set: &str, slaves: &[i32], keep: f64) -> Result<u64, Error> {
-    master
-        .execute(CLEANUP_SQL, &[&set, &slaves, &keep])
+    let removed: i64 = master
+        .query_one(CLEANUP_SQL, &[&set, &slaves, &keep])
         .await
-        .on_master("cleaning the master's log")
+        .on_master("cleaning the master's log")?
+        .get(0);
+    Ok(removed as u64)
+}
+
+/// The transaction below which the log was cleaned, if it ever was.
+pub async fn cleaned_below(master: &Client) -> Result<Option<i64>, Error> {
+    Ok(master
+        .query_opt(CLEANED_SQL, &[])
+        .await
+        .on_master("reading how far the master's log was cleaned")?
+        .map(|r| r.get(0)))
 }
 
 /// Keeps the log from being cleaned past this moment for a clone of `slave`

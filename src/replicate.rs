@@ -82,6 +82,20 @@ pub async fn register(
     let registered = registry::enter(master, &set.name, slave, dsn, &start).await?;
     match progress {
         Some(progress) => {
+            if let Some(below) = registry::cleaned_below(master).await?
+                && progress.xmin < below
+            {
+                return Err(Error::Invalid {
+                    doing: "resuming the slave".into(),
+                    message: format!(
+                        "its progress ({progress}) is older than what the master's log was \
+                         cleaned to (transaction {below}): it was restored from a backup, or lost \
+                         its last commits, and the changes in between are gone. Nothing is \
+                         applied; copy it again with pgreplica clone {} --slave {slave} --truncate",
+                        set.path.display()
+                    ),
+                });
+            }
             registry::sync(master, &set.name, slave, &progress).await?;
             Ok(progress)
         }

@@ -91,6 +91,11 @@ pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
         .batch_execute(db::SESSION_SQL)
         .await
         .on_slave("setting up the slave session")?;
+    // A batch's commit is its progress: it must not be lost in a crash.
+    client
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .on_slave("setting up the slave session")?;
     match client
         .batch_execute("SET session_replication_role = replica")
         .await
@@ -114,6 +119,18 @@ pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
         }
         other => other.on_slave("setting up the slave session"),
     }
+}
+
+/// Bounds every lock wait of the session: a row held by someone else on the
+/// slave makes the batch fail and retry instead of hanging, holding the
+/// master's snapshot open.
+pub async fn bound_waits(client: &Client, lock_timeout: std::time::Duration) -> Result<(), Error> {
+    // A number of milliseconds, never text from the config file.
+    let sql = format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1));
+    client
+        .batch_execute(&sql)
+        .await
+        .on_slave("setting up the slave session")
 }
 
 /// Prepares a slave connection: the session (see [`session`]) and pgreplica's

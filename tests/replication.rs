@@ -444,3 +444,74 @@ async fn a_long_backlog_is_applied_in_bounded_steps() {
         .get(0);
     assert_eq!(applied, 10_000, "every event applied once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slave_restored_from_an_older_backup_is_stopped_and_told_to_clone() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let master = s.master().await;
+    master
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    s.sync();
+    let slave = s.slave(0).await;
+    let backup: String = slave
+        .query_one("SELECT snapshot FROM pgreplica.progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Applied, then cleaned from the master's log.
+    master
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    s.sync();
+    // The slave comes back from the backup taken before.
+    slave
+        .execute("UPDATE pgreplica.progress SET snapshot = $1", &[&backup])
+        .await
+        .unwrap();
+    slave
+        .batch_execute("DELETE FROM t WHERE id = 2")
+        .await
+        .unwrap();
+    master
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("older than what the master's log was cleaned to")
+            && text(&out).contains("pgreplica clone"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(count(&slave, "t").await, 1, "nothing applied over the gap");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_locked_on_the_slave_fails_the_batch_instead_of_hanging() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    s.configure("LOCK_TIMEOUT=1\n");
+    let master = s.master().await;
+    master
+        .batch_execute("INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    s.sync();
+    let mut holder = s.slave(0).await;
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("SELECT * FROM t WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    master.batch_execute("UPDATE t SET v = 'b'").await.unwrap();
+    let conf = s.conf.to_str().unwrap();
+    let out = support::pgreplica_within(&["run", "--once", conf], Duration::from_secs(60))
+        .expect("the batch waited for the lock without bound");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("lock timeout"), "{}", text(&out));
+    lock.rollback().await.unwrap();
+    s.sync();
+    s.assert_same(0, "SELECT * FROM t ORDER BY id").await;
+}

@@ -62,3 +62,43 @@ async fn an_application_role_cannot_forge_or_erase_log_rows() {
     s.sync();
     s.assert_same(0, "SELECT * FROM orders ORDER BY id").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_application_session_cannot_mark_its_changes_as_another_nodes() {
+    let s = Setup::new(
+        1,
+        "CREATE TABLE orders (id int PRIMARY KEY, item text);
+         CREATE ROLE app LOGIN;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO app;",
+    )
+    .await;
+    // Two named nodes: changes that came from the slave's node never go back to it.
+    s.configure("NODE0=hq\nNODE1=shop\n");
+    let app = connect(&format!(
+        "host=127.0.0.1 port={} user=app dbname=app",
+        s.master.port
+    ))
+    .await;
+    app.batch_execute(
+        "SET pgreplica.origin = 'shop';
+         INSERT INTO orders VALUES (1, 'forged origin');
+         SELECT set_config('pgreplica.origin', 'shop', true);
+         INSERT INTO orders VALUES (2, 'pooled session')",
+    )
+    .await
+    .unwrap();
+    let err = app
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .expect_err("an application role may not pose as replication");
+    let message = err.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .unwrap_or("")
+            .contains("permission denied"),
+        "{message:?}"
+    );
+    s.sync();
+    s.assert_same(0, "SELECT * FROM orders ORDER BY id").await;
+}

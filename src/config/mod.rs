@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+mod clash;
 mod smtp;
 mod table;
 
+pub use clash::{capture_clash, loop_clash, process_clash};
 use smtp::smtp_key;
 pub use smtp::{DEFAULT_DIGEST, Smtp, SmtpTls};
+pub use table::TableConfig;
 use table::table_section;
-pub use table::{TableConfig, capture_clash};
 
 /// Default `LAG_WARNING`.
 pub const DEFAULT_LAG_WARNING: Duration = Duration::from_secs(300);
@@ -70,6 +72,9 @@ pub struct Config {
     pub smtp: Option<Smtp>,
     /// The `[TABLE schema.name]` sections.
     pub tables: Vec<TableConfig>,
+    /// `LOCK_TIMEOUT`: the longest a statement applying a batch waits for a
+    /// lock on the slave before the batch is given up and retried.
+    pub lock_timeout: Duration,
     /// `BATCH_EVENTS`: a batch with more events is applied in steps of this many
     /// events (one slave transaction each).
     pub batch_events: u64,
@@ -126,6 +131,9 @@ impl Policy {
 /// Default `LOG_KEEP` of sets whose conflicts are settled by `newest` or
 /// `priority`: a week.
 pub const DEFAULT_LOG_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Default `LOCK_TIMEOUT`.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default `BATCH_EVENTS`.
 pub const DEFAULT_BATCH_EVENTS: u64 = 100_000;
@@ -278,6 +286,7 @@ impl Config {
             user: None,
             smtp: None,
             tables: Vec::new(),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
             batch_events: DEFAULT_BATCH_EVENTS,
             batch_bytes: DEFAULT_BATCH_MB << 20,
             transform_time: DEFAULT_TRANSFORM_TIME,
@@ -449,6 +458,12 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.lag_warning_events = (events > 0).then_some(events);
         }
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
+        "LOCK_TIMEOUT" => {
+            config.lock_timeout = parse_seconds(&value)?;
+            if config.lock_timeout < Duration::from_millis(1) {
+                return Err(format!("'{value}' is not a number of seconds above 0"));
+            }
+        }
         "BATCH_EVENTS" => {
             config.batch_events = value
                 .parse()
@@ -502,7 +517,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, BATCH_EVENTS, BATCH_MB, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());
@@ -515,41 +530,6 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
         }
     }
     Ok(())
-}
-
-/// Two files of one daemon that give a per-process key ([`PROCESS_KEYS`])
-/// different values: a message naming both places, or `None`. A file that
-/// leaves a key out follows the others.
-pub fn process_clash(sets: &[Config]) -> Option<String> {
-    let value = |set: &Config, key: &str| match key {
-        "USER" => format!("{:?}", set.user),
-        "LOGFILE" => format!("{:?}", set.logfile),
-        "HTTP" => format!("{:?}", set.http),
-        "LOG_FORMAT" => format!("{:?}", set.json_logs),
-        _ => format!("{:?}", set.debug_level),
-    };
-    for key in PROCESS_KEYS {
-        let giving: Vec<(&Config, usize)> = sets
-            .iter()
-            .filter_map(|s| Some((s, *s.process_lines.get(key)?)))
-            .collect();
-        let Some((first, line)) = giving.first() else {
-            continue;
-        };
-        if let Some((other, other_line)) = giving
-            .iter()
-            .find(|(s, _)| value(s, key) != value(first, key))
-        {
-            return Some(format!(
-                "{}:{line} and {}:{other_line} give {key} different values, but one daemon \
-                 runs both files and has one {key}: give the same value in both, or give it \
-                 in one file only",
-                first.path.display(),
-                other.path.display(),
-            ));
-        }
-    }
-    None
 }
 
 /// A duration in (possibly fractional) seconds, 0 or more.
@@ -698,42 +678,6 @@ TO_ADDRS=hostmaster@somewhere.com;dbadmin@somewhere.com";
         let e = parse("[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\n[TABLE t]\n[TABLE public.t]\n").unwrap_err();
         assert!(
             e.to_string().contains("given twice (first on line 5)"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn two_files_may_not_capture_one_table_differently() {
-        let file = |name: &str, filter: &str| {
-            let text = format!("[MAIN]\nNAME={name}\nDSN0=m\nDSN1=s\n[TABLE t]\n{filter}");
-            Config::parse(Path::new(&format!("{name}.conf")), &text).unwrap()
-        };
-        let same = [file("a", "FILTER=new.x\n"), file("b", "FILTER=new.x\n")];
-        assert_eq!(capture_clash(&same), None);
-        let clash = [file("a", "FILTER=new.x\n"), file("b", "")];
-        let e = capture_clash(&clash).unwrap();
-        assert!(e.starts_with("a.conf:5 and b.conf:5 give table"), "{e}");
-    }
-
-    #[test]
-    fn files_of_one_daemon_must_agree_on_its_process_keys() {
-        let file = |name: &str, extra: &str| {
-            let text = format!("[MAIN]\nNAME={name}\nDSN0=m\nDSN1=s\n{extra}");
-            Config::parse(Path::new(&format!("{name}.conf")), &text).unwrap()
-        };
-        let agree = [
-            file("a", "LOGFILE=/var/log/p.log\n"),
-            file("b", ""),
-            file("c", "\nLOGFILE=/var/log/p.log\n"),
-        ];
-        assert_eq!(process_clash(&agree), None);
-        let differ = [
-            file("a", "HTTP=127.0.0.1:1\n"),
-            file("b", "\nHTTP=127.0.0.1:2\n"),
-        ];
-        let e = process_clash(&differ).unwrap();
-        assert!(
-            e.starts_with("a.conf:5 and b.conf:6 give HTTP different values"),
             "{e}"
         );
     }

@@ -1,7 +1,7 @@
 //! `[TABLE schema.name]` sections: what is captured of one master table, and
 //! how it lands on the slaves.
 
-use super::{Config, Policy};
+use super::Policy;
 use crate::ident::{TableName, parse_ident};
 use std::path::{Path, PathBuf};
 
@@ -30,42 +30,6 @@ pub struct TableConfig {
     pub transform: Option<PathBuf>,
     /// `CONFLICT`: this table's conflict policy, over the set's.
     pub conflict: Option<Policy>,
-}
-
-/// Two files reading the same master that give one table different capture
-/// options (the master's log is shared, so they would undo each other): a
-/// message naming both places, or `None`.
-pub fn capture_clash(sets: &[Config]) -> Option<String> {
-    let captured = |t: &TableConfig| {
-        (
-            t.operations.clone(),
-            t.filter.clone(),
-            t.columns.clone(),
-            t.exclude.clone(),
-        )
-    };
-    for (i, a) in sets.iter().enumerate() {
-        for b in sets[i + 1..].iter().filter(|b| b.master == a.master) {
-            for ta in &a.tables {
-                if let Some(tb) = b
-                    .section(&ta.table)
-                    .filter(|tb| captured(tb) != captured(ta))
-                {
-                    return Some(format!(
-                        "{}:{} and {}:{} give table {} different capture options (OPERATIONS, \
-                         FILTER, COLUMNS, EXCLUDE_COLUMNS), but both sets read the same master \
-                         and share its log: give them the same options",
-                        a.path.display(),
-                        ta.line,
-                        b.path.display(),
-                        tb.line,
-                        ta.table
-                    ));
-                }
-            }
-        }
-    }
-    None
 }
 
 /// The table of a `[TABLE schema.name]` header.
