@@ -2,7 +2,7 @@
 //! of a transform script, and the daemon's memory while draining a backlog. Prints medians of RUNS runs (default
 //! 5) as ratios to the built-in replication measured in the same run.
 //!
-//!     cargo bench --bench apply                       # ROWS=1000000 RUNS=5 BACKLOGS=1000000,5000000
+//!     cargo bench --bench apply                       # ROWS=1000000 RUNS=5 BACKLOGS=1000000,5000000 BIG_ROWS=150
 //!     ROWS=200000 RUNS=3 BACKLOGS=1000000 cargo bench --bench apply
 //!
 //! Each phase is timed from the master's first commit until a marker row,
@@ -271,4 +271,36 @@ async fn main() {
         let _ = child.kill();
         let _ = child.wait();
     }
+
+    // Big rows: BIG_ROWS rows of 500 kB inserted, then all updated in one
+    // transaction (old and new rows logged: about BIG_ROWS MB), then applied.
+    let big = env_number("BIG_ROWS", 150);
+    let mut m = fresh(&master, "big").await;
+    let s = fresh(&slave, "big").await;
+    capture::install(&mut m, &[], None).await.unwrap();
+    let conf = write_conf(&master, &slave, "big", false);
+    m.batch_execute(&format!(
+        "INSERT INTO t SELECT g, repeat(md5(g::text), 16000), 0 FROM generate_series(1, {big}) g;
+         UPDATE t SET payload = upper(payload), n = 1;"
+    ))
+    .await
+    .unwrap();
+    let logged: i64 = m
+        .query_one(
+            "SELECT sum(coalesce(length(ev_old), 0) + coalesce(length(ev_new), 0))::int8 FROM pgreplica.log",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut child = daemon(&conf);
+    let (took, _) = phase(&m, &s, 1, &[]).await;
+    println!(
+        "daemon peak RSS applying {big} rows of 500 kB inserted then updated ({:.0} MB of logged \
+         row text): {:.1} MB ({took:.1} s)",
+        logged as f64 / 1e6,
+        peak_rss_mb(&child)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -97,8 +97,13 @@ WHERE ev_op = 'X'
   AND NOT txid_visible_in_snapshot(ev_txid, $1::text::txid_snapshot)
 ORDER BY ev_id";
 
-/// How many events are fetched from the master at a time.
-const FETCH: i32 = 2000;
+/// Events fetched from the master at a time, at most and at first: the next
+/// fetch is sized from the rows of the last one so that it holds about
+/// FETCH_BYTES, so memory follows bytes, not row counts (a log of 1 MB rows is
+/// read a few rows at a time).
+const FETCH_MAX: i32 = 2000;
+const FETCH_FIRST: i32 = 16;
+const FETCH_BYTES: usize = 4 << 20;
 
 /// An open batch: the new snapshot and a cursor over its events.
 pub struct Batch<'t> {
@@ -116,6 +121,8 @@ pub struct Batch<'t> {
     /// The master's node name, origin of the events logged without one.
     master_node: Option<String>,
     buffered: std::vec::IntoIter<tokio_postgres::Row>,
+    /// Events the next fetch asks for.
+    fetch: i32,
     done: bool,
     /// The snapshot this batch ends at.
     pub snapshot: Snapshot,
@@ -173,6 +180,7 @@ impl<'t> Batch<'t> {
             skipped: HashSet::new(),
             master_node: origins.master.clone(),
             buffered: Vec::new().into_iter(),
+            fetch: FETCH_FIRST,
             done: false,
             snapshot,
         })
@@ -194,10 +202,17 @@ impl<'t> Batch<'t> {
             None => {
                 let rows = self
                     .tx
-                    .query_portal(&self.portal, FETCH)
+                    .query_portal(&self.portal, self.fetch)
                     .await
                     .on_master(doing)?;
-                self.done = rows.len() < FETCH as usize;
+                self.done = rows.len() < self.fetch as usize;
+                let bytes: usize = rows
+                    .iter()
+                    .flat_map(|r| [r.get::<_, Option<&str>>(3), r.get::<_, Option<&str>>(4)])
+                    .map(|v| v.map_or(0, str::len))
+                    .sum();
+                let per_row = (bytes / rows.len().max(1)).max(1);
+                self.fetch = (FETCH_BYTES / per_row).clamp(1, FETCH_MAX as usize) as i32;
                 self.buffered = rows.into_iter();
                 match self.buffered.next() {
                     Some(row) => row,

@@ -495,9 +495,11 @@ impl SlaveTask {
                     bounded(cleanup, Side::Master, CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
                 // Partitions made ahead (pg_partman) get capture for the writes
                 // made straight into them; the daemon's role may lack the right.
-                match capture::attach_partitions(&master).await {
+                let limit = CLEANUP_TIMEOUT.max(heartbeat * 2);
+                match bounded(capture::attach_partitions(&master), Side::Master, limit).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("capture attached to {n} new partition(s)"),
+                    Err(e @ Error::Lost { .. }) => return Err(e),
                     Err(e) if !partitions_warned => {
                         partitions_warned = true;
                         tracing::warn!(

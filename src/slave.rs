@@ -37,6 +37,10 @@ pub struct Progress {
     pub partial: Option<(Snapshot, i64)>,
 }
 
+const REFERENCED_SQL: &str = "
+SELECT EXISTS (SELECT FROM pg_constraint
+                WHERE contype = 'f' AND confrelid = to_regclass($1) AND conrelid <> confrelid)";
+
 const CLONING_SQL: &str =
     "SELECT tbl, snapshot FROM pgreplica.cloning WHERE set_name = $1 ORDER BY tbl";
 
@@ -235,6 +239,26 @@ pub async fn write_progress(
     .await
     .on_slave("writing the slave's progress")
     .map(|_| ())
+}
+
+/// Empties a slave table for a fresh copy: TRUNCATE, or DELETE when other
+/// tables' foreign keys reference it (TRUNCATE refuses those; in a replication
+/// session the DELETE leaves the referencing rows alone, as the copy expects).
+pub async fn empty(tx: &Transaction<'_>, table: &str) -> Result<(), Error> {
+    let doing = format!("emptying {table} on the slave");
+    let referenced: bool = tx
+        .query_one(REFERENCED_SQL, &[&table])
+        .await
+        .on_slave(&doing)?
+        .get(0);
+    let verb = if referenced {
+        "DELETE FROM"
+    } else {
+        "TRUNCATE"
+    };
+    tx.batch_execute(&format!("{verb} {table}"))
+        .await
+        .on_slave(&doing)
 }
 
 /// The tables a clone of `set` has marked (quoted master names), with the

@@ -162,3 +162,36 @@ async fn check_names_three_differences_of_a_pgbench_database() {
         "{printed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncates_of_tables_linked_by_foreign_keys_apply_and_clone_empties_a_referenced_table() {
+    let s = Setup::new(
+        1,
+        "CREATE TABLE parent (id int PRIMARY KEY);
+         CREATE TABLE child (id int PRIMARY KEY, parent int REFERENCES parent);",
+    )
+    .await;
+    let fill = "INSERT INTO parent SELECT generate_series(1, 5);
+                INSERT INTO child SELECT g, 1 + g % 5 FROM generate_series(1, 20) g;";
+    let master = s.master().await;
+    master.batch_execute(fill).await.unwrap();
+    s.sync();
+    master
+        .batch_execute("TRUNCATE parent, child")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    master.batch_execute(fill).await.unwrap();
+    s.sync();
+    // The README's recovery command, on a table other tables reference.
+    let conf = s.conf.to_str().unwrap();
+    let out = support::pgreplica(&["clone", conf, "--table", "parent", "--truncate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for query in [
+        "SELECT * FROM parent ORDER BY id",
+        "SELECT * FROM child ORDER BY id",
+    ] {
+        s.assert_same(0, query).await;
+    }
+}

@@ -3,21 +3,26 @@
 mod support;
 
 use support::{Setup, connect};
+use tokio_postgres::Client;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_application_role_cannot_forge_or_erase_log_rows() {
-    let s = Setup::new(
-        1,
-        "CREATE TABLE orders (id int PRIMARY KEY, item text);
-         CREATE ROLE app LOGIN;
-         GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO app;",
-    )
-    .await;
-    let app = connect(&format!(
+/// A replicated table and an application role that may write it.
+const SHOP: &str = "CREATE TABLE orders (id int PRIMARY KEY, item text);
+                    CREATE ROLE app LOGIN;
+                    GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO app;";
+
+/// A session of the application role on the master.
+async fn application(s: &Setup) -> Client {
+    connect(&format!(
         "host=127.0.0.1 port={} user=app dbname=app",
         s.master.port
     ))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_application_role_cannot_forge_or_erase_log_rows() {
+    let s = Setup::new(1, SHOP).await;
+    let app = application(&s).await;
     app.batch_execute("INSERT INTO orders VALUES (1, 'book'), (2, 'pen'); UPDATE orders SET item = 'ink' WHERE id = 2; DELETE FROM orders WHERE id = 1")
         .await
         .expect("the application writes replicated tables through the capture trigger");
@@ -65,20 +70,10 @@ async fn an_application_role_cannot_forge_or_erase_log_rows() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_application_session_cannot_mark_its_changes_as_another_nodes() {
-    let s = Setup::new(
-        1,
-        "CREATE TABLE orders (id int PRIMARY KEY, item text);
-         CREATE ROLE app LOGIN;
-         GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO app;",
-    )
-    .await;
+    let s = Setup::new(1, SHOP).await;
     // Two named nodes: changes that came from the slave's node never go back to it.
     s.configure("NODE0=hq\nNODE1=shop\n");
-    let app = connect(&format!(
-        "host=127.0.0.1 port={} user=app dbname=app",
-        s.master.port
-    ))
-    .await;
+    let app = application(&s).await;
     app.batch_execute(
         "SET pgreplica.origin = 'shop';
          INSERT INTO orders VALUES (1, 'forged origin');

@@ -39,9 +39,11 @@ const CAPTURES_SQL: &str = "SELECT to_regprocedure('pgreplica.execute(text)') IS
 
 const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
 
-/// Statements, and events in them, kept in flight before the oldest is awaited.
+/// Statements, events in them and their bytes, kept in flight before the
+/// oldest is awaited.
 const WINDOW: usize = 256;
 const WINDOW_EVENTS: usize = 4 * RUN_ROWS;
+const WINDOW_BYTES: usize = 16 << 20;
 /// Rows or bytes after which a run (COPY or set-based statement) is sent.
 const RUN_ROWS: usize = 5000;
 const RUN_BYTES: usize = 1 << 20;
@@ -122,7 +124,12 @@ pub struct Applier<'t> {
     plans: HashMap<usize, Arc<Plan>>,
     pending: VecDeque<Pending<'t>>,
     pending_events: usize,
+    pending_bytes: usize,
     copy: Option<CopyRun>,
+    /// Tables truncated by consecutive events, truncated together when the next
+    /// other change comes: tables linked by foreign keys can only be truncated
+    /// in one statement, as the master did.
+    truncating: Vec<(Arc<Plan>, i64)>,
     run: Option<SetRun>,
     /// One event per statement and COPYs with their lines kept, so that an
     /// error names its event.
@@ -150,7 +157,9 @@ impl<'t> Applier<'t> {
             plans: HashMap::new(),
             pending: VecDeque::new(),
             pending_events: 0,
+            pending_bytes: 0,
             copy: None,
+            truncating: Vec::new(),
             run: None,
             exact,
             counts: Applied::default(),
@@ -161,6 +170,10 @@ impl<'t> Applier<'t> {
 
     /// Applies one event (or queues it: errors may surface on a later call).
     pub async fn apply(&mut self, table: &Arc<MasterTable>, event: Event) -> Result<(), Error> {
+        let whole_truncate = event.op == Op::Truncate && event.old.is_none();
+        if !whole_truncate {
+            self.flush_truncates().await?;
+        }
         if event.origin.is_some() && event.origin != self.origin {
             // The slave's own capture (multi-master) logs the change with its
             // origin, so that it never goes back there.
@@ -189,15 +202,16 @@ impl<'t> Applier<'t> {
             Op::Insert => self.insert(plan, event).await,
             Op::Update | Op::Delete => self.change(plan, event).await,
             Op::Truncate => {
-                self.flush().await?;
+                self.flush_rows().await?;
                 let partition = event
                     .old
                     .as_ref()
                     .and_then(|o| o.first().cloned().flatten());
-                let sql = match partition {
-                    Some(condition) => format!("DELETE FROM {} WHERE {condition}", plan.slave),
-                    None => format!("TRUNCATE {}", plan.slave),
+                let Some(condition) = partition else {
+                    self.truncating.push((plan, event.id));
+                    return Ok(());
                 };
+                let sql = format!("DELETE FROM {} WHERE {condition}", plan.slave);
                 self.tx
                     .batch_execute(&sql)
                     .await
@@ -258,7 +272,7 @@ impl<'t> Applier<'t> {
             return Ok(plan.clone());
         }
         // The catalog query cannot pass a COPY in progress on the connection.
-        self.flush().await?;
+        self.flush_rows().await?;
         let slave = table.name.clone();
         let rows = self
             .tx
@@ -437,8 +451,12 @@ impl<'t> Applier<'t> {
             Poll::Pending => None,
         };
         self.pending_events += run.events.len();
+        self.pending_bytes += run.bytes;
         self.pending.push_back(Pending { future, ready, run });
-        while self.pending.len() >= WINDOW || self.pending_events >= WINDOW_EVENTS {
+        while self.pending.len() >= WINDOW
+            || self.pending_events >= WINDOW_EVENTS
+            || self.pending_bytes >= WINDOW_BYTES
+        {
             self.check_oldest().await?;
         }
         Ok(())
@@ -466,6 +484,7 @@ impl<'t> Applier<'t> {
             return Ok(());
         };
         self.pending_events -= p.run.events.len();
+        self.pending_bytes -= p.run.bytes;
         let result = match p.ready {
             Some(result) => result,
             None => p.future.await,
@@ -494,9 +513,34 @@ impl<'t> Applier<'t> {
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
+        self.flush_truncates().await?;
+        self.flush_rows().await
+    }
+
+    /// Sends the runs and COPY in hand and checks every result.
+    async fn flush_rows(&mut self) -> Result<(), Error> {
         self.flush_run().await?;
         self.drain().await?;
         self.flush_copy().await
+    }
+
+    /// Truncates the tables of the truncates in hand, in one statement.
+    async fn flush_truncates(&mut self) -> Result<(), Error> {
+        let Some((plan, event)) = self.truncating.first().cloned() else {
+            return Ok(());
+        };
+        let mut names: Vec<String> = self
+            .truncating
+            .drain(..)
+            .map(|(p, _)| p.slave.quoted())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let sql = format!("TRUNCATE {}", names.join(", "));
+        self.tx
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| apply_error(&plan, "(all rows)".into(), event, e))
     }
 
     /// Sends the rest of the current COPY and ends it.

@@ -399,9 +399,7 @@ impl Job {
                 ),
             });
         }
-        tx.batch_execute(&format!("TRUNCATE {target}"))
-            .await
-            .on_slave(&format!("emptying {target} on the slave"))?;
+        slave::empty(&tx, &target.quoted()).await?;
         let list: Vec<String> = table
             .columns
             .iter()

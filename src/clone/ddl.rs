@@ -23,9 +23,7 @@ pub(super) async fn prepare(
         .on_slave(doing)?
         .get(0);
     if exists {
-        tx.batch_execute(&format!("TRUNCATE {name}"))
-            .await
-            .on_slave(&format!("emptying {name} on the slave"))?;
+        slave::empty(tx, &name).await?;
         let kept = slave::kept_definition(tx, &set.name, &name).await?;
         return Ok(kept.and_then(|(after, deferred)| {
             Some(Ddl {
