@@ -250,3 +250,29 @@ async fn master_with_rows_accounts_only(s: &Setup) {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn arrays_and_composites_of_user_types_are_cloned() {
+    let types = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+                 CREATE TYPE spot AS (x int, feeling mood);";
+    let table = "CREATE TABLE diary (id int PRIMARY KEY, moods mood[], at spot, spots spot[])";
+    // Other types made first on the slave: the same types get other oids there.
+    let s = Setup::with_schemas(
+        1,
+        &format!("{types} {table}"),
+        &format!("CREATE TYPE other AS ENUM ('x'); CREATE TYPE more AS (y int); {types}"),
+    )
+    .await;
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO diary SELECT g, ARRAY['sad', 'happy']::mood[], ROW(g, 'ok')::spot,
+                                ARRAY[ROW(g, 'sad')::spot]
+               FROM generate_series(1, 100) g",
+        )
+        .await
+        .unwrap();
+    let out = clone(&s, &[]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    s.assert_same(0, "SELECT * FROM diary ORDER BY id").await;
+}

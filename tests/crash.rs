@@ -25,6 +25,8 @@ async fn eight_concurrent_writers_for_twenty_seconds_end_byte_equal() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_of_the_daemon_at_random_points_loses_and_repeats_nothing() {
     let s = Setup::new(1, ACCOUNTS).await;
+    // The log is kept, to count what was logged against what was applied.
+    s.configure("LOG_KEEP=86400\n");
     let (stop, handles) = start_writers(&s, 4).await;
     for _ in 0..20 {
         let mut daemon = s.spawn();
@@ -33,8 +35,11 @@ async fn kill_9_of_the_daemon_at_random_points_loses_and_repeats_nothing() {
         daemon.kill9();
     }
     stop_writers(stop, handles).await;
-    let _daemon = s.spawn();
+    let mut daemon = s.spawn();
     s.wait_same(0, ALL, Duration::from_secs(120)).await;
+    daemon.terminate();
+    s.sync();
+    s.assert_applied_once(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

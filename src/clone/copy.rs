@@ -23,8 +23,13 @@ use tokio_postgres::Client;
 /// Bytes of COPY data sent to the slave at a time.
 const COPY_PIECE: usize = 256 << 10;
 
+// A column's type only when it is built in: binary COPY carries the type oids of
+// array elements and composite fields, which differ between servers for types
+// made by CREATE TYPE or an extension.
 const COLUMNS_SQL: &str = "
-SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> ''
+SELECT a.attname::text,
+       CASE WHEN a.atttypid < 16384 THEN format_type(a.atttypid, a.atttypmod) END,
+       a.attgenerated <> ''
   FROM pg_attribute a
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attnum";
@@ -462,14 +467,16 @@ fn filtered(table: &str, filter: Option<&str>) -> String {
 }
 
 /// The columns to copy (the master's, minus those the slave computes) and
-/// whether both sides have the same type for each, so binary COPY is safe.
+/// whether both sides have the same built-in type for each, so binary COPY is
+/// safe.
 async fn copy_columns(
     master: &Client,
     slave: &tokio_postgres::Transaction<'_>,
     table: &TableName,
 ) -> Result<(Vec<String>, bool), Error> {
     let name = table.quoted();
-    let read = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, String, bool)> {
+    type Column = (String, Option<String>, bool);
+    let read = |rows: Vec<tokio_postgres::Row>| -> Vec<Column> {
         rows.iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect()
@@ -480,7 +487,7 @@ async fn copy_columns(
             .await
             .on_master("reading the master's catalog")?,
     );
-    let on_slave: HashMap<String, (String, bool)> = read(
+    let on_slave: HashMap<String, (Option<String>, bool)> = read(
         slave
             .query(COLUMNS_SQL, &[&name])
             .await
@@ -503,11 +510,13 @@ async fn copy_columns(
             ),
         });
     }
-    let copied: Vec<&(String, String, bool)> = on_master
+    let copied: Vec<&Column> = on_master
         .iter()
         .filter(|(c, _, _)| !on_slave[c].1)
         .collect();
-    let binary = copied.iter().all(|(c, t, _)| on_slave[c].0 == *t);
+    let binary = copied
+        .iter()
+        .all(|(c, t, _)| t.is_some() && on_slave[c].0 == *t);
     Ok((
         copied.iter().map(|(c, _, _)| quote_ident(c)).collect(),
         binary,

@@ -157,6 +157,33 @@ impl Setup {
         start.elapsed()
     }
 
+    /// Asserts that slave `n` applied every event the master logged exactly once:
+    /// a batch applied twice, or one skipped, shows here even where the rows end
+    /// equal. Needs `LOG_KEEP` long enough that nothing was cleaned.
+    pub async fn assert_applied_once(&self, n: usize) {
+        let logged: i64 = self
+            .master()
+            .await
+            .query_one("SELECT count(*) FROM pgreplica.log", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let applied: i64 = self
+            .slave(n)
+            .await
+            .query_one(
+                "SELECT coalesce(sum(events), 0)::int8 FROM pgreplica.progress",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            applied, logged,
+            "events applied on slave {n} against logged"
+        );
+    }
+
     /// `query`'s rows as COPY text, with the client in UTC.
     pub async fn text(&self, slave: Option<usize>, query: &str) -> Vec<u8> {
         let client = match slave {
@@ -180,7 +207,14 @@ pub fn spawn_run(confs: &[PathBuf], log: &std::path::Path) -> Daemon {
         .arg("run")
         .args(confs)
         .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .stderr(Stdio::from(
+            // Appended: the logs of a daemon restarted many times stay whole.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        ))
         .spawn()
         .unwrap();
     Daemon(child)
