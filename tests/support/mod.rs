@@ -159,8 +159,9 @@ impl Setup {
 
     /// Asserts that slave `n` applied every event the master logged exactly once:
     /// a batch applied twice, or one skipped, shows here even where the rows end
-    /// equal. Needs `LOG_KEEP` long enough that nothing was cleaned.
-    pub async fn assert_applied_once(&self, n: usize) {
+    /// equal. Needs `LOG_KEEP` long enough that nothing was cleaned. Returns the
+    /// number of events.
+    pub async fn assert_applied_once(&self, n: usize) -> i64 {
         let logged: i64 = self
             .master()
             .await
