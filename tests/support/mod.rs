@@ -183,6 +183,7 @@ impl Setup {
             applied, logged,
             "events applied on slave {n} against logged"
         );
+        logged
     }
 
     /// `query`'s rows as COPY text, with the client in UTC.
