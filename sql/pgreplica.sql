@@ -67,7 +67,10 @@ ALTER TABLE pgreplica.tables
     ADD COLUMN IF NOT EXISTS operations text NOT NULL DEFAULT 'IUDT', -- logged: I U D T
     ADD COLUMN IF NOT EXISTS filter     text,   -- SQL boolean over new.* and old.*
     ADD COLUMN IF NOT EXISTS columns    text[], -- only these columns are logged
-    ADD COLUMN IF NOT EXISTS exclude    text[]; -- these columns are not logged
+    ADD COLUMN IF NOT EXISTS exclude    text[], -- these columns are not logged
+    -- Its definition when last attached (pgreplica.layout), to read the events
+    -- that wait in the log after the table was dropped.
+    ADD COLUMN IF NOT EXISTS layout     jsonb;
 
 -- The columns of a table that are logged, in row order: all of them, or those
 -- its options keep. The key is always among them (set_options makes sure).
@@ -166,7 +169,8 @@ BEGIN
     FOR member IN SELECT relid FROM pg_partition_tree(tbl) WHERE relid <> tbl LOOP
         PERFORM pgreplica.capture(member, tbl);
     END LOOP;
-    INSERT INTO pgreplica.tables (reloid) VALUES (tbl) ON CONFLICT DO NOTHING;
+    INSERT INTO pgreplica.tables AS t (reloid, layout) VALUES (tbl, pgreplica.layout(tbl))
+    ON CONFLICT (reloid) DO UPDATE SET layout = excluded.layout;
     RETURN NULL;
 END
 $$;
@@ -434,18 +438,23 @@ BEGIN
 END
 $$;
 
--- The definitions of the attached tables, by oid: schema, name, logged columns
--- in order, primary key. An execute event keeps them from before its statement,
--- so that the events logged before it are read with the columns they had.
+-- A table's definition: schema, name, logged columns in order, primary key.
+CREATE OR REPLACE FUNCTION pgreplica.layout(tbl regclass) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object('schema', n.nspname, 'name', c.relname,
+                              'columns', pgreplica.logged_columns(c.oid),
+                              'key', pgreplica.key_columns(c.oid))
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = tbl
+$$;
+
+-- The definitions of the attached tables, by oid. An execute event keeps them
+-- from before its statement, so that the events logged before it are read
+-- with the columns they had.
 CREATE OR REPLACE FUNCTION pgreplica.layouts() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(jsonb_object_agg(c.oid::text, jsonb_build_object(
-               'schema', n.nspname,
-               'name', c.relname,
-               'columns', pgreplica.logged_columns(c.oid),
-               'key', pgreplica.key_columns(c.oid))), '{}')
+    SELECT coalesce(jsonb_object_agg(t.reloid::text, pgreplica.layout(t.reloid)), '{}')
       FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
 $$;
 
 -- Runs a statement (typically DDL) on the master and queues it in the log, so

@@ -34,10 +34,19 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND ev_id > $9
 ORDER BY ev_id";
 
+// A table of the log: from the catalog, or, when it was dropped since, from
+// the definition pgreplica kept when it was last attached.
 const TABLE_SQL: &str = "
-SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid), pgreplica.key_columns(c.oid)
+SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid), pgreplica.key_columns(c.oid), false
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.oid = $1";
+ WHERE c.oid = $1
+UNION ALL
+SELECT t.layout->>'schema', t.layout->>'name',
+       ARRAY(SELECT jsonb_array_elements_text(t.layout->'columns')),
+       ARRAY(SELECT jsonb_array_elements_text(t.layout->'key')), true
+  FROM pgreplica.tables t
+ WHERE t.reloid = $1 AND t.layout IS NOT NULL
+   AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = $1)";
 
 /// The table definitions an execute event kept (see `pgreplica.layouts()`).
 fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, Error> {
@@ -323,7 +332,11 @@ impl<'t> Batch<'t> {
             .on_master("reading the master's catalog")?
             .ok_or_else(|| Error::Invalid {
                 doing: format!("reading event {event}"),
-                message: format!("its table (oid {oid}) no longer exists on the master"),
+                message: format!(
+                    "its table (oid {oid}) no longer exists on the master, and pgreplica kept \
+                     no definition of it (it was attached by an older pgreplica): its events \
+                     cannot be read. Run pgreplica clone CONF --slave N --truncate"
+                ),
             })?;
         let columns: Vec<String> = row.get(2);
         let key_names: Vec<String> = row.get(3);
@@ -340,6 +353,13 @@ impl<'t> Batch<'t> {
                 table: name,
                 message: "the master's table no longer has a primary key".into(),
             });
+        }
+        if row.get::<_, bool>(4) {
+            tracing::warn!(
+                "table {name} was dropped on the master while its events waited: they are \
+                 applied, and its copy on the slave is kept (drop it there when it is no \
+                 longer wanted)"
+            );
         }
         let table = Arc::new(MasterTable { name, columns, key });
         self.tables.insert(oid, table.clone());

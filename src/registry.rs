@@ -43,6 +43,11 @@ WITH gone AS (
                                                WHERE s.set_name = $1 AND s.slave = n.slave))
          LIMIT 100000))
     RETURNING ev_txid
+), forget AS (
+    -- Dropped tables whose last events are gone: their definitions too.
+    DELETE FROM pgreplica.tables t
+     WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = t.reloid)
+       AND NOT EXISTS (SELECT FROM pgreplica.log l WHERE l.ev_table = t.reloid)
 ), mark AS (
     INSERT INTO pgreplica.cleaned (below) SELECT max(ev_txid) + 1 FROM gone HAVING count(*) > 0
     ON CONFLICT (one) DO UPDATE SET below = greatest(cleaned.below, EXCLUDED.below)

@@ -515,3 +515,36 @@ async fn a_row_locked_on_the_slave_fails_the_batch_instead_of_hanging() {
     s.sync();
     s.assert_same(0, "SELECT * FROM t ORDER BY id").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_dropped_on_the_master_while_its_events_wait_stops_nothing() {
+    let s = Setup::new(
+        1,
+        "CREATE TABLE staging (id int PRIMARY KEY, v text); CREATE TABLE kept (id int PRIMARY KEY)",
+    )
+    .await;
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO staging VALUES (1, 'a'), (2, 'b');
+             INSERT INTO kept VALUES (1);
+             DROP TABLE staging;
+             INSERT INTO kept VALUES (2);",
+        )
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("table \"public\".\"staging\" was dropped on the master"),
+        "{}",
+        text(&out)
+    );
+    s.assert_same(0, "SELECT * FROM kept ORDER BY id").await;
+    let slave = s.slave(0).await;
+    assert_eq!(
+        count(&slave, "staging").await,
+        2,
+        "its waiting events applied"
+    );
+}
