@@ -1,0 +1,121 @@
+//! Lag on an idle daemon: a probe changes one row on the master every 50 ms and
+//! times until the slave shows it, for pgreplica and, on the same servers and
+//! in the same run, for PostgreSQL's built-in logical replication. Prints p50,
+//! p90, p99 and max of each, and pgreplica's p50 and p99 as ratios to the
+//! built-in's.
+//!
+//!     cargo bench --bench lag                 # SAMPLES=200
+
+use pgreplica::throwaway::Server;
+use pgreplica::{capture, db};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const SCHEMA: &str = "CREATE TABLE ours (id int PRIMARY KEY, v int);
+                      CREATE TABLE builtin (id int PRIMARY KEY, v int);
+                      INSERT INTO ours VALUES (1, 0); INSERT INTO builtin VALUES (1, 0);";
+
+/// Milliseconds from the master's commit until the slave shows each change.
+async fn probe(master: &Client, slave: &Client, table: &str, samples: i32) -> Vec<f64> {
+    let read = format!("SELECT v FROM {table} WHERE id = 1");
+    let mut times = Vec::new();
+    for i in 1..=samples {
+        master
+            .execute(&format!("UPDATE {table} SET v = $1 WHERE id = 1"), &[&i])
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        loop {
+            let v: i32 = slave.query_one(&read, &[]).await.unwrap().get(0);
+            if v == i {
+                break;
+            }
+            assert!(
+                committed.elapsed() < Duration::from_secs(30),
+                "{table} stalled"
+            );
+        }
+        times.push(committed.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn at(sorted: &[f64], share: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * share).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let samples: i32 = std::env::var("SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let master = Server::start_with("UTC", "wal_level = logical").unwrap();
+    let slave = Server::start("UTC").unwrap();
+    for pg in [&master, &slave] {
+        let admin = db::connect(&pg.dsn("postgres"), None).await.unwrap();
+        admin.batch_execute("CREATE DATABASE app").await.unwrap();
+        let c = db::connect(&pg.dsn("app"), None).await.unwrap();
+        c.batch_execute(SCHEMA).await.unwrap();
+    }
+    let mut m = db::connect(&master.dsn("app"), None).await.unwrap();
+    capture::install(&mut m, &["public.ours".into()], None)
+        .await
+        .unwrap();
+    m.batch_execute("CREATE PUBLICATION p FOR TABLE builtin")
+        .await
+        .unwrap();
+    let s = db::connect(&slave.dsn("app"), None).await.unwrap();
+    s.batch_execute(&format!(
+        "CREATE SUBSCRIPTION sub CONNECTION '{}' PUBLICATION p WITH (copy_data = false)",
+        master.dsn("app")
+    ))
+    .await
+    .unwrap();
+    let conf =
+        std::env::temp_dir().join(format!("pgreplica-bench-lag-{}.conf", std::process::id()));
+    std::fs::write(
+        &conf,
+        format!(
+            "[MAIN]\nNAME=lag\nDSN0={}\nDSN1={}\nDEBUG_LEVEL=0\n",
+            master.dsn("app"),
+            slave.dsn("app")
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["run", conf.to_str().unwrap()])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    // Both paths warmed up and idle before measuring.
+    probe(&m, &s, "ours", 5).await;
+    probe(&m, &s, "builtin", 5).await;
+    let ours = probe(&m, &s, "ours", samples).await;
+    let builtin = probe(&m, &s, "builtin", samples).await;
+    println!("idle lag, {samples} changes 50 ms apart (ms)\n");
+    println!(
+        "{:<28} {:>8} {:>8} {:>8} {:>8}",
+        "", "p50", "p90", "p99", "max"
+    );
+    for (name, t) in [("pgreplica", &ours), ("built-in logical", &builtin)] {
+        println!(
+            "{name:<28} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            at(t, 0.5),
+            at(t, 0.9),
+            at(t, 0.99),
+            at(t, 1.0)
+        );
+    }
+    println!(
+        "pgreplica / built-in: p50 {:.1}x, p99 {:.1}x",
+        at(&ours, 0.5) / at(&builtin, 0.5),
+        at(&ours, 0.99) / at(&builtin, 0.99)
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_file(conf);
+}
