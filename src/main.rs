@@ -186,9 +186,24 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             split_mb,
             tables,
             truncate,
+            abandon,
         } => {
             let set = Config::load(&config)?;
             init_logging(set.debug_level.max(1));
+            if abandon {
+                for n in set.chosen_slaves(slave)? {
+                    let marked = clone::abandon(&set, n).await?;
+                    println!("slave {n}: the clone's hold on the master's log is dropped");
+                    if !marked.is_empty() {
+                        println!(
+                            "slave {n}: still marked as being cloned, not replicated until a \
+                             clone copies them: {}",
+                            marked.join(", ")
+                        );
+                    }
+                }
+                return Ok(true);
+            }
             let options = clone::Options {
                 slave,
                 jobs,

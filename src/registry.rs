@@ -62,9 +62,12 @@ pub const CLEANUP_ROWS: u64 = 100_000;
 // A clone's hold: an entry of its own (the slave's number, negated) that keeps
 // the log from being cleaned past the copy until the handover.
 const HOLD_SQL: &str = "
-INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, state)
-VALUES ($1, $2, 'clone in progress', txid_current_snapshot(), 'cloning')
+INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, state, seen_at)
+VALUES ($1, $2, 'clone in progress', txid_current_snapshot(), 'cloning', now())
 ON CONFLICT (set_name, slave) DO NOTHING";
+
+const HOLDS_SQL: &str = "
+SELECT -slave, seen_at::text FROM pgreplica.slave WHERE set_name = $1 AND slave < 0 ORDER BY 1";
 
 const UNHOLD_SQL: &str = "DELETE FROM pgreplica.slave WHERE set_name = $1 AND slave = $2";
 
@@ -181,6 +184,17 @@ pub async fn hold(master: &Client, set: &str, slave: u32, hold: bool) -> Result<
     result
         .on_master("holding the master's log for the clone")
         .map(|_| ())
+}
+
+/// The clones of `set` that hold the log (slave number, since when).
+pub async fn holds(master: &Client, set: &str) -> Result<Vec<(u32, Option<String>)>, Error> {
+    Ok(master
+        .query(HOLDS_SQL, &[&set])
+        .await
+        .on_master("reading the clones' holds on the master")?
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as u32, r.get(1)))
+        .collect())
 }
 
 /// A slave's entry: state, last apply, last word, events, conflicts, last error.

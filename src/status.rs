@@ -92,5 +92,31 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
         }
         out.push(s);
     }
+    // A clone killed and never run again keeps the log from being cleaned.
+    if let Ok(client) = &master {
+        for (slave, since) in registry::holds(client, &set.name).await.unwrap_or_default() {
+            out.push(SlaveStatus {
+                set: set.name.clone(),
+                slave,
+                dsn: "clone in progress".into(),
+                state: "clone hold".into(),
+                events_waiting: 0,
+                lag_seconds: 0.0,
+                last_apply: None,
+                last_seen: since.clone(),
+                events_applied: 0,
+                conflicts: 0,
+                last_error: Some(format!(
+                    "a clone of slave {slave} keeps the master's log since {}: run it again \
+                     (pgreplica clone {} --slave {slave}), or let the log go with \
+                     pgreplica clone {} --slave {slave} --abandon",
+                    since.as_deref().unwrap_or("its start"),
+                    set.path.display(),
+                    set.path.display()
+                )),
+                lagging: false,
+            });
+        }
+    }
     out
 }

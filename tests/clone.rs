@@ -276,3 +276,38 @@ async fn arrays_and_composites_of_user_types_are_cloned() {
     assert!(out.status.success(), "{}", text(&out));
     s.assert_same(0, "SELECT * FROM diary ORDER BY id").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_killed_and_never_run_again_shows_in_status_and_can_be_abandoned() {
+    let s = Setup::with_schemas(1, &format!("{ACCOUNTS}; {LEDGER}"), "").await;
+    master_with_rows(&s, 1_000_000).await;
+    let mut child = spawn_clone(&s, &[]);
+    let master = s.master().await;
+    let started = Instant::now();
+    // Killed once its hold is in the master's registry.
+    loop {
+        let held: i64 = master
+            .query_one("SELECT count(*) FROM pgreplica.slave WHERE slave < 0", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if held > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no hold");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let conf = s.conf.to_str().unwrap();
+    let out = support::pgreplica(&["status", conf]);
+    assert!(
+        text(&out).contains("clone hold") && text(&out).contains("--abandon"),
+        "{}",
+        text(&out)
+    );
+    let out = support::pgreplica(&["clone", conf, "--slave", "1", "--abandon"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = support::pgreplica(&["status", conf]);
+    assert!(!text(&out).contains("clone hold"), "{}", text(&out));
+}

@@ -548,3 +548,38 @@ async fn a_table_dropped_on_the_master_while_its_events_wait_stops_nothing() {
         "its waiting events applied"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_too_long_for_the_slaves_column_stops_instead_of_truncating() {
+    let s = Setup::with_schemas(
+        1,
+        "CREATE TABLE t (id int PRIMARY KEY, code varchar(10))",
+        "CREATE TABLE t (id int PRIMARY KEY, code varchar(5))",
+    )
+    .await;
+    let master = s.master().await;
+    master
+        .batch_execute("INSERT INTO t VALUES (1, 'abc'), (2, 'def')")
+        .await
+        .unwrap();
+    s.sync();
+    master
+        .batch_execute("UPDATE t SET code = 'abcdefgh'")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("value too long for type character varying(5)"),
+        "{}",
+        text(&out)
+    );
+    let code: String = s
+        .slave(0)
+        .await
+        .query_one("SELECT code FROM t WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(code, "abc", "nothing cut short on the slave");
+}

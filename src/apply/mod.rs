@@ -29,8 +29,12 @@ use std::task::Poll;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CopyInSink, Row, Statement, Transaction};
 
+// Types without their modifier: values are cast to the bare type and the
+// column's own length or precision applies as on an insert (a value too long
+// for varchar(5) fails instead of being cut short by an explicit cast, and a
+// key never matches another row through rounding).
 const SLAVE_TABLE_SQL: &str = "
-SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> ''
+SELECT a.attname::text, format_type(a.atttypid, NULL), a.attgenerated <> ''
   FROM pg_attribute a
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 

@@ -99,6 +99,9 @@ pub enum Command {
         /// Empty slave tables that already hold rows (default: refuse them)
         #[arg(long)]
         truncate: bool,
+        /// Give up an interrupted clone instead: drop its hold on the master's log
+        #[arg(long, conflicts_with_all = ["tables", "truncate"])]
+        abandon: bool,
     },
     /// Compare the master and the slaves table by table at one point of the log;
     /// exits 1 when anything differs

@@ -165,7 +165,7 @@ async fn work(
 /// its origin, so that it never goes back there (nor does the emptying of a
 /// table).
 async fn slave_session(set: &Config, slave: u32) -> Result<Client, Error> {
-    let client = db::connect(&set.slaves[&slave], None).await?;
+    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
     let doing = "setting up the slave session";
     slave::session(&client).await?;
     if let Some(origin) = set.origins(slave).master {
@@ -192,7 +192,7 @@ struct Job {
 
 impl Job {
     async fn run(self) -> Result<(), Error> {
-        let master = db::connect(&self.config.master, None).await?;
+        let master = db::connect(&self.config.master, self.config.keepalive).await?;
         let mut pipeline = Pipeline::new(&self.config, self.slave)?;
         let mut slave = slave_session(&self.config, self.slave).await?;
         // SET TRANSACTION SNAPSHOT takes no parameter; the id comes from the

@@ -69,6 +69,21 @@ SELECT c.oid, n.nspname, c.relname, greatest(c.reltuples, 0)::int8,
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = to_regclass($1)";
 
+/// Gives up an interrupted clone of slave `slave`: its hold on the master's
+/// log is dropped. Returns the tables still marked as being cloned on the
+/// slave, which batches leave alone until a clone copies them again.
+pub async fn abandon(set: &Config, slave: u32) -> Result<Vec<String>, Error> {
+    let master = db::connect(&set.master, set.keepalive).await?;
+    registry::hold(&master, &set.name, slave, false).await?;
+    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
+    slave::prepare(&client).await?;
+    Ok(slave::cloning(&client, &set.name)
+        .await?
+        .into_iter()
+        .map(|(table, _)| table)
+        .collect())
+}
+
 /// Clones every slave of `set` (or the one in `options`).
 pub async fn clone(set: &Config, options: &Options) -> Result<(), Error> {
     for slave in set.chosen_slaves(options.slave)? {
