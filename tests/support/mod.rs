@@ -278,22 +278,36 @@ pub fn text(out: &Output) -> String {
 }
 
 /// Runs the pgreplica binary, killing it after `limit` (a hang guard, not a
-/// speed limit); `None` when it had to be killed.
+/// speed limit); `None` when it had to be killed. Its output goes through a
+/// file: a pipe nobody reads while it runs would fill and stop it.
 pub fn pgreplica_within(args: &[&str], limit: Duration) -> Option<Output> {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("pgreplica-run-{}-{n}.out", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
         .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
         if started.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            return None;
+            break None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    Some(child.wait_with_output().unwrap())
+    };
+    let printed = std::fs::read(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    status.map(|status| Output {
+        status,
+        stdout: printed,
+        stderr: Vec::new(),
+    })
 }
