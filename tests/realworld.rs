@@ -102,7 +102,7 @@ async fn pgbench_char_columns_raise_no_conflict() {
         .await
         .batch_execute(
             "DELETE FROM pgbench_accounts WHERE aid % 1000 = 7;
-             UPDATE pgbench_tellers SET filler = 'x' WHERE tid = 3;
+             UPDATE pgbench_tellers SET filler = 'teller three' WHERE tid = 3;
              UPDATE pgbench_branches SET filler = NULL WHERE bid = 1;",
         )
         .await
@@ -131,21 +131,9 @@ async fn check_names_three_differences_of_a_pgbench_database() {
         .await
         .unwrap();
     let conf = s.conf.to_str().unwrap().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["check", &conf])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // A hang guard, not a speed limit: check finishes in seconds.
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(300) {
-            let _ = child.kill();
-            panic!("check did not finish within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = support::pgreplica_within(&["check", &conf], Duration::from_secs(300))
+        .expect("check did not finish within 300 s");
     let printed = text(&out);
     assert_eq!(out.status.code(), Some(1), "{printed}");
     assert!(printed.contains("3 difference(s)"), "{printed}");

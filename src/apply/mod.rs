@@ -29,16 +29,19 @@ use std::task::Poll;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CopyInSink, Row, Statement, Transaction};
 
-// Types without their modifier: values are cast to the bare type and the
-// column's own length or precision applies as on an insert (a value too long
-// for varchar(5) fails instead of being cut short by an explicit cast, and a
-// key never matches another row through rounding).
+// Types by their qualified internal name, which carries no modifier: values
+// are cast to the bare type and the column's own length or precision applies
+// as on an insert (a value too long for varchar(5) fails instead of being cut
+// short by an explicit cast, and a key never matches another row through
+// rounding). The SQL spellings would not do: `character` and `bit` without a
+// length mean length 1.
 const SLAVE_TABLE_SQL: &str = "
-SELECT a.attname::text, format_type(a.atttypid, NULL), a.attgenerated <> ''
+SELECT a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <> ''
   FROM pg_attribute a
+  JOIN pg_type t ON t.oid = a.atttypid
+  JOIN pg_namespace n ON n.oid = t.typnamespace
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
-// Whether the slave captures too (multi-master, a cascade).
 const CAPTURES_SQL: &str = "SELECT to_regprocedure('pgreplica.execute(text)') IS NOT NULL";
 
 const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
