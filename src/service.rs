@@ -157,15 +157,22 @@ pub fn notify(state: &str) {
     if let Some(socket) = std::env::var_os("NOTIFY_SOCKET") {
         use std::os::unix::net::UnixDatagram;
         let path = PathBuf::from(&socket);
+        // Never blocks: a notify socket nobody reads must not stop a worker
+        // thread of the daemon (the message is then dropped).
         let sent = UnixDatagram::unbound().and_then(|s| {
+            s.set_nonblocking(true)?;
             if path.as_os_str().as_encoded_bytes().first() == Some(&b'@') {
                 abstract_send(&s, &path, state)
             } else {
                 s.send_to(state.as_bytes(), &path).map(|_| ())
             }
         });
-        if let Err(e) = sent {
-            tracing::warn!("cannot notify systemd ({state}): {e}");
+        match sent {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::debug!("systemd did not take a notification ({state})");
+            }
+            Err(e) => tracing::warn!("cannot notify systemd ({state}): {e}"),
+            Ok(()) => {}
         }
     }
 }
