@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS pgreplica.cleaned (
     one   boolean PRIMARY KEY DEFAULT true CHECK (one),
     below bigint  NOT NULL
 );
+-- The newest change time among the removed events: a change this node no
+-- longer finds in its log was made before it (conflict policy `newest`).
+ALTER TABLE pgreplica.cleaned ADD COLUMN IF NOT EXISTS newest timestamptz;
 
 -- Tables attached to capture, and what is captured of each (set with
 -- pgreplica.set_options, from the [TABLE] sections of a set's config).
@@ -98,7 +101,7 @@ $$;
 -- The version of this file's functions and tables; the daemon refuses a master
 -- whose version is not its own and says to run `pgreplica install` again.
 CREATE OR REPLACE FUNCTION pgreplica.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 2 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$;
 
 -- The node a change being logged came from: what pgreplica's apply marks in
 -- pgreplica.origin, in a session that applies changes from another node

@@ -65,10 +65,26 @@ impl Winner {
 /// One side of a conflict: when and where its version of the row was made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Version {
-    /// Seconds since the epoch; `None` when unknown (older than the log).
+    /// Seconds since the epoch; `None` when unknown.
     pub time: Option<f64>,
     /// The node it was made on.
     pub node: Option<String>,
+    /// When `time` is unknown: a time the change is known to precede (its
+    /// node's log no longer holds it, and held nothing older than this).
+    /// `None` when the node keeps no log of the table, so that no other node
+    /// ever learns of its changes.
+    pub before: Option<f64>,
+}
+
+impl Version {
+    /// A version nothing is known of.
+    pub fn unknown() -> Version {
+        Version {
+            time: None,
+            node: None,
+            before: None,
+        }
+    }
 }
 
 /// A conflict as recorded in `pgreplica.conflicts`.
@@ -146,7 +162,8 @@ impl Resolver {
         self.tables.get(table).copied().unwrap_or(self.policy)
     }
 
-    /// Which side wins under `policy`; `None` for `Stop`.
+    /// Which side wins under `policy`; `None` for `Stop`, and for `Newest`
+    /// when the slave cannot tell which change is the newer.
     pub fn decide(&self, policy: Policy, local: &Version, remote: &Version) -> Option<Winner> {
         let rank = |v: &Version| {
             let node = v.node.as_ref().or(self.node.as_ref());
@@ -165,10 +182,18 @@ impl Resolver {
             Policy::KeepLocal => Winner::Local,
             Policy::ApplyRemote => Winner::Remote,
             Policy::Priority => by_priority(),
+            // Each side must reach the same winner. A node that no longer
+            // knows when its own row changed knows only that it was before
+            // `before`, while the other node may still know both times: a
+            // remote change after that is the newer on both; one before it
+            // cannot be judged here, and waits for the DBA.
             Policy::Newest => match (local.time, remote.time) {
                 (Some(l), Some(r)) if r > l => Winner::Remote,
                 (Some(l), Some(r)) if r < l => Winner::Local,
-                (None, Some(_)) => Winner::Remote,
+                (None, Some(r)) => match local.before {
+                    Some(before) if r <= before => return None,
+                    _ => Winner::Remote,
+                },
                 _ => by_priority(),
             },
         })
@@ -193,6 +218,7 @@ mod tests {
         Version {
             time,
             node: Some(node.into()),
+            before: None,
         }
     }
 
@@ -233,6 +259,29 @@ mod tests {
         let tie = version(Some(10.0), "b");
         assert_eq!(r.decide(Policy::Newest, &tie, &a), Some(Winner::Remote));
         assert_eq!(r.decide(Policy::Stop, &a, &b), None);
+        // Node b no longer finds its own change (time 20) in its log, cleaned
+        // of changes up to time 25; node a still knows both times.
+        let forgotten = |before| Version {
+            time: None,
+            before: Some(before),
+            ..version(None, "b")
+        };
+        // a's change at 30 is newer than anything b forgot: a on both sides.
+        let late = version(Some(30.0), "a");
+        assert_eq!(r.decide(Policy::Newest, &b, &late), Some(Winner::Remote));
+        assert_eq!(r.decide(Policy::Newest, &late, &b), Some(Winner::Local));
+        assert_eq!(
+            r.decide(Policy::Newest, &forgotten(25.0), &late),
+            Some(Winner::Remote)
+        );
+        // a's change at 10 may be older or newer than what b forgot: b cannot
+        // tell, and waits for the DBA rather than guess against node a.
+        assert_eq!(r.decide(Policy::Newest, &forgotten(25.0), &a), None);
+        // A node that logs nothing of the table: nobody else knows its change.
+        assert_eq!(
+            r.decide(Policy::Newest, &version(None, "b"), &a),
+            Some(Winner::Remote)
+        );
         assert_eq!(Policy::parse("Keep-Local"), Ok(Policy::KeepLocal));
         assert!(Policy::parse("maybe").is_err());
     }

@@ -353,7 +353,7 @@ impl SlaveTask {
             }
             self.metrics
                 .update(&self.set.name, self.number, |m| m.errors += 1);
-            if let Error::Conflict(conflict) = &error
+            if let Error::Conflict(conflict, _) = &error
                 && let Err(e) = slave::record_stop(&self.set, self.number, conflict).await
             {
                 tracing::warn!("could not record the conflict on the slave: {e}");

@@ -101,12 +101,13 @@ pub enum Error {
         /// The script's file and line, and what went wrong.
         message: String,
     },
-    /// A conflict under policy `stop`: the set waits for the DBA.
+    /// A conflict the set waits for the DBA to resolve (policy `stop`, or
+    /// one that policy `newest` could not judge), and why.
     #[error(
-        "{0}; the slave stops here (CONFLICT=stop): see pgreplica conflicts CONF, and resolve it \
+        "{0}; the slave stops here ({1}): see pgreplica conflicts CONF, and resolve it \
          with --resolve ID keep-local|apply-remote"
     )]
-    Conflict(Box<Conflict>),
+    Conflict(Box<Conflict>, &'static str),
     /// A server did not answer in time, or its connection ended.
     #[error("connection to the {side} {what}")]
     Lost {
@@ -132,7 +133,7 @@ impl Error {
     pub fn side(&self) -> Option<Side> {
         match self {
             Error::Db { side, .. } => *side,
-            Error::Apply { .. } | Error::ApplyRun { .. } | Error::Conflict(_) => Some(Side::Slave),
+            Error::Apply { .. } | Error::ApplyRun { .. } | Error::Conflict(..) => Some(Side::Slave),
             Error::Lost { side, .. } => Some(*side),
             _ => None,
         }

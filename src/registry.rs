@@ -42,15 +42,17 @@ WITH gone AS (
                             WHERE NOT EXISTS (SELECT FROM pgreplica.slave s
                                                WHERE s.set_name = $1 AND s.slave = n.slave))
          LIMIT 100000))
-    RETURNING ev_txid
+    RETURNING ev_txid, ev_time
 ), forget AS (
     -- Dropped tables whose last events are gone: their definitions too.
     DELETE FROM pgreplica.tables t
      WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = t.reloid)
        AND NOT EXISTS (SELECT FROM pgreplica.log l WHERE l.ev_table = t.reloid)
 ), mark AS (
-    INSERT INTO pgreplica.cleaned (below) SELECT max(ev_txid) + 1 FROM gone HAVING count(*) > 0
-    ON CONFLICT (one) DO UPDATE SET below = greatest(cleaned.below, EXCLUDED.below)
+    INSERT INTO pgreplica.cleaned (below, newest)
+    SELECT max(ev_txid) + 1, max(ev_time) FROM gone HAVING count(*) > 0
+    ON CONFLICT (one) DO UPDATE SET below = greatest(cleaned.below, EXCLUDED.below),
+                                    newest = greatest(cleaned.newest, EXCLUDED.newest)
 )
 SELECT count(*) FROM gone";
 

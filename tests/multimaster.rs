@@ -379,6 +379,36 @@ async fn the_newest_change_wins_on_both_sides() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn newest_agrees_on_both_sides_when_a_nodes_own_change_is_far_back_in_its_log() {
+    let policy = "CONFLICT=newest\nPRIORITY=n0, n1\n";
+    let nodes = conflicting([policy, policy]).await;
+    // Node 1 writes many rows after its conflicting changes, so that they lie
+    // far back among the table's events in its own log.
+    nodes
+        .client(1)
+        .await
+        .batch_execute("INSERT INTO items SELECT g, 0, 'later' FROM generate_series(1000, 12000) g")
+        .await
+        .unwrap();
+    for n in [1, 0] {
+        let conf = nodes.confs[n].display().to_string();
+        let out = support::pgreplica(&["run", "--once", &conf]);
+        assert!(out.status.success(), "{}", support::text(&out));
+    }
+    nodes.converge(Duration::from_secs(1)).await;
+    let node_0 = nodes.client(0).await;
+    let first: Vec<(i32, i32)> = node_0
+        .query("SELECT id, qty FROM items WHERE id < 1000 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Node 1 wrote last, as in the_newest_change_wins_on_both_sides.
+    assert_eq!(first, [(1, 20), (2, 20), (100, 2)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn stop_waits_for_the_dba_and_resumes_with_the_resolution() {
     let nodes = conflicting(["CONFLICT=stop\n", "CONFLICT=stop\n"]).await;
     let conf = |n: usize| nodes.confs[n].display().to_string();

@@ -15,14 +15,24 @@ use tokio_postgres::{Row, Transaction};
 
 const LOGGED_COLUMNS_SQL: &str = "SELECT pgreplica.logged_columns($1::text::regclass)";
 
-/// The slave's latest logged changes of a table, newest first, where a
-/// conflict looks for its row's last change.
-const RECENT: i64 = 10_000;
-const RECENT_SQL: &str = "
+/// The slave's logged changes of a table whose row text holds `$2`, newest
+/// first, where a conflict looks for its row's last change.
+const OWN_CHANGES_SQL: &str = "
 SELECT extract(epoch FROM ev_time)::float8, ev_origin, coalesce(ev_new, ev_old)
   FROM pgreplica.log
  WHERE ev_table = $1::text::regclass::oid AND ev_op IN ('I', 'U', 'D')
- ORDER BY ev_id DESC LIMIT $2";
+   AND strpos(coalesce(ev_new, ev_old), $2) > 0
+ ORDER BY ev_id DESC";
+
+/// Rows of OWN_CHANGES_SQL read at a time.
+const OWN_CHANGES_ROWS: i32 = 1_000;
+
+/// For a table the slave logs: a time every change of it that its log no
+/// longer holds precedes (the newest change cleaned from the log, or the
+/// table's attachment to capture).
+const FORGOTTEN_SQL: &str = "
+SELECT extract(epoch FROM greatest((SELECT newest FROM pgreplica.cleaned), t.attached_at))::float8
+  FROM pgreplica.tables t WHERE t.reloid = $1::text::regclass";
 
 impl Applier<'_> {
     /// Settles a change under the set's conflict policy before it is applied:
@@ -79,18 +89,28 @@ impl Applier<'_> {
         let policy = resolver.policy(&master.name);
         let local_version = match policy {
             Policy::Newest | Policy::Priority => Self::local_version(self.tx, plan, row).await?,
-            _ => Version {
-                time: None,
-                node: None,
-            },
+            _ => Version::unknown(),
         };
         let remote_version = Version {
             time: event.time,
             node: event.origin.clone(),
+            before: None,
         };
         let (winner, by) = match resolver.decide(policy, &local_version, &remote_version) {
             Some(winner) => (winner, format!("{policy:?}").to_lowercase()),
-            None => (Self::by_hand(self.tx, &conflict).await?, "hand".to_string()),
+            None => {
+                let why = match policy {
+                    Policy::Newest => {
+                        "CONFLICT=newest cannot tell which change is the newer: the slave's own \
+                         change of the row is older than its log"
+                    }
+                    _ => "CONFLICT=stop",
+                };
+                (
+                    Self::by_hand(self.tx, &conflict, why).await?,
+                    "hand".to_string(),
+                )
+            }
         };
         slave::record_conflict(self.tx, &conflict, Some((winner, &by))).await?;
         let note = format!("{conflict}; resolved: {} ({by})", winner.name());
@@ -157,25 +177,21 @@ impl Applier<'_> {
     }
 
     /// When and on which node the slave's row last changed, from the slave's
-    /// own log (multi-master): its latest event for the key among the table's
-    /// last RECENT. Unknown when the log no longer holds one.
+    /// own log (multi-master): its latest event for the key. When the log no
+    /// longer holds one, a time the change precedes.
     async fn local_version(
         tx: &Transaction<'_>,
         plan: &Plan,
         row: &Fields,
     ) -> Result<Version, Error> {
         let doing = "reading the slave's log for a conflict";
-        let unknown = Version {
-            time: None,
-            node: None,
-        };
         let captures: bool = tx
             .query_one(CAPTURES_SQL, &[])
             .await
             .on_slave(doing)?
             .get(0);
         if !captures {
-            return Ok(unknown);
+            return Ok(Version::unknown());
         }
         let name = plan.slave.quoted();
         let logged: Vec<String> = tx
@@ -196,33 +212,61 @@ impl Applier<'_> {
             })
             .collect()
         else {
-            return Ok(unknown);
+            return Ok(Version::unknown());
         };
-        for r in tx
-            .query(RECENT_SQL, &[&name, &RECENT])
-            .await
-            .on_slave(doing)?
-        {
-            let text: Option<String> = r.get(2);
-            let Some(fields) = text.and_then(|t| record::parse(&t).ok()) else {
-                continue;
-            };
-            if fields.len() == logged.len() && key.iter().all(|(at, v)| fields[*at] == **v) {
-                return Ok(Version {
-                    time: r.get(0),
-                    node: r.get(1),
-                });
+        // The server keeps only rows whose text holds a key value; a value
+        // with a quote or backslash is escaped in row text, so it can't be used.
+        let hint = key
+            .iter()
+            .filter_map(|(_, v)| v.as_deref())
+            .filter(|v| !v.contains(['"', '\\']))
+            .max_by_key(|v| v.len())
+            .unwrap_or("");
+        let statement = tx.prepare(OWN_CHANGES_SQL).await.on_slave(doing)?;
+        let portal = tx.bind(&statement, &[&name, &hint]).await.on_slave(doing)?;
+        loop {
+            let rows = tx
+                .query_portal(&portal, OWN_CHANGES_ROWS)
+                .await
+                .on_slave(doing)?;
+            for r in &rows {
+                let text: Option<String> = r.get(2);
+                let Some(fields) = text.and_then(|t| record::parse(&t).ok()) else {
+                    continue;
+                };
+                if fields.len() == logged.len() && key.iter().all(|(at, v)| fields[*at] == **v) {
+                    return Ok(Version {
+                        time: r.get(0),
+                        node: r.get(1),
+                        before: None,
+                    });
+                }
+            }
+            if rows.len() < OWN_CHANGES_ROWS as usize {
+                break;
             }
         }
-        Ok(unknown)
+        let before = tx
+            .query_opt(FORGOTTEN_SQL, &[&name])
+            .await
+            .on_slave(doing)?
+            .and_then(|r| r.get(0));
+        Ok(Version {
+            before,
+            ..Version::unknown()
+        })
     }
 
     /// The DBA's resolution of a conflict under policy `stop`, or the error
     /// that stops the slave until there is one.
-    async fn by_hand(tx: &Transaction<'_>, conflict: &Conflict) -> Result<Winner, Error> {
+    async fn by_hand(
+        tx: &Transaction<'_>,
+        conflict: &Conflict,
+        why: &'static str,
+    ) -> Result<Winner, Error> {
         slave::resolution(tx, conflict)
             .await?
-            .ok_or_else(|| Error::Conflict(Box::new(conflict.clone())))
+            .ok_or_else(|| Error::Conflict(Box::new(conflict.clone()), why))
     }
 }
 
