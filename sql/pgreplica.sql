@@ -239,6 +239,8 @@ DECLARE
     cond   text := 'true';
     -- What a TRUNCATE logs: the whole table, or a partition's rows.
     truncated text := 'NULL';
+    -- For a deferrable key: the check that no two rows share a key.
+    unique_key text := '';
 BEGIN
     SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude
       INTO opts
@@ -254,6 +256,25 @@ BEGIN
     IF tbl <> root THEN
         truncated := format('pg_get_partition_constraintdef(%s)', tbl::oid);
     END IF;
+    -- A deferrable key lets rows share a key until commit, and a slave finds
+    -- rows by key: such a state is refused where it is made, not replicated
+    -- wrongly.
+    IF EXISTS (SELECT FROM pg_constraint c
+                WHERE c.conrelid = root AND c.contype = 'p' AND c.condeferrable) THEN
+        unique_key := format($check$
+    IF TG_OP IN ('INSERT', 'UPDATE') AND EXISTS (
+        SELECT FROM pgreplica_new new
+         WHERE (SELECT count(*) FROM %1$s t WHERE (%2$s) = (%3$s)) > 1) THEN
+        RAISE EXCEPTION 'pgreplica: two rows of table %4$s share a primary key, which its deferrable key allows until commit but replication cannot follow'
+              USING ERRCODE = 'unique_violation',
+                    HINT = 'Change keys through a key no row holds (or make the primary key NOT DEFERRABLE).';
+    END IF;$check$,
+            (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = root),
+            (SELECT string_agg('t.' || k, ', ') FROM unnest(keys) k),
+            (SELECT string_agg('new.' || k, ', ') FROM unnest(keys) k),
+            replace(root::text, '''', ''''''));
+    END IF;
     IF opts.filter IS NOT NULL THEN
         cond := '(' || opts.filter || ')';
         -- The all-NULL row only where the filter names it: the join costs time
@@ -267,7 +288,7 @@ BEGIN
     END IF;
     body := format($body$
 #variable_conflict use_column
-BEGIN
+BEGIN%11$s
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
         SELECT %9$s, 'I', pgreplica.origin(), %4$s
@@ -298,7 +319,7 @@ END
 $body$, k1,
         (SELECT string_agg('old.' || k, ', ') FROM unnest(keys) k),
         (SELECT string_agg('new.' || k, ', ') FROM unnest(keys) k),
-        new_text, old_text, no_old, no_new, cond, root::oid, truncated);
+        new_text, old_text, no_old, no_new, cond, root::oid, truncated, unique_key);
     -- SECURITY DEFINER: application roles write the log only through this function.
     -- The SET clauses make every value's text form independent of the writer's
     -- session: instants in UTC, ISO dates, floats with all their digits.

@@ -183,3 +183,74 @@ async fn truncates_of_tables_linked_by_foreign_keys_apply_and_clone_empties_a_re
         s.assert_same(0, query).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unique_values_handed_from_row_to_row_apply_without_replaying_the_batch() {
+    // Rows stored in descending order, so that a set-based statement on the
+    // slave that met them as stored would take a place before it is left.
+    let s = Setup::new(
+        1,
+        "CREATE TABLE places (id int PRIMARY KEY, pos int UNIQUE);
+         INSERT INTO places SELECT g, g FROM generate_series(4000, 1, -1) g;
+         ANALYZE places;",
+    )
+    .await;
+    let master = s.master().await;
+    // Each row takes the place the row before it has just left.
+    let moves: String = (1..=4000)
+        .map(|i| format!("UPDATE places SET pos = pos - 1 WHERE id = {i};"))
+        .collect();
+    master
+        .batch_execute(&format!("BEGIN; {moves} COMMIT;"))
+        .await
+        .unwrap();
+    // One statement that moves every row down by one more: the master meets
+    // the rows in the order the moves above stored them, lowest place first.
+    master
+        .batch_execute("UPDATE places SET pos = pos - 1")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains("one event at a time"),
+        "{}",
+        text(&out)
+    );
+    s.assert_same(0, "SELECT * FROM places ORDER BY id").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_sharing_a_deferred_key_inside_a_transaction_are_refused_not_lost() {
+    let s = Setup::new(
+        1,
+        "CREATE TABLE pairs (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text);
+         INSERT INTO pairs VALUES (1, 'a'), (2, 'b');",
+    )
+    .await;
+    let master = s.master().await;
+    // A swap in two statements: between them two rows hold key 2, which the
+    // deferred key allows and the slave cannot tell apart.
+    let swap = master
+        .batch_execute(
+            "BEGIN; UPDATE pairs SET id = 2 WHERE v = 'a'; UPDATE pairs SET id = 1 WHERE v = 'b';
+             COMMIT;",
+        )
+        .await;
+    let error = swap.expect_err("the swap must be refused");
+    let message = error.as_db_error().map(|d| d.message()).unwrap_or("");
+    assert!(
+        message.contains("pairs") && message.contains("pgreplica"),
+        "{error:?}"
+    );
+    master.batch_execute("ROLLBACK").await.unwrap();
+    s.sync();
+    s.assert_same(0, "SELECT * FROM pairs ORDER BY id").await;
+    // A swap through a free key replicates.
+    s.replicate(
+        "BEGIN; UPDATE pairs SET id = 3 WHERE v = 'a'; UPDATE pairs SET id = 1 WHERE v = 'b';
+         UPDATE pairs SET id = 2 WHERE v = 'a'; COMMIT;",
+        "SELECT * FROM pairs ORDER BY id",
+    )
+    .await;
+}
