@@ -403,15 +403,19 @@ impl SlaveTask {
             self.metrics.update(&set.name, slave, |m| m.reconnects += 1);
         }
         let slave_dsn = &set.slaves[&slave];
-        let (mut master, mut notifications) =
+        // Listening has a session of its own, never inside a batch's
+        // transaction: a listener in a long transaction holds back the
+        // server's NOTIFY queue for every session.
+        let (listener, mut notifications) =
             db::connect_listening(&set.master, set.keepalive).await?;
-        capture::check_version(&master).await?;
-        master.batch_execute("LISTEN pgreplica").await.on_master(
+        capture::check_version(&listener).await?;
+        listener.batch_execute("LISTEN pgreplica").await.on_master(
             "listening on the master (is pgreplica installed there? run pgreplica install)",
         )?;
+        let mut master = db::connect(&set.master, set.keepalive).await?;
         let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
         slave::prepare(&slave_client).await?;
-        slave::bound_waits(&slave_client, set.lock_timeout).await?;
+        slave::bound_waits(&slave_client, set.lock_timeout, set.batch_timeout).await?;
         let mut prev = replicate::register(&master, &slave_client, &set, slave).await?;
         if !set.tables.is_empty() {
             capture::configure(&master, &set).await?;
@@ -427,15 +431,19 @@ impl SlaveTask {
                 at: snapshot,
                 applied,
                 more,
-            } = replicate::step(
-                &mut master,
-                &mut slave_client,
-                &mut pipeline,
-                &set.name,
-                &prev,
-                self.exact,
+            } = tokio::time::timeout(
+                set.batch_timeout,
+                replicate::step(
+                    &mut master,
+                    &mut slave_client,
+                    &mut pipeline,
+                    &set.name,
+                    &prev,
+                    self.exact,
+                ),
             )
-            .await?;
+            .await
+            .map_err(|_| Error::Slow(set.batch_timeout.as_secs()))??;
             self.exact = false;
             self.backoff = Duration::from_secs(1);
             if applied.events > 0 {
@@ -533,6 +541,7 @@ impl SlaveTask {
                         break;
                     }
                     _ = tokio::time::sleep(heartbeat), if !cleaning => {
+                        alive(&listener, Side::Master, heartbeat).await?;
                         alive(&master, Side::Master, heartbeat).await?;
                         alive(&slave_client, Side::Slave, heartbeat).await?;
                     }

@@ -108,6 +108,12 @@ pub enum Error {
          with --resolve ID keep-local|apply-remote"
     )]
     Conflict(Box<Conflict>, &'static str),
+    /// A batch took longer than `BATCH_TIMEOUT` (seconds) to apply.
+    #[error(
+        "applying a batch took longer than {0}s (BATCH_TIMEOUT): it was cancelled and is \
+         retried; something on the slave holds it up (pg_stat_activity there shows what)"
+    )]
+    Slow(u64),
     /// A server did not answer in time, or its connection ended.
     #[error("connection to the {side} {what}")]
     Lost {
@@ -133,7 +139,9 @@ impl Error {
     pub fn side(&self) -> Option<Side> {
         match self {
             Error::Db { side, .. } => *side,
-            Error::Apply { .. } | Error::ApplyRun { .. } | Error::Conflict(..) => Some(Side::Slave),
+            Error::Apply { .. } | Error::ApplyRun { .. } | Error::Conflict(..) | Error::Slow(_) => {
+                Some(Side::Slave)
+            }
             Error::Lost { side, .. } => Some(*side),
             _ => None,
         }

@@ -125,12 +125,22 @@ pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
     }
 }
 
-/// Bounds every lock wait of the session: a row held by someone else on the
-/// slave makes the batch fail and retry instead of hanging, holding the
-/// master's snapshot open.
-pub async fn bound_waits(client: &Client, lock_timeout: std::time::Duration) -> Result<(), Error> {
-    // A number of milliseconds, never text from the config file.
-    let sql = format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1));
+/// Bounds every lock wait and every statement of the session: a row held by
+/// someone else on the slave, or a statement held up there, makes the batch
+/// fail and retry instead of hanging, holding the master's snapshot open.
+pub async fn bound_waits(
+    client: &Client,
+    lock_timeout: std::time::Duration,
+    statement_timeout: std::time::Duration,
+) -> Result<(), Error> {
+    // Numbers of milliseconds, never text from the config file. The
+    // statement's bound is a second past the batch's, which the daemon keeps
+    // and reports; this one stops the server's work when the daemon is gone.
+    let sql = format!(
+        "SET lock_timeout = {}; SET statement_timeout = {}",
+        lock_timeout.as_millis().max(1),
+        statement_timeout.as_millis() + 1000
+    );
     client
         .batch_execute(&sql)
         .await

@@ -517,6 +517,53 @@ async fn a_row_locked_on_the_slave_fails_the_batch_instead_of_hanging() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_held_up_on_the_slave_is_cancelled_and_listening_stays_outside_it() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let slave = s.slave(0).await;
+    // Something on the slave that holds every batch up without taking a lock.
+    slave
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN PERFORM pg_sleep(600); RETURN NULL; END $$;
+             CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow();
+             ALTER TABLE t ENABLE ALWAYS TRIGGER slow;",
+        )
+        .await
+        .unwrap();
+    s.configure("BATCH_TIMEOUT=3\n");
+    let master = s.master().await;
+    master
+        .batch_execute("INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    let mut daemon = s.spawn();
+    let listening = "SELECT state FROM pg_stat_activity WHERE query = 'LISTEN pgreplica'";
+    let start = std::time::Instant::now();
+    let mut seen = 0;
+    while !s.daemon_log().contains("BATCH_TIMEOUT") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the batch was never cancelled:\n{}",
+            s.daemon_log()
+        );
+        // The session that listens for changes is never the one that waits
+        // inside the batch's transaction.
+        for row in master.query(listening, &[]).await.unwrap() {
+            assert_eq!(row.get::<_, String>(0), "idle");
+            seen += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen > 0, "no session listened on the master");
+    let status = support::pgreplica(&["status", s.conf.to_str().unwrap()]);
+    assert!(text(&status).contains("BATCH_TIMEOUT"), "{}", text(&status));
+    slave.batch_execute("DROP TRIGGER slow ON t").await.unwrap();
+    s.wait_same(0, "SELECT * FROM t ORDER BY id", Duration::from_secs(60))
+        .await;
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_table_dropped_on_the_master_while_its_events_wait_stops_nothing() {
     let s = Setup::new(
         1,

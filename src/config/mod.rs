@@ -75,6 +75,9 @@ pub struct Config {
     /// `LOCK_TIMEOUT`: the longest a statement applying a batch waits for a
     /// lock on the slave before the batch is given up and retried.
     pub lock_timeout: Duration,
+    /// `BATCH_TIMEOUT`: the longest one batch (or step of one) may take to
+    /// apply; past it the batch is cancelled, reported and retried.
+    pub batch_timeout: Duration,
     /// `BATCH_EVENTS`: a batch with more events is applied in steps of this many
     /// events (one slave transaction each).
     pub batch_events: u64,
@@ -134,6 +137,9 @@ pub const DEFAULT_LOG_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default `LOCK_TIMEOUT`.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default `BATCH_TIMEOUT`.
+pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Default `BATCH_EVENTS`.
 pub const DEFAULT_BATCH_EVENTS: u64 = 100_000;
@@ -287,6 +293,7 @@ impl Config {
             smtp: None,
             tables: Vec::new(),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            batch_timeout: DEFAULT_BATCH_TIMEOUT,
             batch_events: DEFAULT_BATCH_EVENTS,
             batch_bytes: DEFAULT_BATCH_MB << 20,
             transform_time: DEFAULT_TRANSFORM_TIME,
@@ -458,12 +465,8 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.lag_warning_events = (events > 0).then_some(events);
         }
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
-        "LOCK_TIMEOUT" => {
-            config.lock_timeout = parse_seconds(&value)?;
-            if config.lock_timeout < Duration::from_millis(1) {
-                return Err(format!("'{value}' is not a number of seconds above 0"));
-            }
-        }
+        "LOCK_TIMEOUT" => config.lock_timeout = parse_positive_seconds(&value)?,
+        "BATCH_TIMEOUT" => config.batch_timeout = parse_positive_seconds(&value)?,
         "BATCH_EVENTS" => {
             config.batch_events = value
                 .parse()
@@ -540,6 +543,13 @@ pub(super) fn parse_seconds(value: &str) -> Result<Duration, String> {
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("'{value}' is not a number of seconds"))
+}
+
+fn parse_positive_seconds(value: &str) -> Result<Duration, String> {
+    parse_seconds(value)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(1))
+        .ok_or_else(|| format!("'{value}' is not a number of seconds above 0"))
 }
 
 fn parse_keepalive(value: &str) -> Result<Option<Duration>, String> {
