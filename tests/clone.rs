@@ -311,3 +311,50 @@ async fn a_clone_killed_and_never_run_again_shows_in_status_and_can_be_abandoned
     let out = support::pgreplica(&["status", conf]);
     assert!(!text(&out).contains("clone hold"), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_change_made_while_cloning_reaches_a_table_the_clone_creates_once() {
+    let s = Setup::with_schemas(
+        1,
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 5000) g;
+         CREATE TABLE small (id int PRIMARY KEY, v text);
+         INSERT INTO small VALUES (1, 'one');",
+        "CREATE TABLE big (id int PRIMARY KEY, v text)",
+    )
+    .await;
+    // The slave's copy of the big table (copied first) is held, so the clone
+    // waits after taking its snapshot and before it reads the small table's
+    // definition, which the master then changes.
+    let mut holder = s.slave(0).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE big IN SHARE MODE")
+        .await
+        .unwrap();
+    let cloning = {
+        let conf = s.conf.to_str().unwrap().to_string();
+        tokio::task::spawn_blocking(move || support::pgreplica(&["clone", &conf, "--jobs", "1"]))
+    };
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'big'::regclass";
+    let start = Instant::now();
+    while hold.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the clone never reached the big table"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conf = s.conf.to_str().unwrap();
+    let out = support::pgreplica(&[
+        "execute",
+        conf,
+        "ALTER TABLE small ADD COLUMN note text DEFAULT 'added'",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    hold.commit().await.unwrap();
+    let out = cloning.await.unwrap();
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    s.sync();
+    s.assert_same(0, "SELECT * FROM small ORDER BY id").await;
+    s.assert_same(0, "SELECT * FROM big ORDER BY id").await;
+}

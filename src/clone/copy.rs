@@ -61,7 +61,7 @@ pub(super) async fn copy_tables(
         tables.len()
     );
     let progress = Meter::start(tables.iter().map(|t| (t.name.quoted(), t.estimate)));
-    let units = work(set, slave, tables, jobs, options.split_pages).await?;
+    let units = work(set, slave, tables, jobs, options.split_pages, &exported).await?;
     let queue = Arc::new(Mutex::new(units));
     let mut workers = Vec::new();
     for _ in 0..jobs {
@@ -122,6 +122,7 @@ async fn work(
     tables: Vec<Table>,
     jobs: usize,
     split_pages: i64,
+    exported: &str,
 ) -> Result<VecDeque<Work>, Error> {
     let mut queue = VecDeque::new();
     let mut client = None;
@@ -139,7 +140,7 @@ async fn work(
             .transaction()
             .await
             .on_slave("preparing a table on the slave")?;
-        let ddl = prepare(&tx, set, &t.name).await?;
+        let ddl = prepare(&tx, set, &t.name, exported).await?;
         tx.commit()
             .await
             .on_slave("preparing a table on the slave")?;
@@ -238,7 +239,7 @@ impl Job {
             .transaction()
             .await
             .on_slave("starting the slave's transaction")?;
-        let ddl = prepare(&tx, &self.config, &t.name).await?;
+        let ddl = prepare(&tx, &self.config, &t.name, &self.exported).await?;
         self.stream(master, &tx, t, None).await?;
         self.finish(tx, t, ddl.as_ref()).await
     }

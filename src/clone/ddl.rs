@@ -7,13 +7,15 @@ use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
 use crate::{programs, slave};
 
-/// Empties the slave's table, or creates it without its keys and indexes;
-/// returns what is left of the definition of a table the clone created (now,
-/// or in an interrupted run), to be built after the rows.
+/// Empties the slave's table, or creates it without its keys and indexes, as
+/// the master's snapshot `exported` has it; returns what is left of the
+/// definition of a table the clone created (now, or in an interrupted run), to
+/// be built after the rows.
 pub(super) async fn prepare(
     tx: &tokio_postgres::Transaction<'_>,
     set: &Config,
     table: &TableName,
+    exported: &str,
 ) -> Result<Option<Ddl>, Error> {
     let name = table.quoted();
     let doing = "reading the slave's catalog";
@@ -33,7 +35,7 @@ pub(super) async fn prepare(
             })
         }));
     }
-    let ddl = table_ddl(&set.master, table)?;
+    let ddl = table_ddl(&set.master, table, exported)?;
     create(tx, table, &ddl.before).await?;
     slave::keep_definition(tx, &set.name, &name, &ddl.after, &ddl.deferred).await?;
     Ok(Some(ddl))
@@ -66,12 +68,16 @@ pub(super) struct Ddl {
     pub(super) deferred: String,
 }
 
-fn table_ddl(master_dsn: &str, table: &TableName) -> Result<Ddl, Error> {
+/// The definition at the copy's snapshot: a schema change committed after it
+/// reaches the slave from the log, and must not be in the definition too.
+fn table_ddl(master_dsn: &str, table: &TableName, exported: &str) -> Result<Ddl, Error> {
     let doing = format!("reading {table}'s definition with pg_dump");
     let pg_dump = programs::pg_dump();
     let out = std::process::Command::new(&pg_dump)
         .args(["--schema-only", "--no-owner", "--no-privileges", "--table"])
         .arg(table.quoted())
+        .arg("--snapshot")
+        .arg(exported)
         .arg("--dbname")
         .arg(master_dsn)
         .output()
