@@ -181,6 +181,7 @@ impl Adapter {
             name: route.slave.clone().unwrap_or_else(|| table.name.clone()),
             columns,
             key: table.key.clone(),
+            was: route.slave.is_none().then(|| table.was.clone()).flatten(),
         });
         self.tables
             .entry(id)

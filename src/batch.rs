@@ -36,14 +36,17 @@ ORDER BY ev_id";
 
 // A table of the log: from the catalog, or, when it was dropped since, from
 // the definition pgreplica kept when it was last attached.
+// The name it had when it was attached comes along.
 const TABLE_SQL: &str = "
-SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid), pgreplica.key_columns(c.oid), false
+SELECT n.nspname, c.relname, pgreplica.logged_columns(c.oid), pgreplica.key_columns(c.oid), false,
+       t.layout->>'schema', t.layout->>'name'
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pgreplica.tables t ON t.reloid = c.oid
  WHERE c.oid = $1
 UNION ALL
 SELECT t.layout->>'schema', t.layout->>'name',
        ARRAY(SELECT jsonb_array_elements_text(t.layout->'columns')),
-       ARRAY(SELECT jsonb_array_elements_text(t.layout->'key')), true
+       ARRAY(SELECT jsonb_array_elements_text(t.layout->'key')), true, NULL, NULL
   FROM pgreplica.tables t
  WHERE t.reloid = $1 AND t.layout IS NOT NULL
    AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = $1)";
@@ -77,6 +80,7 @@ fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, E
                 },
                 columns: l.columns,
                 key,
+                was: None,
             };
             Some((oid.parse().ok()?, Arc::new(table)))
         })
@@ -183,8 +187,7 @@ impl<'t> Batch<'t> {
                     schema: "pgreplica".into(),
                     name: "execute".into(),
                 },
-                columns: Vec::new(),
-                key: Vec::new(),
+                ..MasterTable::default()
             }),
             skipped: HashSet::new(),
             master_node: origins.master.clone(),
@@ -361,7 +364,18 @@ impl<'t> Batch<'t> {
                  longer wanted)"
             );
         }
-        let table = Arc::new(MasterTable { name, columns, key });
+        let kept: (Option<String>, Option<String>) = (row.get(5), row.get(6));
+        let was = match kept {
+            (Some(schema), Some(name)) => Some(TableName { schema, name }),
+            _ => None,
+        }
+        .filter(|was| *was != name);
+        let table = Arc::new(MasterTable {
+            name,
+            columns,
+            key,
+            was,
+        });
         self.tables.insert(oid, table.clone());
         Ok(table)
     }

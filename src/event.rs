@@ -124,10 +124,14 @@ pub struct Origins {
 }
 
 /// A master table as the log describes it: its name, columns in row order, and key.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct MasterTable {
     /// Qualified name on the master.
     pub name: TableName,
+    /// The name it had when it was attached to capture, when it was renamed or
+    /// moved to another schema since without `execute`: the slave's copy may
+    /// still have that name.
+    pub was: Option<TableName>,
     /// Column names in the order of the row text's fields.
     pub columns: Vec<String>,
     /// Positions of the primary key's columns in `columns`.

@@ -8,7 +8,7 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 /// A table's schema-qualified name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TableName {
     /// The schema.
     pub schema: String,

@@ -630,3 +630,61 @@ async fn an_update_too_long_for_the_slaves_column_stops_instead_of_truncating() 
         .get(0);
     assert_eq!(code, "abc", "nothing cut short on the slave");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_renamed_or_moved_on_the_master_without_execute_stops_nothing() {
+    let s = Setup::new(
+        1,
+        "CREATE SCHEMA archive; CREATE TABLE orders (id int PRIMARY KEY, v text);
+         CREATE TABLE kept (id int PRIMARY KEY)",
+    )
+    .await;
+    let master = s.master().await;
+    master
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 'a'), (2, 'b');
+             ALTER TABLE orders RENAME TO sales;
+             INSERT INTO sales VALUES (3, 'c');
+             INSERT INTO kept VALUES (1);",
+        )
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"public\".\"orders\" was renamed or moved on the master"),
+        "{}",
+        text(&out)
+    );
+    let slave = s.slave(0).await;
+    assert_eq!(
+        count(&slave, "orders").await,
+        3,
+        "applied to the slave's table as it is"
+    );
+    s.assert_same(0, "SELECT * FROM kept ORDER BY id").await;
+    // The DBA follows on the slave and records the new name on the master, as
+    // the warning says; then the table moves to another schema.
+    slave
+        .batch_execute("ALTER TABLE orders RENAME TO sales")
+        .await
+        .unwrap();
+    let out = support::pgreplica(&["install", s.conf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    master
+        .batch_execute(
+            "UPDATE sales SET v = 'changed' WHERE id = 1;
+             ALTER TABLE sales SET SCHEMA archive;
+             DELETE FROM archive.sales WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = "SELECT * FROM sales ORDER BY id";
+    let on_slave = s.text(Some(0), rows).await;
+    let on_master = s
+        .text(None, "SELECT * FROM archive.sales ORDER BY id")
+        .await;
+    assert_eq!(on_slave, on_master);
+}

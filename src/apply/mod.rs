@@ -24,7 +24,7 @@ use sql::{copy_error_line, copy_escape, copy_statement, run_statement};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::Poll;
 use tokio_postgres::types::Type;
 use tokio_postgres::{CopyInSink, Row, Statement, Transaction};
@@ -45,6 +45,10 @@ SELECT a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <>
 const CAPTURES_SQL: &str = "SELECT to_regprocedure('pgreplica.execute(text)') IS NOT NULL";
 
 const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
+
+/// Slave tables already named in a warning that their master table was
+/// renamed: one warning per daemon, not one per batch.
+static RENAMED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
 
 /// Statements, events in them and their bytes, kept in flight before the
 /// oldest is awaited.
@@ -280,12 +284,24 @@ impl<'t> Applier<'t> {
         }
         // The catalog query cannot pass a COPY in progress on the connection.
         self.flush_rows().await?;
-        let slave = table.name.clone();
-        let rows = self
-            .tx
-            .query(SLAVE_TABLE_SQL, &[&slave.quoted()])
-            .await
-            .on_slave("reading the slave's catalog")?;
+        let mut slave = table.name.clone();
+        let mut rows = slave_columns(self.tx, &slave).await?;
+        // Renamed or moved on the master without execute: the slave's copy
+        // keeps its name until the DBA renames it there too.
+        if let Some(was) = table.was.as_ref().filter(|_| rows.is_empty()) {
+            rows = slave_columns(self.tx, was).await?;
+            if !rows.is_empty() && RENAMED.lock().is_ok_and(|mut r| r.insert(was.quoted())) {
+                tracing::warn!(
+                    "table {was} was renamed or moved on the master (to {slave}) without \
+                     pgreplica execute: its changes go to {was} on the slave until it is renamed \
+                     there too (ALTER TABLE on the slave), then run pgreplica install on the \
+                     master to record the new name"
+                );
+            }
+            if !rows.is_empty() {
+                slave = was.clone();
+            }
+        }
         if rows.is_empty() {
             return Err(Error::Schema {
                 table: slave,
@@ -613,6 +629,13 @@ fn apply_error(plan: &Plan, key: String, event: i64, e: tokio_postgres::Error) -
         event,
         source: e,
     }
+}
+
+/// The slave's columns of `table`: name, qualified type, generated.
+async fn slave_columns(tx: &Transaction<'_>, table: &TableName) -> Result<Vec<Row>, Error> {
+    tx.query(SLAVE_TABLE_SQL, &[&table.quoted()])
+        .await
+        .on_slave("reading the slave's catalog")
 }
 
 fn malformed(event: &Event, what: &str) -> Error {

@@ -386,6 +386,7 @@ impl Job {
                 .filter_map(|k| columns.iter().position(|c| c == k))
                 .collect(),
             columns,
+            was: None,
         });
         let tx = slave
             .transaction()
