@@ -262,12 +262,13 @@ BEGIN
     IF EXISTS (SELECT FROM pg_constraint c
                 WHERE c.conrelid = root AND c.contype = 'p' AND c.condeferrable) THEN
         unique_key := format($check$
-    IF TG_OP IN ('INSERT', 'UPDATE') AND EXISTS (
-        SELECT FROM pgreplica_new new
-         WHERE (SELECT count(*) FROM %1$s t WHERE (%2$s) = (%3$s)) > 1) THEN
-        RAISE EXCEPTION 'pgreplica: two rows of table %4$s share a primary key, which its deferrable key allows until commit but replication cannot follow'
-              USING ERRCODE = 'unique_violation',
-                    HINT = 'Change keys through a key no row holds (or make the primary key NOT DEFERRABLE).';
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        IF EXISTS (SELECT FROM pgreplica_new new
+                    WHERE (SELECT count(*) FROM %1$s t WHERE (%2$s) = (%3$s)) > 1) THEN
+            RAISE EXCEPTION 'pgreplica: two rows of table %4$s share a primary key, which its deferrable key allows until commit but replication cannot follow'
+                  USING ERRCODE = 'unique_violation',
+                        HINT = 'Change keys through a key no row holds (or make the primary key NOT DEFERRABLE).';
+        END IF;
     END IF;$check$,
             (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = root),

@@ -104,9 +104,10 @@ pub(super) fn run_statement(run: &SetRun) -> (String, Vec<Vec<Option<String>>>) 
 /// A value's text as the log holds it: its type's output function, which
 /// `format('%s')` calls. A cast to text is not the same for every type:
 /// `char(n)` loses its trailing blanks there, and the slave's row would then
-/// differ from the master's old row although nothing changed it.
+/// differ from the master's old row although nothing changed it. `IS NOT
+/// NULL` is false for a composite with a NULL field, hence `IS DISTINCT FROM`.
 pub(super) fn as_text(expression: &str) -> String {
-    format!("CASE WHEN {expression} IS NOT NULL THEN format('%s', {expression}) END")
+    format!("CASE WHEN {expression} IS DISTINCT FROM NULL THEN format('%s', {expression}) END")
 }
 
 pub(super) fn refs(values: &[Option<String>]) -> Vec<&(dyn ToSql + Sync)> {
