@@ -23,6 +23,9 @@ pub async fn proxy(target: u16, silent: Arc<AtomicBool>, cut: bool) -> u16 {
                 let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
                     return;
                 };
+                // As a network would: no Nagle delay on the proxy's own writes.
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
                 tokio::spawn(forward(ri, wo, silent.clone(), cut));
