@@ -1,5 +1,8 @@
 //! Connections: libpq connection strings with libpq's defaults, redaction and LISTEN.
 
+use crate::dsn::Dsn;
+pub use crate::dsn::redact;
+use crate::tls::{self, Tls};
 use futures_util::future::poll_fn;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -7,7 +10,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
 
 /// Session settings under which a value's text form is the same as the capture
 /// trigger's, so that texts read back from a slave compare equal.
@@ -39,10 +43,20 @@ pub enum ConnectError {
 /// what libpq would: `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, the
 /// password file (`PGPASSFILE` or `~/.pgpass`) and the local socket directory.
 pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, ConnectError> {
-    let mut config = tokio_postgres::Config::from_str(dsn).map_err(|e| ConnectError::Dsn {
+    parse_with_tls(dsn).map(|(config, _)| config)
+}
+
+/// Like [`parse_dsn`], with the TLS settings the driver does not read itself.
+fn parse_with_tls(dsn: &str) -> Result<(tokio_postgres::Config, Tls), ConnectError> {
+    let bad = |message: String| ConnectError::Dsn {
         dsn: redact(dsn),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let mut settings = Dsn::parse(dsn).map_err(|e| bad(e.to_string()))?;
+    let tls = Tls::take(&mut settings).map_err(bad)?;
+    let mut config =
+        tokio_postgres::Config::from_str(&settings.render()).map_err(|e| bad(e.to_string()))?;
+    config.ssl_mode(tls.ssl_mode());
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if config.get_hosts().is_empty() {
         match env("PGHOST") {
@@ -85,7 +99,7 @@ pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, ConnectError> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
-    Ok(config)
+    Ok((config, tls))
 }
 
 fn pgpass_lookup(config: &tokio_postgres::Config) -> Option<String> {
@@ -134,62 +148,6 @@ fn split_pgpass(line: &str) -> Vec<String> {
     fields
 }
 
-/// The connection string with its password replaced by `***`, for logs and status.
-pub fn redact(dsn: &str) -> String {
-    if let Some(rest) = dsn
-        .strip_prefix("postgresql://")
-        .or_else(|| dsn.strip_prefix("postgres://"))
-    {
-        let scheme = &dsn[..dsn.len() - rest.len()];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let redacted = match authority.rfind('@') {
-            Some(at) => match authority[..at].find(':') {
-                Some(colon) => format!("{}:***{}", &authority[..colon], &authority[at..]),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        let tail = redact_query_password(tail);
-        return format!("{scheme}{redacted}{tail}");
-    }
-    let mut out = Vec::new();
-    let mut words = dsn.split_whitespace();
-    while let Some(word) = words.next() {
-        match word.split_once('=') {
-            Some((key, value)) if key.trim() == "password" => {
-                // A quoted password may contain spaces: skip to its closing quote.
-                if value.starts_with('\'') && !(value.len() > 1 && value.ends_with('\'')) {
-                    for next in words.by_ref() {
-                        if next.ends_with('\'') && !next.ends_with("\\'") {
-                            break;
-                        }
-                    }
-                }
-                out.push("password=***".to_string());
-            }
-            _ => out.push(word.to_string()),
-        }
-    }
-    out.join(" ")
-}
-
-fn redact_query_password(tail: &str) -> String {
-    match tail.split_once('?') {
-        Some((path, query)) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some(("password", _)) => "password=***".to_string(),
-                    _ => p.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", params.join("&"))
-        }
-        None => tail.to_string(),
-    }
-}
-
 /// How long a connection attempt may take without `KEEPALIVE`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -206,7 +164,7 @@ pub async fn connect_listening(
     dsn: &str,
     keepalive: Option<Duration>,
 ) -> Result<(Client, mpsc::UnboundedReceiver<String>), ConnectError> {
-    let mut config = parse_dsn(dsn)?;
+    let (mut config, tls) = parse_with_tls(dsn)?;
     // A server that stops answering (packets dropped, not refused) is given up
     // on in about twice the interval, and a connection attempt in one.
     if let Some(interval) = keepalive {
@@ -220,38 +178,68 @@ pub async fn connect_listening(
     } else {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    // The whole handshake is bounded, not only the TCP connection.
+    let failed = |message: String| ConnectError::Connect {
+        dsn: redact(dsn),
+        message,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = match tls.connector().map_err(failed)? {
+        Some(connector) => handshake(&config, connector, tx).await,
+        None => handshake(&config, NoTls, tx).await,
+    }
+    .map_err(failed)?;
+    Ok((client, rx))
+}
+
+/// Connects over `tls` within the connect timeout (the whole handshake, not
+/// only the TCP connection), and drives the connection in a spawned task that
+/// hands NOTIFY messages to `notes`.
+async fn handshake<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    notes: mpsc::UnboundedSender<String>,
+) -> Result<Client, String>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
     let limit = config
         .get_connect_timeout()
         .copied()
         .unwrap_or(CONNECT_TIMEOUT);
-    let connected = tokio::time::timeout(limit, config.connect(NoTls))
+    let (client, connection) = tokio::time::timeout(limit, config.connect(tls))
         .await
-        .map_err(|_| format!("no answer within {}s", limit.as_secs_f64()))
-        .and_then(|r| r.map_err(|e| pg_message(&e)));
-    let (client, mut connection) = connected.map_err(|message| ConnectError::Connect {
-        dsn: redact(dsn),
-        message,
-    })?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    let _ = tx.send(n.channel().to_string());
-                }
-                Ok(AsyncMessage::Notice(notice)) => {
-                    tracing::debug!("server notice: {}", notice.message());
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!("connection closed: {e}");
-                    break;
-                }
+        .map_err(|_| format!("no answer within {}s", limit.as_secs_f64()))?
+        .map_err(|e| {
+            let message = pg_message(&e);
+            match tls::explain(&message) {
+                Some(why) => format!("{message}: {why}"),
+                None => message,
+            }
+        })?;
+    tokio::spawn(drive(connection, notes));
+    Ok(client)
+}
+
+async fn drive<T>(mut connection: Connection<Socket, T>, notes: mpsc::UnboundedSender<String>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
+        match message {
+            Ok(AsyncMessage::Notification(n)) => {
+                let _ = notes.send(n.channel().to_string());
+            }
+            Ok(AsyncMessage::Notice(notice)) => {
+                tracing::debug!("server notice: {}", notice.message());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("connection closed: {e}");
+                break;
             }
         }
-    });
-    Ok((client, rx))
+    }
 }
 
 /// PostgreSQL's whole message for an error: text, detail, hint and context.
@@ -300,26 +288,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("dbname=a user=u password=secret host=h"),
-            "dbname=a user=u password=*** host=h"
-        );
-        assert_eq!(
-            redact("dbname=a password='s e c' host=h"),
-            "dbname=a password=*** host=h"
-        );
-        assert_eq!(
-            redact("postgresql://u:secret@h:5432/db?sslmode=disable"),
-            "postgresql://u:***@h:5432/db?sslmode=disable"
-        );
-        assert_eq!(
-            redact("postgres://h/db?user=u&password=secret"),
-            "postgres://h/db?user=u&password=***"
-        );
-    }
-
-    #[test]
     fn pgpass_lines_split_on_unescaped_colons() {
         assert_eq!(
             split_pgpass(r"h:5432:*:u:p\:w\\d"),
@@ -330,7 +298,10 @@ mod tests {
     #[test]
     fn bad_connection_string_is_named_without_password() {
         let e = parse_dsn("host=h password=secret bogus").unwrap_err();
-        assert!(e.to_string().contains("password=***"), "{e}");
+        assert!(e.to_string().contains("not shown"), "{e}");
         assert!(!e.to_string().contains("secret"), "{e}");
+        let e = parse_dsn("host=h password=secret sslmode=sometimes").unwrap_err();
+        assert!(e.to_string().contains("password=***"), "{e}");
+        assert!(e.to_string().contains("sslmode \"sometimes\""), "{e}");
     }
 }

@@ -23,6 +23,7 @@ pub mod conflict;
 pub mod daemon;
 pub mod db;
 pub mod demo;
+pub mod dsn;
 pub mod error;
 pub mod event;
 pub mod http;
@@ -39,6 +40,7 @@ pub mod service;
 pub mod slave;
 pub mod status;
 pub mod throwaway;
+pub mod tls;
 pub mod transform;
 
 pub use config::Config;

@@ -179,6 +179,35 @@ impl Server {
     pub fn restart(&self) -> Result<(), ServerError> {
         self.pg_ctl_start()
     }
+
+    /// Writes `files` (name and contents) into the server's data folder,
+    /// readable by the server alone (as PostgreSQL wants of a key file), and
+    /// returns the folder.
+    pub fn put_files(&self, files: &[(&str, &str)]) -> Result<PathBuf, ServerError> {
+        let data = PathBuf::from(self.data());
+        for (name, contents) in files {
+            let path = data.join(name);
+            std::fs::write(&path, contents)
+                .map_err(|e| ServerError(format!("{}: {e}", path.display())))?;
+            let path = path.display().to_string();
+            self.run("chmod", &["600", &path], false)?;
+            if running_as_root() {
+                self.run("chown", &["postgres:", &path], false)?;
+            }
+        }
+        Ok(data)
+    }
+
+    /// Appends `settings` to `postgresql.conf`, replaces `pg_hba.conf` with
+    /// `hba`, and restarts the server.
+    pub fn reconfigure(&self, settings: &str, hba: &str) -> Result<(), ServerError> {
+        let data = PathBuf::from(self.data());
+        append(&data.join("postgresql.conf"), &format!("\n{settings}\n"))?;
+        let path = data.join("pg_hba.conf");
+        std::fs::write(&path, hba).map_err(|e| ServerError(format!("{}: {e}", path.display())))?;
+        self.stop("fast")?;
+        self.restart()
+    }
 }
 
 impl Drop for Server {

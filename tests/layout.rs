@@ -10,6 +10,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &[
         "ident",
+        "dsn",
         "record",
         "event",
         "programs",
@@ -18,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
         "meter",
         "transform",
     ],
-    &["config", "db"],
+    &["config", "tls", "db"],
     &["conflict", "error"],
     &[
         "capture", "batch", "adapt", "slave", "registry", "sequence", "mail",

@@ -19,7 +19,7 @@ pub struct Setup {
     pub master: Server,
     pub slaves: Vec<Server>,
     pub conf: PathBuf,
-    dir: PathBuf,
+    pub dir: PathBuf,
 }
 
 pub fn server(timezone: &str) -> Server {

@@ -1,0 +1,312 @@
+//! TLS to PostgreSQL with libpq's settings, over rustls: `sslmode`
+//! (`disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full`),
+//! `sslrootcert` (a file of CA certificates, or `system`), and `sslcert` /
+//! `sslkey` for a client certificate; with libpq's default files under
+//! `~/.postgresql/`.
+
+use crate::dsn::Dsn;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// How far the server is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it (libpq's `allow` and `prefer`).
+    Prefer,
+    /// TLS always; the certificate is checked only against a given CA.
+    Require,
+    /// TLS, the certificate signed by the CA.
+    VerifyCa,
+    /// TLS, the certificate signed by the CA and naming the host.
+    VerifyFull,
+}
+
+/// A connection string's TLS settings.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    mode: Mode,
+    rootcert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl Tls {
+    /// Takes the TLS settings out of `dsn` (the driver knows only some of
+    /// them); libpq's default is `prefer`.
+    pub fn take(dsn: &mut Dsn) -> Result<Tls, String> {
+        let mode = match dsn.take("sslmode").as_deref() {
+            None | Some("prefer") | Some("allow") => Mode::Prefer,
+            Some("disable") => Mode::Disable,
+            Some("require") => Mode::Require,
+            Some("verify-ca") => Mode::VerifyCa,
+            Some("verify-full") => Mode::VerifyFull,
+            Some(other) => {
+                return Err(format!(
+                    "sslmode \"{other}\" is none of disable, allow, prefer, require, verify-ca, \
+                     verify-full"
+                ));
+            }
+        };
+        Ok(Tls {
+            mode,
+            rootcert: dsn.take("sslrootcert"),
+            cert: dsn.take("sslcert"),
+            key: dsn.take("sslkey"),
+        })
+    }
+
+    /// What the driver is told: whether TLS is tried, and whether it must be.
+    pub fn ssl_mode(&self) -> SslMode {
+        match self.mode {
+            Mode::Disable => SslMode::Disable,
+            Mode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        }
+    }
+
+    /// The TLS connector, `None` when TLS is off.
+    pub fn connector(&self) -> Result<Option<MakeRustlsConnect>, String> {
+        if self.mode == Mode::Disable {
+            return Ok(None);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.roots()? {
+            Some(roots) => {
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| format!("the CA certificates cannot be used: {e}"))?;
+                match self.mode {
+                    Mode::VerifyFull => webpki,
+                    _ => Arc::new(CaOnly(webpki)),
+                }
+            }
+            None => Arc::new(AnyCert(provider.clone())),
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let config = match self.client_cert()? {
+            Some((certs, key)) => builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("the client certificate cannot be used: {e}"))?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Some(MakeRustlsConnect::new(config)))
+    }
+
+    /// The CAs the server's certificate must come from: `sslrootcert`, or
+    /// libpq's `~/.postgresql/root.crt` when it exists; `None` when nothing is
+    /// checked (`prefer`, `require` without a CA file).
+    fn roots(&self) -> Result<Option<RootCertStore>, String> {
+        let verify = matches!(self.mode, Mode::VerifyCa | Mode::VerifyFull);
+        let path = match &self.rootcert {
+            Some(path) => path.clone(),
+            None => {
+                let default = home_file("root.crt");
+                match default.filter(|p| p.exists()) {
+                    Some(p) => p.display().to_string(),
+                    None if verify => {
+                        return Err(
+                            "sslmode verify-ca and verify-full need the CA's certificate: give \
+                             sslrootcert=FILE (or sslrootcert=system for the system's trusted \
+                             CAs), or put it in ~/.postgresql/root.crt"
+                                .into(),
+                        );
+                    }
+                    None => return Ok(None),
+                }
+            }
+        };
+        let mut roots = RootCertStore::empty();
+        if path == "system" {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(
+                    "sslrootcert=system: the system has no trusted CA certificates \
+                            (apt-get install ca-certificates)"
+                        .into(),
+                );
+            }
+            return Ok(Some(roots));
+        }
+        let certs = read_certs(&path, "sslrootcert")?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("sslrootcert {path}: {e}"))?;
+        }
+        Ok(Some(roots))
+    }
+
+    /// `sslcert` and `sslkey`, or libpq's `~/.postgresql/postgresql.crt` and
+    /// `.key` when both exist.
+    fn client_cert(
+        &self,
+    ) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, String> {
+        let given = |v: &Option<String>, name: &str| {
+            v.clone()
+                .or_else(|| home_file(name).map(|p| p.display().to_string()))
+        };
+        let (Some(cert), Some(key)) = (
+            given(&self.cert, "postgresql.crt"),
+            given(&self.key, "postgresql.key"),
+        ) else {
+            return Ok(None);
+        };
+        if self.cert.is_none() && !std::path::Path::new(&cert).exists() {
+            return Ok(None);
+        }
+        let certs = read_certs(&cert, "sslcert")?;
+        let key = PrivateKeyDer::from_pem_file(&key)
+            .map_err(|e| format!("sslkey {key}: no private key read: {e}"))?;
+        Ok(Some((certs, key)))
+    }
+}
+
+fn home_file(name: &str) -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql").join(name))
+}
+
+fn read_certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} {path}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{what} {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {path}: no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+/// Words for a TLS failure that say which check failed.
+pub fn explain(message: &str) -> Option<&'static str> {
+    let message = message.to_ascii_lowercase();
+    if message.contains("unknownissuer") || message.contains("badsignature") {
+        Some(
+            "the server's certificate is not signed by a CA in sslrootcert (wrong CA file, or \
+             the server's certificate changed)",
+        )
+    } else if message.contains("notvalidforname") || message.contains("not valid for name") {
+        Some(
+            "the server's certificate does not name the host connected to (sslmode=verify-full \
+             checks it: connect by the name in the certificate)",
+        )
+    } else if message.contains("expired") {
+        Some("the server's certificate has expired")
+    } else {
+        None
+    }
+}
+
+/// `verify-ca`: the chain is checked, the host name is not.
+#[derive(Debug)]
+struct CaOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for CaOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer` and `require` without a CA: encrypted, the server not checked
+/// (as libpq does); the handshake's signatures still are.
+#[derive(Debug)]
+struct AnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
