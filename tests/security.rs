@@ -97,3 +97,83 @@ async fn an_application_session_cannot_mark_its_changes_as_another_nodes() {
     s.sync();
     s.assert_same(0, "SELECT * FROM orders ORDER BY id").await;
 }
+
+/// Where a set's password may show, spelled as a DBA might write it.
+const SPELLED: &str = "password = 'se cret\\'s'";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_reach_no_command_line_log_or_status() {
+    let s = Setup::with_schemas(
+        1,
+        "CREATE TABLE later (id int PRIMARY KEY, v text); INSERT INTO later VALUES (1, 'a');
+         CREATE ROLE cloner LOGIN SUPERUSER PASSWORD 'se cret''s';",
+        "CREATE ROLE cloner LOGIN SUPERUSER",
+    )
+    .await;
+    // The master takes the set's role by password only.
+    s.master
+        .reconfigure(
+            "",
+            "local all all trust\nhost all cloner 127.0.0.1/32 scram-sha-256\n\
+             host all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+    let conf = std::fs::read_to_string(&s.conf).unwrap();
+    std::fs::write(
+        &s.conf,
+        conf.replace("user=postgres", &format!("user=cloner {SPELLED}")),
+    )
+    .unwrap();
+    // The clone runs pg_dump for the table the slave lacks: its command line
+    // is read while it runs.
+    let conf = s.conf.to_str().unwrap().to_string();
+    let cloning = {
+        let conf = conf.clone();
+        tokio::task::spawn_blocking(move || support::pgreplica(&["clone", &conf]))
+    };
+    let watching = tokio::task::spawn_blocking(|| {
+        let start = std::time::Instant::now();
+        while start.elapsed().as_secs() < 60 {
+            let found = std::fs::read_dir("/proc").unwrap().find_map(|entry| {
+                let dir = entry.ok()?.path();
+                let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+                (name.trim() == "pg_dump").then(|| std::fs::read(dir.join("cmdline")).ok())?
+            });
+            if let Some(line) = found.filter(|l| !l.is_empty()) {
+                return String::from_utf8_lossy(&line).replace('\0', " ");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("pg_dump was never seen running");
+    });
+    let command_line = watching.await.unwrap();
+    assert!(command_line.contains("user=cloner"), "{command_line}");
+    assert!(!command_line.contains("cret"), "{command_line}");
+    let out = cloning.await.unwrap();
+    assert!(out.status.success(), "{}", support::text(&out));
+    s.assert_same(0, "SELECT * FROM later ORDER BY id").await;
+    // Nor in the log, the status, or the master's registry.
+    let run = s.run_once();
+    let status = support::pgreplica(&["status", &conf]);
+    let registered: Vec<String> = s
+        .master()
+        .await
+        .query("SELECT dsn FROM pgreplica.slave", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for shown in [
+        support::text(&out),
+        support::text(&run),
+        support::text(&status),
+        registered.join("\n"),
+    ] {
+        assert!(!shown.contains("cret"), "{shown}");
+    }
+    assert!(
+        registered.join("").contains("password=***"),
+        "{registered:?}"
+    );
+}

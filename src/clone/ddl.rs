@@ -3,6 +3,7 @@
 //! handover.
 
 use crate::config::Config;
+use crate::dsn::Dsn;
 use crate::error::{Context, Error};
 use crate::ident::{TableName, quote_ident};
 use crate::{programs, slave};
@@ -73,13 +74,23 @@ pub(super) struct Ddl {
 fn table_ddl(master_dsn: &str, table: &TableName, exported: &str) -> Result<Ddl, Error> {
     let doing = format!("reading {table}'s definition with pg_dump");
     let pg_dump = programs::pg_dump();
-    let out = std::process::Command::new(&pg_dump)
+    // Another process's command line is public (ps, /proc): the password goes
+    // in pg_dump's environment, which only its user can read.
+    let mut settings = Dsn::parse(master_dsn).map_err(|e| Error::Invalid {
+        doing: doing.clone(),
+        message: format!("the master's connection string: {e}"),
+    })?;
+    let mut command = std::process::Command::new(&pg_dump);
+    if let Some(password) = settings.take("password") {
+        command.env("PGPASSWORD", password);
+    }
+    let out = command
         .args(["--schema-only", "--no-owner", "--no-privileges", "--table"])
         .arg(table.quoted())
         .arg("--snapshot")
         .arg(exported)
         .arg("--dbname")
-        .arg(master_dsn)
+        .arg(settings.render())
         .output()
         .map_err(|e| Error::Invalid {
             doing: doing.clone(),
