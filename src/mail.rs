@@ -9,7 +9,7 @@ use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -77,8 +77,22 @@ struct Pending {
     waiting: Vec<String>,
 }
 
-/// The sender task: sends at once or gathers for the digest; on close, sends
-/// what waits and ends.
+/// A mail that failed for a passing reason, to be tried again.
+struct Retry {
+    message: Message,
+    subject: String,
+    next: Instant,
+    wait: Duration,
+    until: Instant,
+}
+
+/// Mails waiting to be tried again, at most; beyond, the oldest is dropped.
+const RETRIES: usize = 100;
+/// The first wait before a retry; doubled each time, up to a minute.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// The sender task: sends at once or gathers for the digest, tries again what
+/// failed for a passing reason; on close, sends what waits and ends.
 async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Notice, String)>) {
     let transport = match transport(&smtp) {
         Ok(t) => t,
@@ -89,12 +103,13 @@ async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Notice, String)
         }
     };
     let mut kinds: BTreeMap<Notice, Pending> = BTreeMap::new();
+    let mut retries: VecDeque<Retry> = VecDeque::new();
     loop {
-        let due = kinds
+        let digest_due = kinds
             .iter()
             .filter(|(_, p)| !p.waiting.is_empty())
-            .filter_map(|(_, p)| p.last.map(|l| l + smtp.digest))
-            .min();
+            .filter_map(|(_, p)| p.last.map(|l| l + smtp.digest));
+        let due = digest_due.chain(retries.iter().map(|r| r.next)).min();
         let received = match due {
             Some(due) => tokio::select! {
                 m = rx.recv() => Some(m),
@@ -102,6 +117,7 @@ async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Notice, String)
             },
             None => Some(rx.recv().await),
         };
+        let mut outgoing: Vec<(Notice, Vec<String>)> = Vec::new();
         match received {
             Some(Some((kind, text))) => {
                 let pending = kinds.entry(kind).or_default();
@@ -110,13 +126,16 @@ async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Notice, String)
                     continue;
                 }
                 pending.last = Some(Instant::now());
-                deliver(&transport, &smtp, &set, kind, &[text]).await;
+                outgoing.push((kind, vec![text]));
             }
             Some(None) => {
                 for (kind, pending) in &mut kinds {
                     let texts = std::mem::take(&mut pending.waiting);
                     if !texts.is_empty() {
-                        deliver(&transport, &smtp, &set, *kind, &texts).await;
+                        let Some(message) = compose(&smtp, &set, *kind, &texts) else {
+                            continue;
+                        };
+                        let _ = deliver(&transport, message).await;
                     }
                 }
                 return;
@@ -127,11 +146,60 @@ async fn sender(set: String, smtp: Smtp, mut rx: mpsc::Receiver<(Notice, String)
                     if !pending.waiting.is_empty()
                         && pending.last.is_some_and(|l| now >= l + smtp.digest)
                     {
-                        let texts = std::mem::take(&mut pending.waiting);
                         pending.last = Some(now);
-                        deliver(&transport, &smtp, &set, *kind, &texts).await;
+                        outgoing.push((*kind, std::mem::take(&mut pending.waiting)));
                     }
                 }
+                for mut retry in std::mem::take(&mut retries) {
+                    if retry.next > now {
+                        retries.push_back(retry);
+                        continue;
+                    }
+                    match deliver(&transport, retry.message.clone()).await {
+                        Ok(()) => tracing::info!("mail '{}' sent on a retry", retry.subject),
+                        Err(e) if e.transient && now + retry.wait < retry.until => {
+                            retry.wait = (retry.wait * 2).min(Duration::from_secs(60));
+                            retry.next = now + retry.wait;
+                            retries.push_back(retry);
+                        }
+                        Err(e) => tracing::warn!(
+                            "mail '{}' not sent, given up after {}s: {}",
+                            retry.subject,
+                            smtp.retry_for.as_secs(),
+                            e.message
+                        ),
+                    }
+                }
+            }
+        }
+        for (kind, texts) in outgoing {
+            let Some(message) = compose(&smtp, &set, kind, &texts) else {
+                continue;
+            };
+            let subject = subject_of(&message);
+            match deliver(&transport, message.clone()).await {
+                Ok(()) => tracing::debug!("mail sent: {subject}"),
+                Err(e) if e.transient && !smtp.retry_for.is_zero() => {
+                    tracing::warn!(
+                        "mail '{subject}' not sent yet: {}; trying again for up to {}s",
+                        e.message,
+                        smtp.retry_for.as_secs()
+                    );
+                    if retries.len() >= RETRIES
+                        && let Some(dropped) = retries.pop_front()
+                    {
+                        tracing::warn!("mail '{}' dropped: too many mails wait", dropped.subject);
+                    }
+                    let now = Instant::now();
+                    retries.push_back(Retry {
+                        message,
+                        subject,
+                        next: now + FIRST_RETRY,
+                        wait: FIRST_RETRY,
+                        until: now + smtp.retry_for,
+                    });
+                }
+                Err(e) => tracing::warn!("mail '{subject}' not sent: {}", e.message),
             }
         }
     }
@@ -145,7 +213,11 @@ fn transport(smtp: &Smtp) -> Result<Transport, String> {
         _ => (smtp.server.clone(), None),
     };
     let params = || TlsParameters::new(host.clone()).map_err(|e| e.to_string());
+    let login = smtp.username.is_some();
     let (tls, default_port) = match smtp.tls {
+        // With a login, STARTTLS must succeed: a server (or someone between)
+        // that does not offer it never gets the password in clear.
+        SmtpTls::Opportunistic if login => (Tls::Required(params()?), 25),
         SmtpTls::Opportunistic => (Tls::Opportunistic(params()?), 25),
         SmtpTls::StartTls => (Tls::Required(params()?), 587),
         SmtpTls::Tls => (Tls::Wrapper(params()?), 465),
@@ -162,9 +234,14 @@ fn transport(smtp: &Smtp) -> Result<Transport, String> {
     Ok(builder.build())
 }
 
-/// Sends one mail (one text) or a digest (several) to every recipient; failures
-/// are logged.
-async fn deliver(transport: &Transport, smtp: &Smtp, set: &str, kind: Notice, texts: &[String]) {
+/// Why a mail was not sent, and whether trying again may help.
+struct Failure {
+    message: String,
+    transient: bool,
+}
+
+/// One mail (one text) or a digest (several) to every recipient.
+fn compose(smtp: &Smtp, set: &str, kind: Notice, texts: &[String]) -> Option<Message> {
     let subject = smtp
         .subjects
         .get(kind.key())
@@ -185,19 +262,42 @@ async fn deliver(transport: &Transport, smtp: &Smtp, set: &str, kind: Notice, te
             ),
         ),
     };
-    let message = match build(smtp, &subject, body) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!("[SMTP]: cannot write the mail: {e}");
-            return;
-        }
-    };
+    build(smtp, &subject, body)
+        .map_err(|e| tracing::error!("[SMTP]: cannot write the mail: {e}"))
+        .ok()
+}
+
+fn subject_of(message: &Message) -> String {
+    message
+        .headers()
+        .get_raw("Subject")
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Sends one mail. A refused connection, a timeout or a 4xx answer are
+/// passing; a 5xx answer or a TLS failure are not.
+async fn deliver(transport: &Transport, message: Message) -> Result<(), Failure> {
     match tokio::time::timeout(SEND_TIMEOUT, transport.send(message)).await {
-        Ok(Ok(_)) => tracing::debug!("mail sent: {subject}"),
-        Ok(Err(e)) => tracing::warn!("mail '{subject}' not sent: {e}"),
-        Err(_) => {
-            tracing::warn!("mail '{subject}' not sent: the mail server did not answer in time")
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            let tls = e.is_tls() || e.to_string().contains("STARTTLS");
+            Err(Failure {
+                transient: !(e.is_permanent() || e.is_client() || e.is_response() || tls),
+                message: if tls {
+                    format!(
+                        "{e} (a login goes only over TLS: the server must offer STARTTLS, \
+                         or set [SMTP] TLS=off to send the password in clear)"
+                    )
+                } else {
+                    e.to_string()
+                },
+            })
         }
+        Err(_) => Err(Failure {
+            message: "the mail server did not answer in time".into(),
+            transient: true,
+        }),
     }
 }
 

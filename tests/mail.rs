@@ -11,9 +11,11 @@ const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int)
 const ALL: &str = "SELECT * FROM items ORDER BY id";
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The test sink speaks no TLS: the login is sent in clear only because the
+/// section says TLS=off.
 fn smtp_section(port: u16, digest: u32) -> String {
     format!(
-        "[SMTP]\nSERVER=127.0.0.1:{port}\nUSERNAME=mailer\nPASSWORD=secret\n\
+        "[SMTP]\nSERVER=127.0.0.1:{port}\nTLS=off\nUSERNAME=mailer\nPASSWORD=secret\n\
          FROM_ADDR=pgreplica@example.org\nTO_ADDRS=dba@example.org; oncall@example.org\n\
          START_SUBJECT=[Replica] Starting app\nSTOP_SUBJECT=[Replica] Stopping app\n\
          ERROR_SUBJECT=[Replica] ERROR app\nDIGEST_INTERVAL={digest}\n"
@@ -224,4 +226,35 @@ async fn a_slave_held_up_past_its_lag_limit_is_flagged_and_mailed() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_is_never_sent_over_a_connection_without_tls() {
+    let sink = SmtpSink::start();
+    let s = Setup::new(1, ITEMS).await;
+    s.configure(&smtp_section(sink.port, 600).replace("TLS=off\n", ""));
+    let mut daemon = s.spawn();
+    let start = std::time::Instant::now();
+    while !s.daemon_log().contains("must offer STARTTLS") {
+        assert!(start.elapsed() < WAIT, "{}", s.daemon_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.terminate();
+    assert!(sink.mails().is_empty(), "{:?}", sink.mails());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_start_mail_waits_for_a_mail_server_that_comes_up_late() {
+    let port = support::smtp::free_port();
+    let s = Setup::new(1, ITEMS).await;
+    s.configure(&smtp_section(port, 600));
+    let mut daemon = s.spawn();
+    let start = std::time::Instant::now();
+    while !s.daemon_log().contains("not sent yet") {
+        assert!(start.elapsed() < WAIT, "{}", s.daemon_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sink = SmtpSink::start_on(port);
+    sink.wait_for("[Replica] Starting app", Duration::from_secs(90));
+    daemon.terminate();
 }

@@ -24,12 +24,17 @@ pub struct Smtp {
     /// `DIGEST_INTERVAL` (seconds): after a mail of one kind, further ones
     /// within this time go out together as one digest at its end.
     pub digest: Duration,
+    /// `RETRY_FOR` (seconds): how long a mail that failed for a passing
+    /// reason (no connection, a 4xx answer) is tried again.
+    pub retry_for: Duration,
 }
 
 /// How mail connections are secured (`[SMTP] TLS=`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SmtpTls {
-    /// STARTTLS when the server offers it (the default).
+    /// STARTTLS when the server offers it (the default); required when a
+    /// login is given, so that a stripped STARTTLS never sends the password in
+    /// clear.
     #[default]
     Opportunistic,
     /// STARTTLS, required.
@@ -43,6 +48,9 @@ pub enum SmtpTls {
 /// Default `[SMTP] DIGEST_INTERVAL`.
 pub const DEFAULT_DIGEST: Duration = Duration::from_secs(600);
 
+/// Default `[SMTP] RETRY_FOR`.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(600);
+
 impl Default for Smtp {
     fn default() -> Smtp {
         Smtp {
@@ -54,6 +62,7 @@ impl Default for Smtp {
             subjects: BTreeMap::new(),
             tls: SmtpTls::default(),
             digest: DEFAULT_DIGEST,
+            retry_for: DEFAULT_RETRY_FOR,
         }
     }
 }
@@ -70,6 +79,7 @@ pub(super) const SMTP_KEYS: &[&str] = &[
     "TO_ADDRS",
     "TLS",
     "DIGEST_INTERVAL",
+    "RETRY_FOR",
 ];
 
 pub(super) fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), String> {
@@ -92,6 +102,7 @@ pub(super) fn smtp_key(smtp: &mut Smtp, key: &str, value: String) -> Result<(), 
             }
         }
         "DIGEST_INTERVAL" => smtp.digest = parse_seconds(&value)?,
+        "RETRY_FOR" => smtp.retry_for = parse_seconds(&value)?,
         "TO_ADDRS" => {
             smtp.to = value
                 .split(';')

@@ -6,6 +6,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A loopback port nothing listens on.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A running SMTP sink; killed when dropped.
 pub struct SmtpSink {
     child: Child,
@@ -25,11 +34,11 @@ pub struct Mail {
 
 impl SmtpSink {
     pub fn start() -> SmtpSink {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        SmtpSink::start_on(free_port())
+    }
+
+    /// A sink on `port`.
+    pub fn start_on(port: u16) -> SmtpSink {
         let file =
             std::env::temp_dir().join(format!("pgreplica-mail-{}-{port}", std::process::id()));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_sink.py");
