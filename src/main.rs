@@ -99,8 +99,17 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             let user = user.or_else(|| loaded.iter().find_map(|s| s.user.clone()));
             #[cfg(unix)]
             if let Some(user) = &user {
-                service::become_user(user).map_err(anyhow::Error::msg)?;
-                tracing::info!("running as user {user}");
+                let owned: Vec<_> = log
+                    .iter()
+                    .flat_map(LogFile::owned)
+                    .chain(_pid.iter().flat_map(service::PidFile::owned))
+                    .collect();
+                service::become_user(user, &owned).map_err(anyhow::Error::msg)?;
+                tracing::info!(
+                    "running as user {} (HOME {})",
+                    std::env::var("USER").unwrap_or_default(),
+                    std::env::var("HOME").unwrap_or_default()
+                );
             }
             let (running, watched) = watch::channel(loaded.clone());
             let metrics = Metrics::default();

@@ -7,14 +7,27 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The default pidfile: `/run/pgreplica.pid` for root, else in `~/.pgreplica/`.
+/// The default pidfile: `/run/pgreplica/pgreplica.pid` for root, else in
+/// `~/.pgreplica/`.
 pub fn default_pidfile() -> PathBuf {
-    home_or_system("/run/pgreplica.pid", "pgreplica.pid")
+    home_or_system("/run/pgreplica/pgreplica.pid", "pgreplica.pid")
 }
 
 /// The default log file of `pgreplica start`.
 pub fn default_logfile() -> PathBuf {
-    home_or_system("/var/log/pgreplica.log", "pgreplica.log")
+    home_or_system("/var/log/pgreplica/pgreplica.log", "pgreplica.log")
+}
+
+/// Creates `path`'s folder when missing; returns it when it was made now, to
+/// be given to the user the daemon runs as.
+fn make_folder(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
+            std::fs::create_dir_all(dir)?;
+            Ok(Some(dir.to_path_buf()))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn home_or_system(system: &str, name: &str) -> PathBuf {
@@ -35,53 +48,92 @@ fn is_root() -> bool {
     false
 }
 
-/// The pid in `pidfile` when that process is alive, and whether a stale file
-/// (its process gone) was found.
+/// The pid of the daemon that holds `pidfile` locked, and whether a stale
+/// file (no daemon holds it) was found. Only a running daemon holds the lock,
+/// so no other process that happens to have that pid is ever taken for it.
 pub fn running(pidfile: &Path) -> (Option<u32>, bool) {
-    let Ok(text) = std::fs::read_to_string(pidfile) else {
+    let Ok(file) = File::open(pidfile) else {
         return (None, false);
     };
-    match text.trim().parse::<u32>() {
-        Ok(pid) if alive(pid) => (Some(pid), false),
-        _ => (None, true),
+    if lock(&file, false) {
+        return (None, true);
+    }
+    let pid = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok());
+    (pid, false)
+}
+
+/// Takes `file`'s lock without waiting, shared or exclusive; whether it was free.
+fn lock(file: &File, exclusive: bool) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let how = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a descriptor we own; the lock ends when it closes.
+        unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, exclusive);
+        true
     }
 }
 
-/// Whether process `pid` exists and is a pgreplica.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("pgreplica"))
-        .unwrap_or(false)
+/// The pidfile of a running daemon, locked while it runs and removed when
+/// dropped.
+pub struct PidFile {
+    path: PathBuf,
+    _file: File,
+    made: Option<PathBuf>,
 }
 
-/// The pidfile of a running daemon, removed when dropped.
-pub struct PidFile(PathBuf);
-
 impl PidFile {
-    /// Writes our pid, refusing when another live daemon holds the file.
+    /// Writes our pid under the file's lock, refusing when another daemon
+    /// holds it.
     pub fn create(path: &Path) -> Result<PidFile, String> {
-        if let (Some(pid), _) = running(path)
-            && pid != std::process::id()
-        {
+        let made = make_folder(path)
+            .map_err(|e| format!("cannot create the pidfile's folder {}: {e}", path.display()))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| format!("cannot write the pidfile {}: {e}", path.display()))?;
+        if !lock(&file, true) {
+            let pid = std::fs::read_to_string(path).unwrap_or_default();
             return Err(format!(
-                "pgreplica is already running (pid {pid}, pidfile {})",
+                "pgreplica is already running (pid {}, pidfile {})",
+                pid.trim(),
                 path.display()
             ));
         }
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        std::fs::write(path, format!("{}\n", std::process::id()))
+        file.set_len(0)
+            .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
             .map_err(|e| format!("cannot write the pidfile {}: {e}", path.display()))?;
-        Ok(PidFile(path.to_path_buf()))
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            _file: file,
+            made,
+        })
+    }
+
+    /// What the daemon's user must own: the file, and its folder if made now.
+    pub fn owned(&self) -> Vec<PathBuf> {
+        std::iter::once(self.path.clone())
+            .chain(self.made.clone())
+            .collect()
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if running(&self.0).0 == Some(std::process::id()) {
-            let _ = std::fs::remove_file(&self.0);
-        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -91,19 +143,27 @@ impl Drop for PidFile {
 pub struct LogFile {
     path: PathBuf,
     file: Arc<Mutex<File>>,
+    made: Option<PathBuf>,
 }
 
 impl LogFile {
     /// Opens (appends to) `path`, creating its folder.
     pub fn open(path: &Path) -> std::io::Result<LogFile> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        let made = make_folder(path)?;
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(LogFile {
             path: path.to_path_buf(),
             file: Arc::new(Mutex::new(file)),
+            made,
         })
+    }
+
+    /// What the daemon's user must own to reopen the file after logrotate:
+    /// the file, and its folder if made now.
+    pub fn owned(&self) -> Vec<PathBuf> {
+        std::iter::once(self.path.clone())
+            .chain(self.made.clone())
+            .collect()
     }
 
     /// Another handle on the log file, for a child's standard error.
@@ -200,9 +260,12 @@ pub fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec / 2))
 }
 
-/// Becomes `user` (its uid, gid and groups) when running as root.
+/// Becomes `user` (its uid, gid and groups) when running as root, after
+/// giving it `owned` (the pidfile, the log file, the folders made for them);
+/// `HOME`, `USER` and `LOGNAME` become the user's, so that libpq's files
+/// (`~/.pgpass`, `~/.postgresql/`) are its own.
 #[cfg(unix)]
-pub fn become_user(user: &str) -> Result<(), String> {
+pub fn become_user(user: &str, owned: &[PathBuf]) -> Result<(), String> {
     if !is_root() {
         return Err(format!(
             "--user {user}: only root can change user; start as root or drop --user"
@@ -211,13 +274,20 @@ pub fn become_user(user: &str) -> Result<(), String> {
     let name = std::ffi::CString::new(user).map_err(|_| format!("bad user name '{user}'"))?;
     // SAFETY: getpwnam returns a pointer to static storage or NULL; we read it at
     // once, before any other call that could overwrite it.
-    let (uid, gid) = unsafe {
+    let (uid, gid, home) = unsafe {
         let pw = libc::getpwnam(name.as_ptr());
         if pw.is_null() {
             return Err(format!("--user {user}: no such user"));
         }
-        ((*pw).pw_uid, (*pw).pw_gid)
+        let home = std::ffi::CStr::from_ptr((*pw).pw_dir)
+            .to_string_lossy()
+            .into_owned();
+        ((*pw).pw_uid, (*pw).pw_gid, home)
     };
+    for path in owned {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|e| format!("--user {user}: cannot give it {}: {e}", path.display()))?;
+    }
     // SAFETY: plain system calls on our own process; each result is checked.
     let failed = unsafe {
         libc::initgroups(name.as_ptr(), gid) != 0
@@ -229,6 +299,13 @@ pub fn become_user(user: &str) -> Result<(), String> {
             "--user {user}: cannot change user: {}",
             std::io::Error::last_os_error()
         ));
+    }
+    // SAFETY: called once at start-up, before the daemon's tasks run; nothing
+    // reads the environment concurrently.
+    unsafe {
+        std::env::set_var("HOME", home);
+        std::env::set_var("USER", user);
+        std::env::set_var("LOGNAME", user);
     }
     Ok(())
 }

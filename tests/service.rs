@@ -200,17 +200,23 @@ async fn started_as_root_it_runs_as_the_given_user() {
         );
         return;
     }
-    // USER= in the file, as the flag --user would.
+    // USER= in the file, as the flag --user would; the pidfile and the log in
+    // folders that do not exist yet and that root alone could write.
     s.configure("USER=postgres\n");
+    let dir = folder("as-user");
+    let pidfile = dir.join("run").join("pgreplica.pid");
+    let logfile = dir.join("log").join("pgreplica.log");
     let child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["run", conf])
+        .args(["run", "--pidfile", pidfile.to_str().unwrap()])
+        .args(["--logfile", logfile.to_str().unwrap(), conf])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let daemon = Daemon(child);
+    let mut daemon = Daemon(child);
     s.arrives("INSERT INTO items VALUES (1, 'one', 1)", ALL)
         .await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
+    let proc = format!("/proc/{}", daemon.0.id());
+    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     let postgres = Command::new("id")
         .args(["-u", "postgres"])
@@ -221,4 +227,51 @@ async fn started_as_root_it_runs_as_the_given_user() {
         uid.split_whitespace().skip(1).all(|u| u == postgres),
         "runs as postgres ({postgres}): {uid}"
     );
+    // Its environment is the user's: libpq's ~/.pgpass and ~/.postgresql/ are
+    // its own (as the daemon's environment says in its log).
+    let home = Command::new("sh")
+        .args(["-c", "getent passwd postgres | cut -d: -f6"])
+        .output()
+        .unwrap();
+    let home = String::from_utf8_lossy(&home.stdout).trim().to_string();
+    let log = std::fs::read_to_string(&logfile).unwrap();
+    assert!(
+        log.contains(&format!("running as user postgres (HOME {home})")),
+        "{log}"
+    );
+    // The log belongs to the user: after logrotate moved it away, SIGHUP
+    // makes a new one.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&logfile).unwrap().uid().to_string(),
+        postgres
+    );
+    std::fs::rename(&logfile, dir.join("log").join("pgreplica.log.1")).unwrap();
+    hangup(&daemon);
+    wait_until(|| async { logfile.exists() }).await;
+    assert!(daemon.terminate().success());
+    assert!(!pidfile.exists(), "the daemon removed its pidfile at exit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_signals_only_the_daemon_that_holds_the_pidfile() {
+    let dir = folder("not-ours");
+    let pidfile = dir.join("pgreplica.pid");
+    // A process whose command line names pgreplica (an editor on a config file,
+    // say), with its pid in a pidfile that no daemon holds.
+    let mut other = Command::new("sh")
+        .args(["-c", "sleep 60", "pgreplica.conf"])
+        .spawn()
+        .unwrap();
+    std::fs::write(&pidfile, format!("{}\n", other.id())).unwrap();
+    let out = pgreplica(&["stop", "--pidfile", pidfile.to_str().unwrap()]);
+    assert!(text(&out).contains("not running"), "{}", text(&out));
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other process was left alone"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -222,13 +222,13 @@ pub async fn stop(pidfile: &Path, timeout: Duration) -> Result<bool> {
         }
     };
     #[cfg(unix)]
-    // SAFETY: kill sends a signal; `pid` was read from our pidfile and checked
-    // to be a pgreplica process.
+    // SAFETY: kill sends a signal; `pid` is the daemon that holds the
+    // pidfile's lock, which only a running daemon does.
     unsafe {
         libc::kill(pid as i32, libc::SIGTERM);
     }
     let started = std::time::Instant::now();
-    while service::alive(pid) {
+    while service::running(pidfile).0 == Some(pid) {
         if started.elapsed() >= timeout {
             println!(
                 "pgreplica (pid {pid}) is still running after {}s, finishing its batches; \
