@@ -351,8 +351,15 @@ impl SlaveTask {
             } else {
                 tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
             }
-            self.metrics
-                .update(&self.set.name, self.number, |m| m.errors += 1);
+            self.metrics.update(&self.set.name, self.number, |m| {
+                let at = crate::metrics::now();
+                m.errors += 1;
+                m.state = "stopped";
+                m.last_error = Some((
+                    format!("{at}: {error}"),
+                    format!("{at}: {}", error.without_values()),
+                ));
+            });
             if let Error::Conflict(conflict, _) = &error
                 && let Err(e) = slave::record_stop(&self.set, self.number, conflict).await
             {

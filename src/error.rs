@@ -125,6 +125,43 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error without any row's values (keys, old and new rows, the
+    /// server's detail): for places anyone who reaches them may read, such as
+    /// `/status` without the token.
+    pub fn without_values(&self) -> String {
+        let code = |e: &tokio_postgres::Error| {
+            e.code()
+                .map(|c| format!("SQLSTATE {}", c.code()))
+                .unwrap_or_else(|| "no SQLSTATE".into())
+        };
+        match self {
+            Error::Db { doing, source, .. } => format!("{doing}: failed ({})", code(source)),
+            Error::Apply {
+                table,
+                event,
+                source,
+                ..
+            } => format!("table {table}, event {event}: failed ({})", code(source)),
+            Error::ApplyRun {
+                table,
+                first,
+                source,
+                ..
+            } => format!(
+                "table {table}, events from {first}: failed ({})",
+                code(source)
+            ),
+            Error::Transform { table, event, .. } => {
+                format!("table {table}, event {event}: the transform script failed")
+            }
+            Error::Conflict(c, why) => format!(
+                "conflict: {} on table {}, event {}; the slave stops here ({why})",
+                c.kind, c.table, c.event
+            ),
+            other => other.to_string(),
+        }
+    }
+
     /// PostgreSQL's SQLSTATE of a failed statement, if that is what failed.
     pub fn code(&self) -> Option<&SqlState> {
         match self {

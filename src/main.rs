@@ -116,7 +116,11 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             if let Some(addr) = http.or_else(|| loaded.iter().find_map(|s| s.http))
                 && !once
             {
-                http::serve(addr, watched, metrics.clone())
+                let access = http::Access {
+                    token: loaded.iter().find_map(|s| s.http_token.clone()),
+                    metrics_open: loaded.iter().any(|s| s.http_metrics_open),
+                };
+                http::serve(addr, watched, metrics.clone(), access)
                     .await
                     .with_context(|| format!("listening for HTTP on {addr}"))?;
             }

@@ -25,10 +25,46 @@ pub struct SlaveCounts {
     pub lag_events: i64,
     /// Lag in seconds, at the last lag check.
     pub lag_seconds: f64,
+    /// `running`, or `stopped` by the error below (retrying).
+    pub state: &'static str,
+    /// When the slave last applied events (RFC 3339, UTC).
+    pub last_apply: Option<String>,
+    /// The error that stopped it, with its time: whole, and without row values.
+    pub last_error: Option<(String, String)>,
     /// Batches per apply-time bucket (cumulative counts are made when shown).
     buckets: [u64; BUCKETS.len()],
     /// Sum of the batches' apply times.
     apply_seconds: f64,
+}
+
+/// The time now as RFC 3339 in UTC, to the second.
+pub fn now() -> String {
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    )
+}
+
+/// Seconds since the epoch as RFC 3339 in UTC.
+fn rfc3339(secs: i64) -> String {
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 /// Every slave's figures, shared by the daemon's tasks and the HTTP listener;
@@ -37,6 +73,11 @@ pub struct SlaveCounts {
 pub struct Metrics(Arc<Mutex<BTreeMap<(String, u32), SlaveCounts>>>);
 
 impl Metrics {
+    /// Every slave's figures now.
+    pub fn snapshot(&self) -> BTreeMap<(String, u32), SlaveCounts> {
+        self.0.lock().map(|all| all.clone()).unwrap_or_default()
+    }
+
     /// Changes one slave's figures.
     pub fn update(&self, set: &str, slave: u32, change: impl FnOnce(&mut SlaveCounts)) {
         if let Ok(mut all) = self.0.lock() {
@@ -47,6 +88,9 @@ impl Metrics {
     /// Records a committed batch.
     pub fn batch(&self, set: &str, slave: u32, events: u64, conflicts: u64, took: Duration) {
         self.update(set, slave, |s| {
+            s.state = "running";
+            s.last_error = None;
+            s.last_apply = Some(now());
             s.batches += 1;
             s.events += events;
             s.conflicts += conflicts;

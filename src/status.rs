@@ -2,8 +2,10 @@
 
 use crate::config::Config;
 use crate::db::{self, redact};
+use crate::metrics::SlaveCounts;
 use crate::registry;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// One slave's state as the master sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +42,44 @@ impl SlaveStatus {
         set.lag_warning.is_some_and(|l| seconds > l.as_secs_f64())
             || set.lag_warning_events.is_some_and(|l| events > l)
     }
+}
+
+/// Every slave's status as the running daemon knows it, without asking any
+/// server: what `/status` shows. `values` keeps the row values of errors.
+pub fn from_daemon(
+    sets: &[Config],
+    figures: &BTreeMap<(String, u32), SlaveCounts>,
+    values: bool,
+) -> Vec<SlaveStatus> {
+    let mut out = Vec::new();
+    for set in sets {
+        for (&slave, dsn) in &set.slaves {
+            let f = figures
+                .get(&(set.name.clone(), slave))
+                .cloned()
+                .unwrap_or_default();
+            out.push(SlaveStatus {
+                set: set.name.clone(),
+                slave,
+                dsn: redact(dsn),
+                state: match f.state {
+                    "" => "starting".into(),
+                    state => state.into(),
+                },
+                events_waiting: f.lag_events,
+                lag_seconds: f.lag_seconds,
+                last_apply: f.last_apply.clone(),
+                last_seen: None,
+                events_applied: f.events as i64,
+                conflicts: f.conflicts as i64,
+                last_error: f
+                    .last_error
+                    .map(|(whole, bare)| if values { whole } else { bare }),
+                lagging: SlaveStatus::lags(set, f.lag_events, f.lag_seconds),
+            });
+        }
+    }
+    out
 }
 
 /// Reads every slave's status of a set from its master. A slave the daemon has

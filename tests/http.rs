@@ -27,10 +27,30 @@ fn serving(s: &Setup) -> (Daemon, u16) {
     (Daemon(child), port)
 }
 
+/// `serving`, once ten rows inserted on the master reached the slave.
+async fn serving_ten_rows(s: &Setup) -> (Daemon, u16) {
+    let served = serving(s);
+    s.arrives(
+        "INSERT INTO items SELECT g, 'x', g FROM generate_series(1, 10) g",
+        ALL,
+    )
+    .await;
+    served
+}
+
 /// GET `path`; the status line and the body.
 fn get(port: u16, path: &str) -> (String, String) {
+    get_with(port, path, "")
+}
+
+/// GET `path` with extra header lines.
+fn get_with(port: u16, path: &str, headers: &str) -> (String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
@@ -40,12 +60,7 @@ fn get(port: u16, path: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_status_and_page_are_served() {
     let s = Setup::new(1, ITEMS).await;
-    let (_daemon, port) = serving(&s);
-    s.arrives(
-        "INSERT INTO items SELECT g, 'x', g FROM generate_series(1, 10) g",
-        ALL,
-    )
-    .await;
+    let (_daemon, port) = serving_ten_rows(&s).await;
 
     // The figures follow the batches; lag gauges follow the lag checks.
     let start = Instant::now();
@@ -135,4 +150,138 @@ async fn the_status_page_renders_the_slaves_in_a_real_browser() {
         png.len()
     );
     println!("screenshot of the status page: {}", shot.display());
+}
+
+const TOKEN: &str = "0123456789abcdef-test-token";
+
+/// A free port, and the daemon listening on it on every address with `lines`
+/// in its file; its log file.
+fn serving_everywhere(s: &Setup, lines: &str) -> (Daemon, u16, std::path::PathBuf) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    s.configure(&format!("HTTP=0.0.0.0:{port}\n{lines}"));
+    let log = s.dir.join("http-daemon.log");
+    let daemon = support::spawn_run(std::slice::from_ref(&s.conf), &log);
+    listening(port);
+    (daemon, port, log)
+}
+
+/// Waits until the daemon listens on `port`.
+fn listening(port: u16) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn off_loopback_a_token_is_required_and_row_values_need_it() {
+    let s = Setup::new(1, ITEMS).await;
+    // Without a token the daemon refuses to listen for other machines.
+    s.configure("HTTP=0.0.0.0:1\n");
+    let out =
+        support::pgreplica_within(&["run", s.conf.to_str().unwrap()], Duration::from_secs(30))
+            .expect("the daemon refuses to start");
+    assert!(!out.status.success());
+    assert!(
+        support::text(&out).contains("set HTTP_TOKEN"),
+        "{}",
+        support::text(&out)
+    );
+    let text = std::fs::read_to_string(&s.conf)
+        .unwrap()
+        .replace("HTTP=0.0.0.0:1\n", "");
+    std::fs::write(&s.conf, text).unwrap();
+
+    let (mut daemon, port, log) =
+        serving_everywhere(&s, &format!("HTTP_TOKEN={TOKEN}\nHTTP_METRICS_OPEN=true\n"));
+    // A row the slave already has stops it: its error names the key.
+    s.slave(0)
+        .await
+        .batch_execute("INSERT INTO items VALUES (7, 'already here', 0)")
+        .await
+        .unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO items VALUES (7, 'seven', 7)")
+        .await
+        .unwrap();
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let start = Instant::now();
+    let whole = loop {
+        let (status, body) = get_with(port, "/status", &auth);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if json[0]["state"] == "stopped" {
+            break json[0]["last_error"].as_str().unwrap().to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(whole.contains("(id)=(7)"), "{whole}");
+    // Without the token: no status; metrics, as the file allows.
+    let (status, _) = get(port, "/status");
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized");
+    let (status, _) = get_with(
+        port,
+        "/status",
+        "Authorization: Bearer wrong-token-wrong-token\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized");
+    assert_eq!(get(port, "/metrics").0, "HTTP/1.1 200 OK");
+    daemon.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains(TOKEN), "the token is never logged");
+
+    // On loopback without a token, the status hides the row's values.
+    let text: String = std::fs::read_to_string(&s.conf)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("HTTP"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&s.conf, text).unwrap();
+    let (_daemon, port) = serving(&s);
+    listening(port);
+    let start = Instant::now();
+    loop {
+        let (_, body) = get(port, "/status");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if json[0]["state"] == "stopped" {
+            let bare = json[0]["last_error"].as_str().unwrap();
+            assert!(bare.contains("event") && !bare.contains("(7)"), "{bare}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_comes_from_the_daemon_and_idle_clients_cannot_block_it() {
+    let s = Setup::new(1, ITEMS).await;
+    let (_daemon, port) = serving_ten_rows(&s).await;
+    // Hundreds of clients connect and never send a request.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Replication goes on, and the listener still answers.
+    s.arrives(
+        "INSERT INTO items SELECT g, 'y', g FROM generate_series(11, 20) g",
+        ALL,
+    )
+    .await;
+    assert_eq!(get(port, "/metrics").0, "HTTP/1.1 200 OK");
+    // With the master gone, /status still answers from what the daemon knows.
+    s.master.stop("immediate").unwrap();
+    let (status, body) = get(port, "/status");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json[0]["events_applied"], 20, "{body}");
+    assert_ne!(json[0]["state"], "unknown", "{body}");
+    drop(idle);
 }

@@ -47,6 +47,8 @@ pub fn process_clash(sets: &[Config]) -> Option<String> {
         "USER" => format!("{:?}", set.user),
         "LOGFILE" => format!("{:?}", set.logfile),
         "HTTP" => format!("{:?}", set.http),
+        "HTTP_TOKEN" => format!("{:?}", set.http_token),
+        "HTTP_METRICS_OPEN" => format!("{:?}", set.http_metrics_open),
         "LOG_FORMAT" => format!("{:?}", set.json_logs),
         _ => format!("{:?}", set.debug_level),
     };

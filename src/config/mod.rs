@@ -68,6 +68,12 @@ pub struct Config {
     pub logfile: Option<PathBuf>,
     /// `HTTP`: address of the status and metrics listener.
     pub http: Option<std::net::SocketAddr>,
+    /// `HTTP_TOKEN`: what HTTP clients must send (`Authorization: Bearer …`)
+    /// to read `/status` and `/metrics`; required off loopback.
+    pub http_token: Option<String>,
+    /// `HTTP_METRICS_OPEN`: `/metrics` without the token (as Prometheus
+    /// exporters usually are).
+    pub http_metrics_open: bool,
     /// The `[SMTP]` section, when present.
     pub smtp: Option<Smtp>,
     /// The `[TABLE schema.name]` sections.
@@ -96,7 +102,15 @@ pub struct Config {
 
 /// Keys that set how the daemon process runs, not one set: the files of one
 /// daemon that give them must agree (see [`process_clash`]).
-pub const PROCESS_KEYS: [&str; 5] = ["USER", "LOGFILE", "HTTP", "LOG_FORMAT", "DEBUG_LEVEL"];
+pub const PROCESS_KEYS: [&str; 7] = [
+    "USER",
+    "LOGFILE",
+    "HTTP",
+    "HTTP_TOKEN",
+    "HTTP_METRICS_OPEN",
+    "LOG_FORMAT",
+    "DEBUG_LEVEL",
+];
 
 /// How a set (or one table) settles a conflict (`CONFLICT=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +302,8 @@ impl Config {
             lag_warning_events: None,
             json_logs: false,
             http: None,
+            http_token: None,
+            http_metrics_open: false,
             logfile: None,
             user: None,
             smtp: None,
@@ -496,6 +512,13 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 format!("'{value}' is not an address and port such as 127.0.0.1:9187")
             })?)
         }
+        "HTTP_TOKEN" => {
+            if value.len() < 16 {
+                return Err("give a token of 16 characters or more (e.g. openssl rand -hex 24)".into());
+            }
+            config.http_token = Some(value)
+        }
+        "HTTP_METRICS_OPEN" => config.http_metrics_open = parse_bool(&value)?,
         "LOG_FORMAT" => {
             config.json_logs = match value.to_ascii_lowercase().as_str() {
                 "json" => true,
@@ -543,6 +566,14 @@ pub(super) fn parse_seconds(value: &str) -> Result<Duration, String> {
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("'{value}' is not a number of seconds"))
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(format!("'{value}' is neither true nor false")),
+    }
 }
 
 fn parse_positive_seconds(value: &str) -> Result<Duration, String> {
