@@ -38,6 +38,11 @@ type Adapted = Vec<(Arc<MasterTable>, Event)>;
 type Renamed = (Arc<MasterTable>, Vec<(Vec<String>, Arc<MasterTable>)>);
 
 impl Adapter {
+    /// Whether the set has transform scripts (which run off the async workers).
+    pub fn runs_scripts(&self) -> bool {
+        self.scripts.loaded() > 0
+    }
+
     /// Reads the set's `[TABLE]` sections and loads their transform scripts.
     pub fn new(set: &Config) -> Result<Adapter, Error> {
         let mut scripts =

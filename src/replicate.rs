@@ -59,7 +59,15 @@ pub async fn pipe(
     table: &Arc<MasterTable>,
     event: Event,
 ) -> Result<(), Error> {
-    for (table, event) in adapter.adapt(table, event)? {
+    // A transform script runs off the async workers: a slow one must not
+    // stall the other sets' tasks.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let adapted = match adapter.runs_scripts() && multi_thread {
+        true => tokio::task::block_in_place(|| adapter.adapt(table, event))?,
+        false => adapter.adapt(table, event)?,
+    };
+    for (table, event) in adapted {
         applier.apply(&table, event).await?;
     }
     Ok(())

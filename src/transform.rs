@@ -21,6 +21,48 @@ use std::time::{Duration, Instant};
 /// How often (in Lua instructions) a running script's time is checked.
 const CHECK_EVERY: u32 = 10_000;
 
+/// The most steps a pattern match may be expected to take in the worst case
+/// (the subject's length to the power of the pattern's repeated items).
+const PATTERN_STEPS: f64 = 1e8;
+
+/// What the sandbox puts around the library. `pcall` and `xpcall` hand back
+/// an error once the time limit has passed instead of catching it, so a
+/// script cannot run on past it; pattern functions refuse a pattern whose
+/// backtracking could run for ages inside the library, where the time limit
+/// is never checked.
+const GUARDS: &str = r#"
+local expired, steps = ...
+local raw_pcall, raw_xpcall, error, type, tostring = pcall, xpcall, error, type, tostring
+local pack, unpack = table.pack, table.unpack
+local len, gsub = string.len, string.gsub
+local function settle(r)
+  if not r[1] and expired() then error(r[2], 0) end
+  return unpack(r, 1, r.n)
+end
+pcall = function(...) return settle(pack(raw_pcall(...))) end
+-- The handler runs where the error was raised; for the time limit that is
+-- inside the instruction hook, where no hook would stop it again.
+xpcall = function(f, handler, ...)
+  return settle(pack(raw_xpcall(f, function(e)
+    if expired() then return e end
+    return handler(e)
+  end, ...)))
+end
+local function guarded(name, f)
+  string[name] = function(s, p, ...)
+    if type(s) == "string" and type(p) == "string" then
+      local _, repeats = gsub(gsub(p, "%%.", ""), "[%*%+%-%?]", "")
+      if repeats >= 2 and len(s) ^ repeats > steps then
+        error("string." .. name .. ": pattern '" .. p .. "' could take too long on a text of "
+              .. len(s) .. " bytes (" .. repeats .. " repeated items): use fewer, or anchor it", 2)
+      end
+    end
+    return f(s, p, ...)
+  end
+end
+for _, name in ipairs({"find", "match", "gmatch", "gsub"}) do guarded(name, string[name]) end
+"#;
+
 /// The scripts of one set, in one Lua state.
 pub struct Scripts {
     lua: Lua,
@@ -56,6 +98,16 @@ impl Scripts {
         lua.set_memory_limit(memory).map_err(|e| e.to_string())?;
         let deadline = Arc::new(AtomicU64::new(u64::MAX));
         let epoch = Instant::now();
+        let past = deadline.clone();
+        let expired = lua
+            .create_function(move |_, ()| {
+                Ok(epoch.elapsed().as_nanos() as u64 > past.load(Ordering::Relaxed))
+            })
+            .map_err(|e| e.to_string())?;
+        lua.load(GUARDS)
+            .set_name("=pgreplica")
+            .call::<()>((expired, PATTERN_STEPS))
+            .map_err(|e| e.to_string())?;
         let hook_deadline = deadline.clone();
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(CHECK_EVERY),
@@ -106,6 +158,11 @@ impl Scripts {
         };
         self.functions.push((name, function));
         Ok(self.functions.len() - 1)
+    }
+
+    /// How many scripts are loaded.
+    pub fn loaded(&self) -> usize {
+        self.functions.len()
     }
 
     /// The file of script `script`.
@@ -318,5 +375,47 @@ mod tests {
             .load(&file.path)
             .unwrap_err();
         assert!(e.contains(&file.path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn the_time_limit_cannot_be_caught_nor_escaped_in_a_library_call() {
+        for body in [
+            "while true do pcall(function() while true do end end) end",
+            "while true do xpcall(function() while true do end end, function() while true do end end) end",
+        ] {
+            let (s, n, _f) = script(&format!("function transform(op, row) {body} end"));
+            let e = call(&s, n, "insert", &[]).unwrap_err();
+            assert!(e.contains("time limit"), "{body}: {e}");
+        }
+        // An error the script raises itself is still its own to catch.
+        let (s, n, _f) = script(
+            "function transform(op, row)
+               local ok, e = pcall(error, 'mine')
+               row.caught = tostring(ok) .. ' ' .. e
+               return row
+             end",
+        );
+        let out = call(&s, n, "insert", &[]).unwrap();
+        assert_eq!(
+            out[0].added,
+            [("caught".to_string(), Some("false mine".into()))]
+        );
+        // A pattern whose matching would run for ages inside the library.
+        let (s, n, _f) = script(
+            "function transform(op, row)
+               return {hit = tostring(string.rep('a', 60):find(string.rep('a-', 30) .. 'b'))}
+             end",
+        );
+        let e = call(&s, n, "insert", &[]).unwrap_err();
+        assert!(e.contains("could take too long"), "{e}");
+        // Ordinary patterns are untouched.
+        let (s, n, _f) = script(
+            "function transform(op, row)
+               local y, m, d = row.day:match('^(%d+)-(%d+)-(%d+)$')
+               return {day = d .. '.' .. m .. '.' .. y, trimmed = ('  x  '):gsub('^%s*(.-)%s*$', '%1')}
+             end",
+        );
+        let out = call(&s, n, "insert", &[("day", Some("2026-11-27"))]).unwrap();
+        assert_eq!(out[0].fields, values(&[Some("27.11.2026")]));
     }
 }

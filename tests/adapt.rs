@@ -372,3 +372,81 @@ async fn clone_and_check_follow_the_table_sections() {
         "{said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_scripts_of_some_sets_do_not_hold_up_the_others() {
+    // One server pair, four databases: two sets whose script takes its time
+    // over every row (as many as the daemon's worker threads on this machine
+    // and more), one plain set.
+    let s = Setup::new(1, "").await;
+    let script = s.conf.with_file_name("slow.lua");
+    std::fs::write(
+        &script,
+        "function transform(op, row) local x = 0 for i = 1, 4e7 do x = x + i end return row end",
+    )
+    .unwrap();
+    let names = ["slow1", "slow2", "slow3", "quick"];
+    let mut confs = Vec::new();
+    for name in names {
+        for server in std::iter::once(&s.master).chain(&s.slaves) {
+            let admin = support::connect(&server.dsn("postgres")).await;
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            support::connect(&server.dsn(name))
+                .await
+                .batch_execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+                .await
+                .unwrap();
+        }
+        let mut master = support::connect(&s.master.dsn(name)).await;
+        pgreplica::capture::install(&mut master, &[], None)
+            .await
+            .unwrap();
+        let mut text = format!(
+            "[MAIN]\nNAME={name}\nDSN0={}\nDSN1={}\nTRANSFORM_TIME_LIMIT=30\n",
+            s.master.dsn(name),
+            s.slaves[0].dsn(name)
+        );
+        if name.starts_with("slow") {
+            text.push_str(&format!("[TABLE items]\nTRANSFORM={}\n", script.display()));
+        }
+        let conf = s.conf.with_file_name(format!("{name}.conf"));
+        std::fs::write(&conf, text).unwrap();
+        confs.push(conf);
+    }
+    let _daemon = support::spawn_run(&confs, &s.dir.join("sets.log"));
+    for name in &names[..3] {
+        support::connect(&s.master.dsn(name))
+            .await
+            .batch_execute("INSERT INTO items SELECT g, 'x' FROM generate_series(1, 20) g")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    support::connect(&s.master.dsn("quick"))
+        .await
+        .batch_execute("INSERT INTO items VALUES (1, 'quick')")
+        .await
+        .unwrap();
+    let quick = support::connect(&s.slaves[0].dsn("quick")).await;
+    let start = std::time::Instant::now();
+    while support::count(&quick, "items").await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{}",
+            s.daemon_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The slow sets are still at their rows (each batch is one transaction).
+    for name in &names[..3] {
+        let slave = support::connect(&s.slaves[0].dsn(name)).await;
+        assert_eq!(
+            support::count(&slave, "items").await,
+            0,
+            "{name} finished before the quick set's row arrived: it was held up"
+        );
+    }
+}
