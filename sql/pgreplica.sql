@@ -108,10 +108,51 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$;
 -- (session_replication_role = replica, which an application role may not
 -- set). NULL, this node, in every other session: a forged or inherited
 -- pgreplica.origin cannot keep a change from reaching a node.
+-- Written fully qualified: capture calls it under the writer's search_path.
 CREATE OR REPLACE FUNCTION pgreplica.origin() RETURNS text
 LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN current_setting('session_replication_role') = 'replica'
-                THEN nullif(current_setting('pgreplica.origin', true), '') END
+    SELECT CASE WHEN pg_catalog.current_setting('session_replication_role')
+                     OPERATOR(pg_catalog.=) 'replica'
+                 AND pg_catalog.current_setting('pgreplica.origin', true)
+                     OPERATOR(pg_catalog.<>) ''
+                THEN pg_catalog.current_setting('pgreplica.origin', true) END
+$$;
+
+-- The session settings the text form of a table's logged columns depends on,
+-- through domains, arrays, ranges and composites; all of them for a base type
+-- that is not PostgreSQL's own (an extension's output may use any).
+CREATE OR REPLACE FUNCTION pgreplica.settings_for(tbl regclass) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+WITH RECURSIVE types(t) AS (
+    SELECT a.atttypid FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname::text = ANY (pgreplica.logged_columns(tbl))
+  UNION
+    SELECT held.t FROM types JOIN pg_type ty ON ty.oid = types.t
+     CROSS JOIN LATERAL (
+        SELECT ty.typbasetype WHERE ty.typtype = 'd'
+        UNION ALL SELECT ty.typelem WHERE ty.typcategory = 'A' AND ty.typelem <> 0
+        UNION ALL SELECT r.rngsubtype FROM pg_range r
+                   WHERE r.rngtypid = ty.oid OR r.rngmultitypid = ty.oid
+        UNION ALL SELECT a.atttypid FROM pg_attribute a
+                   WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid
+                     AND a.attnum > 0 AND NOT a.attisdropped
+     ) AS held(t)
+)
+SELECT coalesce(array_agg(DISTINCT s ORDER BY s), '{}')
+  FROM types JOIN pg_type ty ON ty.oid = types.t
+ CROSS JOIN LATERAL unnest(CASE
+    WHEN ty.typtype IN ('d', 'c', 'r', 'm', 'e', 'p') OR ty.typcategory = 'A' THEN '{}'::text[]
+    WHEN ty.oid IN ('timestamptz'::regtype, 'timetz'::regtype) THEN '{TimeZone,DateStyle}'
+    WHEN ty.oid IN ('date'::regtype, 'timestamp'::regtype, 'time'::regtype) THEN '{DateStyle}'
+    WHEN ty.oid = 'interval'::regtype THEN '{IntervalStyle}'
+    WHEN ty.oid IN ('float4'::regtype, 'float8'::regtype, 'point'::regtype, 'line'::regtype,
+                    'lseg'::regtype, 'box'::regtype, 'path'::regtype, 'polygon'::regtype,
+                    'circle'::regtype) THEN '{extra_float_digits}'
+    WHEN ty.oid = 'bytea'::regtype THEN '{bytea_output}'
+    WHEN ty.oid < 16384 THEN '{}'
+    ELSE '{DateStyle,IntervalStyle,TimeZone,bytea_output,extra_float_digits}'
+ END) AS s
 $$;
 
 -- The capture function's name for a table.
@@ -241,6 +282,18 @@ DECLARE
     truncated text := 'NULL';
     -- For a deferrable key: the check that no two rows share a key.
     unique_key text := '';
+    -- Old and new rows paired by key, with pg_catalog's operators.
+    pairing text;
+    -- The session settings the logged text depends on: set for the statement
+    -- where the writer's session differs, then set back.
+    setting text;
+    declared text := '';
+    pins text := '';
+    unpins text := '';
+    -- Whether the function must pin its search_path (a filter, a deferrable
+    -- key: SQL not written here, or not written fully qualified).
+    pinned boolean := false;
+    qualified text;
 BEGIN
     SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude
       INTO opts
@@ -248,19 +301,65 @@ BEGIN
     SELECT array_agg(quote_ident(k.c) ORDER BY k.n) INTO keys
       FROM unnest(pgreplica.key_columns(root)) WITH ORDINALITY AS k(c, n);
     k1 := keys[1];
+    SELECT format('%I.%I', n.nspname, c.relname) INTO qualified
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
     IF opts.columns IS NOT NULL OR opts.exclude IS NOT NULL OR tbl <> root THEN
         SELECT array_agg(quote_ident(c)) INTO cols FROM unnest(pgreplica.logged_columns(root)) c;
-        old_text := format('ROW(%s)::text', (SELECT string_agg('old.' || c, ', ') FROM unnest(cols) c));
-        new_text := format('ROW(%s)::text', (SELECT string_agg('new.' || c, ', ') FROM unnest(cols) c));
+        old_text := format('ROW(%s)::pg_catalog.text', (SELECT string_agg('old.' || c, ', ') FROM unnest(cols) c));
+        new_text := format('ROW(%s)::pg_catalog.text', (SELECT string_agg('new.' || c, ', ') FROM unnest(cols) c));
+    ELSE
+        old_text := '(old.*)::pg_catalog.text';
+        new_text := '(new.*)::pg_catalog.text';
     END IF;
     IF tbl <> root THEN
-        truncated := format('pg_get_partition_constraintdef(%s)', tbl::oid);
+        truncated := format('pg_catalog.pg_get_partition_constraintdef(%s)', tbl::oid);
     END IF;
+    -- A key column whose type has its equality in pg_catalog is compared with
+    -- it; any other by its text form (equal keys print alike).
+    SELECT string_agg(CASE WHEN EXISTS (
+                SELECT FROM pg_operator o
+                 WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid
+                   AND o.oprnamespace = 'pg_catalog'::regnamespace)
+             THEN format('old.%1$s OPERATOR(pg_catalog.=) new.%1$s', quote_ident(k.c))
+             ELSE format('old.%1$s::pg_catalog.text OPERATOR(pg_catalog.=) new.%1$s::pg_catalog.text',
+                         quote_ident(k.c)) END, ' AND ' ORDER BY k.n)
+      INTO pairing
+      FROM unnest(pgreplica.key_columns(root)) WITH ORDINALITY AS k(c, n)
+      JOIN pg_attribute a ON a.attrelid = root AND a.attname = k.c;
+    FOR setting IN SELECT unnest(pgreplica.settings_for(root)) LOOP
+        declared := declared || format(E'\n    saved_%s text;', lower(setting));
+        pins := pins || format($pin$
+    IF %s THEN
+        saved_%s := pg_catalog.current_setting(%L);
+        PERFORM pg_catalog.set_config(%L, %L, true);
+    END IF;$pin$,
+            CASE setting
+                WHEN 'TimeZone' THEN
+                    $c$pg_catalog.current_setting('TimeZone') OPERATOR(pg_catalog.<>) 'UTC'$c$
+                WHEN 'DateStyle' THEN
+                    $c$pg_catalog.left(pg_catalog.current_setting('DateStyle'), 3) OPERATOR(pg_catalog.<>) 'ISO'$c$
+                WHEN 'IntervalStyle' THEN
+                    $c$pg_catalog.current_setting('IntervalStyle') OPERATOR(pg_catalog.<>) 'postgres'$c$
+                WHEN 'extra_float_digits' THEN
+                    $c$pg_catalog.current_setting('extra_float_digits')::pg_catalog.int4 OPERATOR(pg_catalog.<) 1$c$
+                ELSE
+                    $c$pg_catalog.current_setting('bytea_output') OPERATOR(pg_catalog.<>) 'hex'$c$
+            END,
+            lower(setting), setting, setting,
+            CASE setting WHEN 'TimeZone' THEN 'UTC' WHEN 'DateStyle' THEN 'ISO, YMD'
+                         WHEN 'IntervalStyle' THEN 'postgres' WHEN 'extra_float_digits' THEN '3'
+                         ELSE 'hex' END);
+        unpins := unpins || format($unpin$
+    IF saved_%1$s IS NOT NULL THEN
+        PERFORM pg_catalog.set_config(%2$L, saved_%1$s, true);
+    END IF;$unpin$, lower(setting), setting);
+    END LOOP;
     -- A deferrable key lets rows share a key until commit, and a slave finds
     -- rows by key: such a state is refused where it is made, not replicated
     -- wrongly.
     IF EXISTS (SELECT FROM pg_constraint c
                 WHERE c.conrelid = root AND c.contype = 'p' AND c.condeferrable) THEN
+        pinned := true;
         unique_key := format($check$
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         IF EXISTS (SELECT FROM pgreplica_new new
@@ -277,64 +376,60 @@ BEGIN
             replace(root::text, '''', ''''''));
     END IF;
     IF opts.filter IS NOT NULL THEN
+        pinned := true;
         cond := '(' || opts.filter || ')';
         -- The all-NULL row only where the filter names it: the join costs time
         -- on every statement.
         IF opts.filter ~* '\mold\M' THEN
-            no_old := format(' LEFT JOIN ONLY %s AS old ON false', tbl);
+            no_old := format(' LEFT JOIN ONLY %s AS old ON false', qualified);
         END IF;
         IF opts.filter ~* '\mnew\M' THEN
-            no_new := format(' LEFT JOIN ONLY %s AS new ON false', tbl);
+            no_new := format(' LEFT JOIN ONLY %s AS new ON false', qualified);
         END IF;
     END IF;
+    -- Every name below is qualified, so that the function (SECURITY DEFINER)
+    -- is safe under the writer's search_path without pinning it, which would
+    -- cost a setting saved and restored on every call.
     body := format($body$
 #variable_conflict use_column
-BEGIN%11$s
-    IF TG_OP = 'INSERT' THEN
+DECLARE%12$s
+BEGIN%11$s%13$s
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
         SELECT %9$s, 'I', pgreplica.origin(), %4$s
           FROM pgreplica_new new%6$s
          WHERE %8$s;
-    ELSIF TG_OP = 'DELETE' THEN
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
         SELECT %9$s, 'D', pgreplica.origin(), %5$s
           FROM pgreplica_old old%7$s
          WHERE %8$s;
-    ELSIF TG_OP = 'UPDATE' THEN
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
         SELECT %9$s, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
                pgreplica.origin(), ot, nt
           FROM (SELECT CASE WHEN old.%1$s IS NOT NULL THEN %5$s END AS ot,
                        CASE WHEN new.%1$s IS NOT NULL THEN %4$s END AS nt
-                  FROM pgreplica_old old FULL JOIN pgreplica_new new ON (%2$s) = (%3$s)
+                  FROM pgreplica_old old FULL JOIN pgreplica_new new ON %2$s
                  WHERE %8$s) AS pair
-         WHERE ot IS DISTINCT FROM nt
+         WHERE (ot OPERATOR(pg_catalog.=) nt) IS NOT TRUE
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
     ELSE
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
         VALUES (%9$s, 'T', pgreplica.origin(), %10$s);
-    END IF;
-    PERFORM pg_notify('pgreplica', '');
+    END IF;%14$s
+    PERFORM pg_catalog.pg_notify('pgreplica', '');
     RETURN NULL;
 END
-$body$, k1,
-        (SELECT string_agg('old.' || k, ', ') FROM unnest(keys) k),
-        (SELECT string_agg('new.' || k, ', ') FROM unnest(keys) k),
-        new_text, old_text, no_old, no_new, cond, root::oid, truncated, unique_key);
+$body$, k1, pairing, NULL,
+        new_text, old_text, no_old, no_new, cond, root::oid, truncated, unique_key,
+        declared, pins, unpins);
     -- SECURITY DEFINER: application roles write the log only through this function.
-    -- The SET clauses make every value's text form independent of the writer's
-    -- session: instants in UTC, ISO dates, floats with all their digits.
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION pgreplica.%I() RETURNS trigger
-        LANGUAGE plpgsql SECURITY DEFINER
-        SET search_path = pg_catalog, pg_temp
-        SET timezone = 'UTC'
-        SET datestyle = 'ISO, YMD'
-        SET intervalstyle = 'postgres'
-        SET extra_float_digits = 3
-        SET bytea_output = 'hex'
-        SET jit = off
-        AS %L$f$, fn, body);
+        LANGUAGE plpgsql SECURITY DEFINER%s
+        AS %L$f$, fn,
+        CASE WHEN pinned THEN E'\n        SET search_path = pg_catalog, pg_temp' END, body);
     EXECUTE format('REVOKE ALL ON FUNCTION pgreplica.%I() FROM PUBLIC', fn);
     PERFORM pgreplica.drop_triggers(tbl);
     IF strpos(opts.operations, 'I') > 0 THEN

@@ -177,3 +177,53 @@ async fn passwords_reach_no_command_line_log_or_status() {
         "{registered:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_search_path_runs_nothing_of_the_application_inside_capture() {
+    let s = Setup::new(1, SHOP).await;
+    let master = s.master().await;
+    master
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 'book'); CREATE SCHEMA evil AUTHORIZATION app;
+             GRANT INSERT ON orders TO app",
+        )
+        .await
+        .unwrap();
+    let app = application(&s).await;
+    // Operators and functions that shadow pg_catalog's for whoever puts
+    // their schema first, and note who ran them.
+    app.batch_execute(
+        "CREATE TABLE evil.ran (who text);
+         CREATE FUNCTION evil.noted(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO evil.ran VALUES (current_user); RETURN a OPERATOR(pg_catalog.=) b; END $$;
+         CREATE FUNCTION evil.noted(a int, b int) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO evil.ran VALUES (current_user); RETURN a OPERATOR(pg_catalog.=) b; END $$;
+         CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.noted);
+         CREATE OPERATOR evil.= (LEFTARG = int, RIGHTARG = int, FUNCTION = evil.noted);
+         CREATE FUNCTION evil.pg_notify(text, text) RETURNS void LANGUAGE sql
+             AS $$ INSERT INTO evil.ran VALUES (current_user) $$;
+         CREATE FUNCTION evil.current_setting(text) RETURNS text LANGUAGE sql
+             AS $$ INSERT INTO evil.ran VALUES (current_user) RETURNING 'x' $$;
+         GRANT ALL ON evil.ran TO PUBLIC;",
+    )
+    .await
+    .unwrap();
+    app.batch_execute(
+        "SET search_path = evil, pg_catalog, public;
+         INSERT INTO public.orders VALUES (2, 'pen');
+         UPDATE public.orders SET item = 'ink' WHERE id OPERATOR(pg_catalog.=) 2;
+         DELETE FROM public.orders WHERE id OPERATOR(pg_catalog.=) 1;",
+    )
+    .await
+    .unwrap();
+    let ran: Vec<String> = master
+        .query("SELECT DISTINCT who FROM evil.ran", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ran.iter().all(|who| who == "app"), "ran as {ran:?}");
+    s.sync();
+    s.assert_same(0, "SELECT * FROM orders ORDER BY id").await;
+}
