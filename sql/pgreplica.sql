@@ -418,7 +418,13 @@ BEGIN%11$s%13$s
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
         VALUES (%9$s, 'T', pgreplica.origin(), %10$s);
     END IF;%14$s
-    PERFORM pg_catalog.pg_notify('pgreplica', '');
+    -- One NOTIFY per transaction is all the daemon needs; PostgreSQL would
+    -- fold the others into it, but each call still costs.
+    IF (pg_catalog.current_setting('pgreplica.notified', true) OPERATOR(pg_catalog.=) '1')
+       IS NOT TRUE THEN
+        PERFORM pg_catalog.set_config('pgreplica.notified', '1', true);
+        PERFORM pg_catalog.pg_notify('pgreplica', '');
+    END IF;
     RETURN NULL;
 END
 $body$, k1, pairing, NULL,
