@@ -227,12 +227,22 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             clone::clone(&set, &options).await?;
             Ok(true)
         }
-        Command::Check { config, tables } => {
+        Command::Check {
+            config,
+            tables,
+            repair,
+            dry_run,
+        } => {
             let set = Config::load(&config)?;
             init_logging(0);
-            let differences = check::check(&set, &tables).await?;
+            let mode = match (repair, dry_run) {
+                (false, _) => check::Mode::Compare,
+                (true, false) => check::Mode::Repair,
+                (true, true) => check::Mode::DryRun,
+            };
+            let differences = check::check(&set, &tables, mode).await?;
             println!("{differences} difference(s)");
-            Ok(differences == 0)
+            Ok(differences == 0 || mode == check::Mode::Repair)
         }
         Command::Conflicts {
             config,

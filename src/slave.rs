@@ -125,6 +125,24 @@ pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
     }
 }
 
+/// A session on slave `slave` that writes outside of batches (clone, repair).
+/// On a node that captures too (multi-master), what it writes is logged with
+/// the master's node as its origin, so that it never goes back there.
+pub async fn writer(set: &Config, slave: u32) -> Result<Client, Error> {
+    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
+    session(&client).await?;
+    if let Some(origin) = set.origins(slave).master {
+        client
+            .execute(
+                "SELECT set_config('pgreplica.origin', $1, false)",
+                &[&origin],
+            )
+            .await
+            .on_slave("setting up the slave session")?;
+    }
+    Ok(client)
+}
+
 /// Bounds every lock wait and every statement of the session: a row held by
 /// someone else on the slave, or a statement held up there, makes the batch
 /// fail and retry instead of hanging, holding the master's snapshot open.

@@ -97,3 +97,135 @@ fn check_measured(conf: &str) -> (i32, String, f64) {
     };
     (code, report, usage.ru_maxrss as f64 / 1024.0)
 }
+
+const ITEMS: &str =
+    "CREATE TABLE items (id int PRIMARY KEY, v text, n numeric(10, 2), at timestamptz)";
+
+/// Items 1..=rows replicated, the daemon running, and a writer changing
+/// items 5001..=6000 on the master until it is told to stop.
+async fn items_under_writes(
+    rows: i32,
+) -> (
+    Setup,
+    support::Daemon,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let s = Setup::new(1, ITEMS).await;
+    s.master()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO items SELECT g, 'v' || g, g / 100.0, now() FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    s.sync();
+    let daemon = s.spawn();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (master, stop) = (s.master().await, stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let sql = format!(
+                    "UPDATE items SET v = 'w{i}', at = now() WHERE id = {}",
+                    5001 + i % 1000
+                );
+                master.batch_execute(&sql).await.unwrap();
+            }
+        })
+    };
+    (s, daemon, stop, writer)
+}
+
+/// Stops the writer and waits until the slave has caught up with it.
+async fn writes_end(
+    s: &Setup,
+    stop: &std::sync::atomic::AtomicBool,
+    writer: tokio::task::JoinHandle<()>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    s.wait_same(
+        0,
+        "SELECT * FROM items ORDER BY id",
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repair_makes_the_slave_equal_while_the_master_takes_writes() {
+    let (s, mut daemon, stop, writer) = items_under_writes(10_000).await;
+    s.slave(0)
+        .await
+        .batch_execute(
+            "UPDATE items SET v = 'changed', n = 0 WHERE id IN (1, 2, 3);
+             DELETE FROM items WHERE id IN (10, 11);
+             INSERT INTO items VALUES (20001, 'extra', 1, now()), (20002, 'extra', 2, NULL)",
+        )
+        .await
+        .unwrap();
+    let conf = s.conf.to_str().unwrap().to_string();
+    // A dry run says what it would do and does nothing.
+    let out = pgreplica(&["check", &conf, "--repair", "--dry-run"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for part in [
+        "would run: UPDATE",
+        "would run: INSERT",
+        "would run: DELETE",
+        "would repair 7 row(s)",
+    ] {
+        assert!(said.contains(part), "{part}:\n{said}");
+    }
+    let out = pgreplica(&["check", &conf, "--repair"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    for part in [
+        "(id)=(1): updated on the slave",
+        "(id)=(10): inserted on the slave",
+        "(id)=(20002): deleted on the slave",
+        "repaired 7 row(s)",
+    ] {
+        assert!(said.contains(part), "{part}:\n{said}");
+    }
+    writes_end(&s, &stop, writer).await;
+    let out = pgreplica(&["check", &conf]);
+    assert!(text(&out).contains("0 difference(s)"), "{}", text(&out));
+    daemon.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repair_killed_halfway_leaves_the_slave_consistent_and_runs_again() {
+    let (s, mut daemon, stop, writer) = items_under_writes(20_000).await;
+    s.slave(0)
+        .await
+        .batch_execute("DELETE FROM items WHERE id % 2 = 0 AND id NOT BETWEEN 5001 AND 6000")
+        .await
+        .unwrap();
+    let conf = s.conf.to_str().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["check", &conf, "--repair"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once it has repaired a part.
+    let slave = s.slave(0).await;
+    let start = std::time::Instant::now();
+    while support::count(&slave, "items").await < 10_500 {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "the repair never got going"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = pgreplica(&["check", &conf, "--repair"]);
+    assert!(out.status.success(), "{}", text(&out));
+    writes_end(&s, &stop, writer).await;
+    daemon.terminate();
+}

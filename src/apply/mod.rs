@@ -35,7 +35,9 @@ use tokio_postgres::{CopyInSink, Row, Statement, Transaction};
 // short by an explicit cast, and a key never matches another row through
 // rounding). The SQL spellings would not do: `character` and `bit` without a
 // length mean length 1.
-const SLAVE_TABLE_SQL: &str = "
+/// A slave table's columns: name, qualified type without modifier (so that a
+/// value too long fails instead of being cut), and whether the slave computes it.
+pub const SLAVE_TABLE_SQL: &str = "
 SELECT a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <> ''
   FROM pg_attribute a
   JOIN pg_type t ON t.oid = a.atttypid

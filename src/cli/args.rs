@@ -111,6 +111,12 @@ pub enum Command {
         /// Only this table (schema.name); repeatable. Default: every replicated table
         #[arg(long = "table")]
         tables: Vec<String>,
+        /// Make the slave equal to the master for the rows found different
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: print the statements instead of running them
+        #[arg(long, requires = "repair")]
+        dry_run: bool,
     },
     /// List the conflicts recorded on the slaves, or resolve one that stopped a slave
     Conflicts {

@@ -134,7 +134,7 @@ async fn work(
         }
         let client = match &mut client {
             Some(client) => client,
-            None => client.insert(slave_session(set, slave).await?),
+            None => client.insert(slave::writer(set, slave).await?),
         };
         let tx = client
             .transaction()
@@ -161,26 +161,6 @@ async fn work(
     Ok(queue)
 }
 
-/// A connection to the slave for copying. On a node that captures too
-/// (multi-master), what the copy writes is logged with the master's node as
-/// its origin, so that it never goes back there (nor does the emptying of a
-/// table).
-async fn slave_session(set: &Config, slave: u32) -> Result<Client, Error> {
-    let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
-    let doing = "setting up the slave session";
-    slave::session(&client).await?;
-    if let Some(origin) = set.origins(slave).master {
-        client
-            .execute(
-                "SELECT set_config('pgreplica.origin', $1, false)",
-                &[&origin],
-            )
-            .await
-            .on_slave(doing)?;
-    }
-    Ok(client)
-}
-
 /// One copying connection pair.
 struct Job {
     config: Config,
@@ -195,7 +175,7 @@ impl Job {
     async fn run(self) -> Result<(), Error> {
         let master = db::connect(&self.config.master, self.config.keepalive).await?;
         let mut pipeline = Pipeline::new(&self.config, self.slave)?;
-        let mut slave = slave_session(&self.config, self.slave).await?;
+        let mut slave = slave::writer(&self.config, self.slave).await?;
         // SET TRANSACTION SNAPSHOT takes no parameter; the id comes from the
         // master's pg_export_snapshot(), never from input.
         let doing = "importing the exported snapshot on the master";

@@ -7,6 +7,11 @@
 //! over primary-key ranges of the master's key order, narrowed down by halves
 //! until a range is small enough to compare row by row, so memory stays bounded
 //! whatever the table's size.
+//!
+//! With `--repair` (`repair.rs`) the rows found different are then made equal
+//! on the slave.
+
+mod repair;
 
 use crate::batch::{Batch, current_snapshot};
 use crate::config::Config;
@@ -24,6 +29,21 @@ use tokio_postgres::types::ToSql;
 const CHUNK: i64 = 10_000;
 /// Ranges at most this big (on both sides) are compared row by row.
 const LEAF: i64 = 1_000;
+
+/// What `check` does with the differences it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Prints them.
+    Compare,
+    /// Prints them and makes the slave's rows equal to the master's.
+    Repair,
+    /// Prints them and the statements a repair would run.
+    DryRun,
+}
+
+/// Differing keys kept for a repair, per table, at most; beyond, the table is
+/// better cloned again.
+const REPAIR_MAX: usize = 100_000;
 
 /// One difference between master and slave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +108,29 @@ impl Compared {
         }
     }
 
+    /// `(k1, k2)=(v1, v2)`, as the log's events name keys.
+    pub(super) fn key_text(&self, values: &[String]) -> String {
+        let names: Vec<&str> = self.key.iter().map(|&k| self.columns[k].as_str()).collect();
+        format!("({})=({})", names.join(", "), values.join(", "))
+    }
+
+    /// The row of the master's columns, in the master's order.
+    pub(super) fn row(&self, side: Side) -> String {
+        let columns: Vec<String> = self.columns(side).iter().map(|c| quote_ident(c)).collect();
+        format!("ROW({})", columns.join(", "))
+    }
+
+    /// The key columns on one side, each as `{prefix}column{suffix}`.
+    pub(super) fn key_list(&self, side: Side, prefix: &str, suffix: &str) -> String {
+        let columns = self.columns(side);
+        let keys: Vec<String> = self
+            .key
+            .iter()
+            .map(|&k| format!("{prefix}{}{suffix}", quote_ident(&columns[k])))
+            .collect();
+        keys.join(", ")
+    }
+
     /// Follows the set's `[TABLE]` section; `Err` says why the table cannot be
     /// compared row for row.
     fn adapt(&mut self, set: &Config) -> Result<(), &'static str> {
@@ -113,17 +156,19 @@ impl Compared {
 }
 
 /// Checks every slave of `set`; prints what it finds and returns the number of
-/// differences (an `Err` when a side cannot be read).
-pub async fn check(set: &Config, tables: &[String]) -> Result<usize, Error> {
+/// differences left (after a repair, those it could not settle; an `Err` when a
+/// side cannot be read).
+pub async fn check(set: &Config, tables: &[String], mode: Mode) -> Result<usize, Error> {
     let mut total = 0;
     for (&n, dsn) in &set.slaves {
         println!("set {}, slave {n} ({})", set.name, redact(dsn));
-        total += check_slave(set, dsn, tables).await?;
+        total += check_slave(set, n, tables, mode).await?;
     }
     Ok(total)
 }
 
-async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, Error> {
+async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Result<usize, Error> {
+    let dsn = &set.slaves[&n];
     let mut master = db::connect(&set.master, None).await?;
     let mut slave = db::connect(dsn, None).await?;
     for client in [&master, &slave] {
@@ -206,12 +251,30 @@ async fn check_slave(set: &Config, dsn: &str, only: &[String]) -> Result<usize, 
             key_types,
             skip: &skip,
             differences: 0,
+            found: (mode != Mode::Compare).then(Vec::new),
         };
         let rows = compare.table().await?;
         total += compare.differences;
         match compare.differences {
             0 => println!("{name}: {rows} rows, equal"),
             n => println!("{name}: {rows} rows on the master, {n} difference(s)"),
+        }
+        let Some(found) = compare.found.take().filter(|f| !f.is_empty()) else {
+            continue;
+        };
+        if compare.differences > REPAIR_MAX {
+            println!(
+                "{name}: more than {REPAIR_MAX} differences, not repaired row by row: \
+                 pgreplica clone {} --slave {n} --table {name} --truncate copies it again",
+                set.path.display()
+            );
+            continue;
+        }
+        let key_types = compare.key_types.clone();
+        let repaired =
+            repair::repair(set, n, table, key_types, found, mode == Mode::DryRun).await?;
+        if mode == Mode::Repair {
+            total -= repaired;
         }
     }
     Ok(total)
@@ -300,6 +363,8 @@ struct Compare<'a> {
     key_types: [Vec<String>; 2],
     skip: &'a HashSet<String>,
     differences: usize,
+    /// For a repair: the key values of the rows found different.
+    found: Option<Vec<Vec<String>>>,
 }
 
 impl Compare<'_> {
@@ -373,14 +438,14 @@ impl Compare<'_> {
             hi: None,
         };
         let (condition, params) = self.condition(side, &range);
-        let keys = self.key_list(side, "", "::text");
+        let keys = self.table.key_list(side, "", "::text");
         let sql = format!(
             "SELECT {keys} FROM {t} AS pgreplica_t WHERE {condition} \
              ORDER BY {order} OFFSET {offset} LIMIT 1",
             t = self.table.name(side),
             // Qualified: the bare names would sort the text columns of the
             // select list, in another order than the ranges' conditions.
-            order = self.key_list(side, "pgreplica_t.", ""),
+            order = self.table.key_list(side, "pgreplica_t.", ""),
             offset = (n - 1).max(0),
         );
         let row = self
@@ -397,7 +462,7 @@ impl Compare<'_> {
         let sql = format!(
             "SELECT count(*), coalesce(sum(hashtextextended({row}::text, 0)), 0)::text \
              FROM {t} WHERE {condition}",
-            row = self.row(side),
+            row = self.table.row(side),
             t = self.table.name(side),
         );
         let r = self
@@ -413,19 +478,19 @@ impl Compare<'_> {
         let master = self.fetch(Side::Master, range).await?;
         let slave = self.fetch(Side::Slave, range).await?;
         let mut found = Vec::new();
-        for (key, m) in &master {
+        for (key, (values, m)) in &master {
             match slave.get(key) {
-                None => found.push(Difference::Missing(key.clone())),
-                Some(s) if s != m => {
-                    found.push(Difference::Changed(key.clone(), self.columns(m, s)))
+                None => found.push((values, Difference::Missing(key.clone()))),
+                Some((_, s)) if s != m => {
+                    found.push((values, Difference::Changed(key.clone(), self.columns(m, s))))
                 }
                 Some(_) => {}
             }
         }
-        for key in slave.keys().filter(|k| !master.contains_key(*k)) {
-            found.push(Difference::Extra(key.clone()));
+        for (key, (values, _)) in slave.iter().filter(|(k, _)| !master.contains_key(*k)) {
+            found.push((values, Difference::Extra(key.clone())));
         }
-        for difference in found {
+        for (values, difference) in found {
             let key = match &difference {
                 Difference::Missing(k) | Difference::Extra(k) | Difference::Changed(k, _) => k,
             };
@@ -434,17 +499,24 @@ impl Compare<'_> {
             }
             self.differences += 1;
             println!("{}: {difference}", self.table.name);
+            if let Some(keys) = self.found.as_mut().filter(|k| k.len() <= REPAIR_MAX) {
+                keys.push(values.clone());
+            }
         }
         Ok(())
     }
 
-    /// A range's rows on one side: key text → row text.
-    async fn fetch(&self, side: Side, range: &Range) -> Result<HashMap<String, String>, Error> {
+    /// A range's rows on one side: key text → key values and row text.
+    async fn fetch(
+        &self,
+        side: Side,
+        range: &Range,
+    ) -> Result<HashMap<String, (Vec<String>, String)>, Error> {
         let (condition, params) = self.condition(side, range);
         let sql = format!(
             "SELECT {keys}, {row}::text FROM {t} WHERE {condition}",
-            keys = self.key_list(side, "", "::text"),
-            row = self.row(side),
+            keys = self.table.key_list(side, "", "::text"),
+            row = self.table.row(side),
             t = self.table.name(side),
         );
         let rows = self
@@ -457,7 +529,7 @@ impl Compare<'_> {
             .iter()
             .map(|r| {
                 let values: Vec<String> = (0..width).map(|i| r.get(i)).collect();
-                (self.key_text(&values), r.get(width))
+                (self.table.key_text(&values), (values, r.get(width)))
             })
             .collect())
     }
@@ -477,40 +549,6 @@ impl Compare<'_> {
             .collect()
     }
 
-    /// `(k1, k2)=(v1, v2)`, as the log's events name keys.
-    fn key_text(&self, values: &[String]) -> String {
-        let names: Vec<&str> = self
-            .table
-            .key
-            .iter()
-            .map(|&k| self.table.columns[k].as_str())
-            .collect();
-        format!("({})=({})", names.join(", "), values.join(", "))
-    }
-
-    /// The row of the master's columns, in the master's order.
-    fn row(&self, side: Side) -> String {
-        let columns: Vec<String> = self
-            .table
-            .columns(side)
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect();
-        format!("ROW({})", columns.join(", "))
-    }
-
-    /// The key columns on one side, each as `{prefix}column{suffix}`.
-    fn key_list(&self, side: Side, prefix: &str, suffix: &str) -> String {
-        let columns = self.table.columns(side);
-        let keys: Vec<String> = self
-            .table
-            .key
-            .iter()
-            .map(|&k| format!("{prefix}{}{suffix}", quote_ident(&columns[k])))
-            .collect();
-        keys.join(", ")
-    }
-
     fn tx(&self, side: Side) -> &Transaction<'_> {
         match side {
             Side::Master => self.master,
@@ -521,7 +559,7 @@ impl Compare<'_> {
     /// `(k) > (lo) AND (k) <= (hi)`, the bounds as text parameters cast to the
     /// key columns' types on that side.
     fn condition(&self, side: Side, range: &Range) -> (String, Vec<String>) {
-        let key = format!("({})", self.key_list(side, "", ""));
+        let key = format!("({})", self.table.key_list(side, "", ""));
         let types = &self.key_types[usize::from(side == Side::Slave)];
         let mut parts = vec!["true".to_string()];
         let mut params = Vec::new();
