@@ -241,8 +241,11 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 (true, true) => check::Mode::DryRun,
             };
             let differences = check::check(&set, &tables, mode).await?;
-            println!("{differences} difference(s)");
-            Ok(differences == 0 || mode == check::Mode::Repair)
+            match mode {
+                check::Mode::Repair => println!("{differences} difference(s) left"),
+                _ => println!("{differences} difference(s)"),
+            }
+            Ok(differences == 0)
         }
         Command::Conflicts {
             config,
