@@ -43,6 +43,34 @@ async fn probe(master: &Client, slave: &Client, table: &str, samples: i32) -> Ve
     times
 }
 
+/// Milliseconds from the master's commit until `pgreplica.wait()` returns, in
+/// the writing session; the slave must show the change by then.
+async fn probe_wait(master: &Client, slave: &Client, samples: i32) -> Vec<f64> {
+    let mut times = Vec::new();
+    for i in 1..=samples {
+        master
+            .execute("UPDATE ours SET v = $1 WHERE id = 1", &[&-i])
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        let applied: bool = master
+            .query_one("SELECT pgreplica.wait('30 seconds')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        times.push(committed.elapsed().as_secs_f64() * 1000.0);
+        let v: i32 = slave
+            .query_one("SELECT v FROM ours WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(applied && v == -i, "wait returned before the slave had it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
 fn at(sorted: &[f64], share: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * share).round() as usize]
 }
@@ -96,12 +124,17 @@ async fn main() {
     probe(&m, &s, "builtin", 5).await;
     let ours = probe(&m, &s, "ours", samples).await;
     let builtin = probe(&m, &s, "builtin", samples).await;
+    let waited = probe_wait(&m, &s, samples).await;
     println!("idle lag, {samples} changes 50 ms apart (ms)\n");
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>8}",
         "", "p50", "p90", "p99", "max"
     );
-    for (name, t) in [("pgreplica", &ours), ("built-in logical", &builtin)] {
+    for (name, t) in [
+        ("pgreplica", &ours),
+        ("built-in logical", &builtin),
+        ("pgreplica.wait() returns", &waited),
+    ] {
         println!(
             "{name:<28} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
             at(t, 0.5),
@@ -114,6 +147,10 @@ async fn main() {
         "pgreplica / built-in: p50 {:.1}x, p99 {:.1}x",
         at(&ours, 0.5) / at(&builtin, 0.5),
         at(&ours, 0.99) / at(&builtin, 0.99)
+    );
+    println!(
+        "pgreplica.wait() returns {:.1} ms (p50) after pgreplica's slave shows the change",
+        at(&waited, 0.5) - at(&ours, 0.5)
     );
     let _ = daemon.kill();
     let _ = daemon.wait();

@@ -424,6 +424,9 @@ BEGIN%11$s%13$s
        IS NOT TRUE THEN
         PERFORM pg_catalog.set_config('pgreplica.notified', '1', true);
         PERFORM pg_catalog.pg_notify('pgreplica', '');
+        -- What pgreplica.wait() waits for (kept only if this commits).
+        PERFORM pg_catalog.set_config('pgreplica.last_txid',
+                                      pg_catalog.txid_current()::pg_catalog.text, false);
     END IF;
     RETURN NULL;
 END
@@ -632,6 +635,54 @@ BEGIN
 END
 $$;
 
+-- Read-your-writes, for the application: returns true once the calling
+-- session's last committed transaction that wrote a replicated table has been
+-- applied on at least `slaves` slaves (all of them, where a set has fewer) of
+-- every set of this master; false at the timeout, with a warning naming the
+-- sets that lack it. Call it after the commit, outside a REPEATABLE READ
+-- transaction (it must see the registry move).
+CREATE OR REPLACE FUNCTION pgreplica.wait(timeout interval DEFAULT '5 seconds',
+                                          slaves integer DEFAULT 1)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    target bigint := nullif(current_setting('pgreplica.last_txid', true), '')::bigint;
+    deadline timestamptz := clock_timestamp() + timeout;
+    pause float8 := 0.001;
+    missing text;
+BEGIN
+    IF target IS NULL THEN
+        RETURN true;
+    END IF;
+    IF target = txid_current_if_assigned() THEN
+        RAISE EXCEPTION 'pgreplica.wait() waits for committed changes: call it after the transaction that wrote them commits';
+    END IF;
+    LOOP
+        SELECT string_agg(format('set %s (%s of %s slave(s) have it)', s.set_name, s.have, s.total), ', ')
+          INTO missing
+          FROM (SELECT r.set_name,
+                       count(*) FILTER (WHERE txid_visible_in_snapshot(target, r.snapshot)) AS have,
+                       count(*) AS total
+                  FROM pgreplica.slave r WHERE r.slave > 0 GROUP BY r.set_name) s
+         WHERE s.have < least(wait.slaves, s.total);
+        IF missing IS NULL THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RAISE WARNING 'pgreplica.wait: not applied within %: %', timeout, missing;
+            RETURN false;
+        END IF;
+        -- The registry moves when a daemon reports a batch: look often at
+        -- first, then every 10 ms.
+        PERFORM pg_sleep(pause);
+        pause := least(pause * 2, 0.01);
+    END LOOP;
+END
+$$;
+
 REVOKE ALL ON ALL TABLES IN SCHEMA pgreplica FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgreplica FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgreplica FROM PUBLIC;
+-- Any role may wait for its own writes, and nothing else.
+GRANT USAGE ON SCHEMA pgreplica TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgreplica.wait(interval, integer) TO PUBLIC;

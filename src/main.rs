@@ -154,6 +154,16 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             let pidfile = pidfile.unwrap_or_else(service::default_pidfile);
             stop(&pidfile, Duration::from_secs(timeout)).await
         }
+        Command::Wait { config, timeout } => {
+            let set = Config::load(&config)?;
+            init_logging(0);
+            let behind = status::wait(&set, Duration::from_secs(timeout)).await?;
+            match behind.is_empty() {
+                true => println!("every slave of set {} is up to date", set.name),
+                false => println!("not applied within {timeout}s on slave(s) {behind:?}"),
+            }
+            Ok(behind.is_empty())
+        }
         Command::Status {
             json,
             pidfile,

@@ -207,6 +207,33 @@ pub async fn entry(master: &Client, set: &str, slave: u32) -> Result<Option<Row>
         .on_master("reading status on the master")
 }
 
+// The slaves of a set whose last applied snapshot does not cover `$2` (some
+// transaction finished at `$2` is not applied there yet).
+const BEHIND_SQL: &str = "
+SELECT n.slave FROM unnest($3::int[]) AS n(slave)
+  LEFT JOIN pgreplica.slave r ON r.set_name = $1 AND r.slave = n.slave
+ WHERE r.snapshot IS NULL
+    OR txid_snapshot_xmax(r.snapshot) < txid_snapshot_xmax($2::text::txid_snapshot)
+    OR EXISTS (SELECT FROM txid_snapshot_xip(r.snapshot) x
+                WHERE x < txid_snapshot_xmax($2::text::txid_snapshot)
+                  AND x NOT IN (SELECT txid_snapshot_xip($2::text::txid_snapshot)))
+ ORDER BY 1";
+
+/// The slaves (of those numbered) that have not applied everything that had
+/// committed at `snapshot`.
+pub async fn behind(
+    master: &Client,
+    set: &str,
+    snapshot: &str,
+    slaves: &[i32],
+) -> Result<Vec<i32>, Error> {
+    let rows = master
+        .query(BEHIND_SQL, &[&set, &snapshot, &slaves])
+        .await
+        .on_master("reading the slaves' progress on the master")?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Events a slave has not applied and the age in seconds of the oldest
 /// committed one, read on the master.
 pub async fn lag(master: &Client, set: &str, slave: u32) -> Result<(i64, f64), Error> {

@@ -160,3 +160,28 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
     }
     out
 }
+
+/// Wakes the daemons and waits (up to `timeout`) until every slave of `set`
+/// has applied what had committed on the master at the call; returns the
+/// slaves that had not.
+pub async fn wait(set: &Config, timeout: std::time::Duration) -> Result<Vec<i32>, crate::Error> {
+    use crate::error::Context;
+    let master = db::connect(&set.master, set.keepalive).await?;
+    let snapshot: String = master
+        .query_one(
+            "SELECT txid_current_snapshot()::text FROM pg_notify('pgreplica', '')",
+            &[],
+        )
+        .await
+        .on_master("reading the master's snapshot")?
+        .get(0);
+    let slaves: Vec<i32> = set.slaves.keys().map(|&n| n as i32).collect();
+    let started = std::time::Instant::now();
+    loop {
+        let behind = registry::behind(&master, &set.name, &snapshot, &slaves).await?;
+        if behind.is_empty() || started.elapsed() >= timeout {
+            return Ok(behind);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

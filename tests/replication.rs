@@ -688,3 +688,65 @@ async fn a_table_renamed_or_moved_on_the_master_without_execute_stops_nothing() 
         .await;
     assert_eq!(on_slave, on_master);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_returns_once_the_slaves_have_the_sessions_last_write() {
+    let s = Setup::new(
+        2,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE ROLE app LOGIN;
+         GRANT SELECT, INSERT ON t TO app;",
+    )
+    .await;
+    s.sync();
+    let mut daemon = s.spawn();
+    // The application's own role: it reads nothing of pgreplica's, and waits.
+    let app = support::connect(&format!(
+        "host=127.0.0.1 port={} user=app dbname=app",
+        s.master.port
+    ))
+    .await;
+    let waited = "SELECT pgreplica.wait('20 seconds', 2)";
+    assert!(
+        app.query_one(waited, &[]).await.unwrap().get::<_, bool>(0),
+        "nothing written yet"
+    );
+    for i in 1..=20 {
+        app.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'x')"))
+            .await
+            .unwrap();
+        assert!(app.query_one(waited, &[]).await.unwrap().get::<_, bool>(0));
+        // Read-your-writes: the row is on both slaves when wait returns.
+        for n in 0..2 {
+            assert_eq!(
+                count(&s.slave(n).await, "t").await,
+                i as i64,
+                "slave {n}, row {i}"
+            );
+        }
+    }
+    // Inside the writing transaction it cannot be waited for.
+    let e = app
+        .batch_execute("BEGIN; INSERT INTO t VALUES (100, 'y'); SELECT pgreplica.wait()")
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("after the transaction"), "{e:?}");
+    app.batch_execute("ROLLBACK").await.unwrap();
+    // With the daemon gone, it gives up at the timeout and says so.
+    daemon.terminate();
+    app.batch_execute("INSERT INTO t VALUES (101, 'z')")
+        .await
+        .unwrap();
+    let late: bool = app
+        .query_one("SELECT pgreplica.wait('300 milliseconds')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!late);
+    // From a shell: everything committed so far, on every slave.
+    let _daemon = s.spawn();
+    let out = support::pgreplica(&["wait", s.conf.to_str().unwrap(), "--timeout", "30"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in 0..2 {
+        assert_eq!(count(&s.slave(n).await, "t").await, 21);
+    }
+}

@@ -67,6 +67,15 @@ pub enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Wait until every slave of the set has applied what had committed on the
+    /// master when it was called (deploy scripts)
+    Wait {
+        /// The set's config file
+        config: PathBuf,
+        /// Seconds to wait at most
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Show each slave's state, waiting events, lag and last error (no file:
     /// every set of the running daemon)
     Status {
