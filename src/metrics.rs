@@ -119,7 +119,13 @@ type Series = (
 
 fn prometheus(all: &BTreeMap<(String, u32), SlaveCounts>) -> String {
     let mut out = String::new();
-    let series: [Series; 7] = [
+    let series: [Series; 8] = [
+        (
+            "pgreplica_slave_running",
+            "gauge",
+            "1 while the slave applies batches, 0 while an error stops it (retrying).",
+            |s| f64::from(u8::from(s.state != "stopped")),
+        ),
         (
             "pgreplica_events_applied_total",
             "counter",
