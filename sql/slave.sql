@@ -16,9 +16,16 @@ CREATE TABLE IF NOT EXISTS pgreplica.progress (
 );
 -- A batch too big for one transaction is applied in steps: its end, and the
 -- last event applied of it (NULL when the last batch was applied whole).
-ALTER TABLE pgreplica.progress
-    ADD COLUMN IF NOT EXISTS target text,
-    ADD COLUMN IF NOT EXISTS upto   bigint;
+-- (Only when missing: ALTER TABLE takes the table's strongest lock, which a
+-- long `check` reading the progress would hold up, and every batch behind it.)
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'pgreplica.progress'::regclass
+                      AND attname = 'upto' AND NOT attisdropped) THEN
+        ALTER TABLE pgreplica.progress
+            ADD COLUMN IF NOT EXISTS target text,
+            ADD COLUMN IF NOT EXISTS upto   bigint;
+    END IF;
+END $$;
 
 -- Tables that `clone` is copying or has copied but not yet handed over: their
 -- events are the clone's business, not the batches'.
@@ -32,7 +39,12 @@ CREATE TABLE IF NOT EXISTS pgreplica.cloning (
     PRIMARY KEY (set_name, tbl)
 );
 -- Slaves set up before after_rows existed.
-ALTER TABLE pgreplica.cloning ADD COLUMN IF NOT EXISTS after_rows text;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'pgreplica.cloning'::regclass
+                      AND attname = 'after_rows' AND NOT attisdropped) THEN
+        ALTER TABLE pgreplica.cloning ADD COLUMN IF NOT EXISTS after_rows text;
+    END IF;
+END $$;
 
 -- Every conflict met while applying, and how it was resolved.
 CREATE TABLE IF NOT EXISTS pgreplica.conflicts (

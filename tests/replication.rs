@@ -750,3 +750,23 @@ async fn wait_returns_once_the_slaves_have_the_sessions_last_write() {
         assert_eq!(count(&s.slave(n).await, "t").await, 21);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_reader_of_the_slaves_progress_does_not_hold_up_a_starting_daemon() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    s.sync();
+    // A long `check` reads the slave's progress in one transaction.
+    let mut reader = s.slave(0).await;
+    let reading = reader.transaction().await.unwrap();
+    reading
+        .batch_execute("SELECT * FROM pgreplica.progress")
+        .await
+        .unwrap();
+    let _daemon = s.spawn();
+    s.arrives(
+        "INSERT INTO t VALUES (1, 'a')",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
+    reading.rollback().await.unwrap();
+}

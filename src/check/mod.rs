@@ -213,7 +213,8 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
          {flying} row(s) changing in between are left out"
     );
     let mut total = 0;
-    for table in &mut tables {
+    let mut repairs = Vec::new();
+    for (index, table) in tables.iter_mut().enumerate() {
         let name = table.name.quoted();
         if cloning.contains(&name) {
             println!("{name}: being cloned, not compared");
@@ -270,10 +271,16 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
             );
             continue;
         }
-        let key_types = compare.key_types.clone();
-        let repaired =
-            repair::repair(set, n, table, key_types, found, mode == Mode::DryRun).await?;
-        if mode == Mode::Repair {
+        repairs.push((index, compare.key_types.clone(), found));
+    }
+    // The comparison's transactions end before any repair: a repair waits for
+    // the set's lock, which a daemon starting meanwhile may wait behind them.
+    slave_tx.commit().await.on_slave("reading the slave")?;
+    master_tx.commit().await.on_master("reading the master")?;
+    for (index, key_types, found) in repairs {
+        let dry_run = mode == Mode::DryRun;
+        let repaired = repair::repair(set, n, &tables[index], key_types, found, dry_run).await?;
+        if !dry_run {
             total -= repaired;
         }
     }
