@@ -3,29 +3,23 @@
 use crate::adapt::Adapter;
 use crate::config::Config;
 use crate::db::{self, redact};
-use crate::error::{Context, Error, Side};
+use crate::error::{Error, Side};
+use crate::hub::{self, Book, Hub};
 use crate::mail::{Mailer, Notice};
 use crate::metrics::Metrics;
 use crate::replicate::{self, Pipeline};
 use crate::status::SlaveStatus;
-use crate::{capture, registry, slave};
+use crate::{capture, slave};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Client;
 use tracing::Instrument;
 
-/// How often an idle slave task checks its servers when `KEEPALIVE` is off.
-const IDLE_CHECK: Duration = Duration::from_secs(60);
-/// Minimum time between two cleanups of the master's log by one task.
-const CLEANUP_EVERY: Duration = Duration::from_secs(10);
-/// Longest time recording an error on the master may take.
-const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Least time one round of cleanup of the master's log may take.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest time between two lag checks.
 const LAG_CHECK: Duration = Duration::from_secs(10);
+/// Longest wait for the last progress reports at shutdown.
+const REPORT_FLUSH: Duration = Duration::from_secs(10);
 /// Longest wait for the last mails at shutdown.
 const MAIL_FLUSH: Duration = Duration::from_secs(40);
 /// Longest wait between two attempts after an error.
@@ -152,6 +146,7 @@ struct Running {
     config: Arc<Config>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<bool>>,
+    hub: Hub,
     mailer: Mailer,
     sender: Option<tokio::task::JoinHandle<()>>,
     once: bool,
@@ -168,6 +163,7 @@ impl Running {
                 describe(&config, "pgreplica started replicating"),
             );
         }
+        let hub = Hub::start(config.clone(), true, stopped.clone());
         let mut tasks: Vec<_> = config
             .slaves
             .keys()
@@ -183,14 +179,22 @@ impl Running {
                     failing: None,
                     sessions: 0,
                     metrics: metrics.clone(),
+                    hub: hub.clone(),
                 };
                 tokio::spawn(state.run(stopped.clone()).instrument(span))
             })
             .collect();
         if !once {
             let span = tracing::info_span!("set", name = %config.name);
-            let watch = watch_lag(config.clone(), mailer.clone(), metrics.clone(), stopped)
-                .instrument(span);
+            let book = hub.book.clone();
+            let watch = watch_lag(
+                config.clone(),
+                book,
+                mailer.clone(),
+                metrics.clone(),
+                stopped,
+            )
+            .instrument(span);
             tasks.push(tokio::spawn(async move {
                 watch.await;
                 true
@@ -200,6 +204,7 @@ impl Running {
             config,
             stop,
             tasks,
+            hub,
             mailer,
             sender,
             once,
@@ -217,6 +222,8 @@ impl Running {
         for task in self.tasks {
             ok &= task.await.unwrap_or(false);
         }
+        self.hub.book.flush(REPORT_FLUSH).await;
+        let _ = self.stop.send(true);
         if !self.once {
             self.mailer.send(
                 Notice::Stop,
@@ -254,6 +261,7 @@ fn describe(set: &Config, what: &str) -> String {
 /// and another when it is back under.
 async fn watch_lag(
     set: Arc<Config>,
+    book: Arc<Book>,
     mailer: Mailer,
     metrics: Metrics,
     mut stop: watch::Receiver<bool>,
@@ -262,18 +270,13 @@ async fn watch_lag(
         (l / 2).clamp(Duration::from_secs(1), LAG_CHECK)
     });
     let mut lagging: HashSet<u32> = HashSet::new();
-    let mut master: Option<Client> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        if master.as_ref().is_none_or(Client::is_closed) {
-            master = db::connect(&set.master, set.keepalive).await.ok();
-        }
-        let Some(client) = &master else { continue };
         for &slave in set.slaves.keys() {
-            let Ok((events, seconds)) = registry::lag(client, &set.name, slave).await else {
+            let Ok((events, seconds)) = book.lag(slave).await else {
                 continue;
             };
             metrics.update(&set.name, slave, |m| {
@@ -322,6 +325,8 @@ struct SlaveTask {
     /// Sessions begun (the ones after the first are reconnections).
     sessions: u64,
     metrics: Metrics,
+    /// The set's shared sessions on the master.
+    hub: Hub,
 }
 
 impl SlaveTask {
@@ -365,7 +370,7 @@ impl SlaveTask {
             {
                 tracing::warn!("could not record the conflict on the slave: {e}");
             }
-            record_error(&self.set, self.number, &error).await;
+            self.hub.book.error(self.number, error.to_string());
             self.mail_error(&error);
             if self.once {
                 return false;
@@ -401,7 +406,8 @@ impl SlaveTask {
         self.failing = Some(text);
     }
 
-    /// One connected stretch: connect both sides, then apply batches as NOTIFYs come.
+    /// One connected stretch: connect to the slave, then apply batches as
+    /// the master's NOTIFYs come.
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Error> {
         let set = self.set.clone();
         let slave = self.number;
@@ -409,30 +415,15 @@ impl SlaveTask {
         if self.sessions > 1 {
             self.metrics.update(&set.name, slave, |m| m.reconnects += 1);
         }
-        let slave_dsn = &set.slaves[&slave];
-        // Listening has a session of its own, never inside a batch's
-        // transaction: a listener in a long transaction holds back the
-        // server's NOTIFY queue for every session.
-        let (listener, mut notifications) =
-            db::connect_listening(&set.master, set.keepalive).await?;
-        capture::check_version(&listener).await?;
-        listener.batch_execute("LISTEN pgreplica").await.on_master(
-            "listening on the master (is pgreplica installed there? run pgreplica install)",
-        )?;
-        let mut master = db::connect(&set.master, set.keepalive).await?;
-        let mut slave_client = db::connect(slave_dsn, set.keepalive).await?;
+        let mut wake = self.hub.wake.clone();
+        let mut slave_client = db::connect(&set.slaves[&slave], set.keepalive).await?;
         slave::prepare(&slave_client).await?;
         slave::bound_waits(&slave_client, set.lock_timeout, set.batch_timeout).await?;
-        let mut prev = replicate::register(&master, &slave_client, &set, slave).await?;
-        if !set.tables.is_empty() {
-            capture::configure(&master, &set).await?;
-        }
+        let heartbeat = hub::heartbeat(&set);
+        let mut prev = self.hub.book.register(&slave_client, slave).await?;
         let mut pipeline = Pipeline::new(&set, slave)?;
-        let mut last_cleanup: Option<Instant> = None;
-        let mut partitions_warned = false;
-        let heartbeat = set.keepalive.unwrap_or(IDLE_CHECK);
         loop {
-            while notifications.try_recv().is_ok() {}
+            wake.borrow_and_update();
             let began = Instant::now();
             let replicate::Step {
                 at: snapshot,
@@ -441,7 +432,7 @@ impl SlaveTask {
             } = tokio::time::timeout(
                 set.batch_timeout,
                 replicate::step(
-                    &mut master,
+                    &self.hub,
                     &mut slave_client,
                     &mut pipeline,
                     &set.name,
@@ -491,44 +482,9 @@ impl SlaveTask {
                 );
             }
             prev = snapshot;
-            // Bookkeeping on the master, bounded in time: a master gone silent
-            // right now is noticed here too.
-            let report = registry::report(
-                &master,
-                &set.name,
-                slave,
-                &prev,
-                applied.events,
-                applied.conflicts,
-            );
-            bounded(report, Side::Master, heartbeat * 2).await?;
-            if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
-                let slaves: Vec<i32> = set.slaves.keys().map(|&n| n as i32).collect();
-                let keep = set.log_keep.as_secs_f64();
-                let cleanup = registry::clean(&master, &set.name, &slaves, keep);
-                let removed =
-                    bounded(cleanup, Side::Master, CLEANUP_TIMEOUT.max(heartbeat * 2)).await?;
-                // Partitions made ahead (pg_partman) get capture for the writes
-                // made straight into them; the daemon's role may lack the right.
-                let limit = CLEANUP_TIMEOUT.max(heartbeat * 2);
-                match bounded(capture::attach_partitions(&master), Side::Master, limit).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!("capture attached to {n} new partition(s)"),
-                    Err(e @ Error::Lost { .. }) => return Err(e),
-                    Err(e) if !partitions_warned => {
-                        partitions_warned = true;
-                        tracing::warn!(
-                            "{e}: run pgreplica install to capture writes made straight into new partitions"
-                        );
-                    }
-                    Err(_) => {}
-                }
-                if removed > 0 {
-                    tracing::debug!("removed {removed} applied events from the master's log");
-                }
-                // A full round means more to remove: again after the next batch.
-                last_cleanup = (removed < registry::CLEANUP_ROWS).then(Instant::now);
-            }
+            // The registry on the master, written for all slaves at once.
+            let book = &self.hub.book;
+            book.progress(slave, prev.clone(), applied.events, applied.conflicts);
             if more {
                 // The rest of a batch cut into steps: at once, no NOTIFY to wait for.
                 continue;
@@ -536,69 +492,26 @@ impl SlaveTask {
             if self.once {
                 return Ok(());
             }
-            // Idle until a NOTIFY (or at once while the log has more to clean);
-            // the heartbeat checks both servers meanwhile.
-            let cleaning = last_cleanup.is_none();
+            // Idle until a NOTIFY; the heartbeat checks both servers meanwhile.
             loop {
                 tokio::select! {
-                    note = notifications.recv() => {
-                        if note.is_none() {
+                    woken = wake.changed() => {
+                        if woken.is_err() {
                             return Err(Error::Lost { side: Side::Master, what: "was lost".into() });
                         }
                         break;
                     }
-                    _ = tokio::time::sleep(heartbeat), if !cleaning => {
-                        alive(&listener, Side::Master, heartbeat).await?;
-                        alive(&master, Side::Master, heartbeat).await?;
-                        alive(&slave_client, Side::Slave, heartbeat).await?;
+                    _ = tokio::time::sleep(heartbeat) => {
+                        hub::alive(&slave_client, Side::Slave, heartbeat).await?;
+                        self.hub.ping().await?;
+                        // No NOTIFY comes while the master is not listened to: poll.
+                        if !self.hub.listening() {
+                            break;
+                        }
                     }
-                    _ = std::future::ready(()), if cleaning => break,
                     _ = shutdown.changed() => return Ok(()),
                 }
             }
         }
-    }
-}
-
-/// The heartbeat: the server answers a trivial query within `limit`.
-async fn alive(client: &Client, side: Side, limit: Duration) -> Result<(), Error> {
-    let check = async {
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map(|_| ())
-            .doing(&format!("checking the {side}"))
-    };
-    bounded(check, side, limit).await
-}
-
-/// Runs `work` against one server, giving up after `limit`.
-async fn bounded<T>(
-    work: impl std::future::Future<Output = Result<T, Error>>,
-    side: Side,
-    limit: Duration,
-) -> Result<T, Error> {
-    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-        Err(Error::Lost {
-            side,
-            what: format!(
-                "gave no answer within {}s while checking the {side}: reconnecting",
-                limit.as_secs_f64()
-            ),
-        })
-    })
-}
-
-/// Records a slave's error on the master for `status`, if the master answers.
-async fn record_error(set: &Config, slave: u32, error: &Error) {
-    let result = async {
-        let master = db::connect(&set.master, set.keepalive).await?;
-        let text = error.to_string();
-        let record = registry::record_error(&master, &set.name, slave, &text);
-        bounded(record, Side::Master, RECORD_TIMEOUT).await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!("could not record the error on the master: {e}");
     }
 }

@@ -6,7 +6,7 @@ use crate::record::Fields;
 
 /// A master snapshot (`txid_snapshot`): transactions below `xmin` are finished,
 /// those from `xmax` on are not, and `xip` lists those in between still running.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Snapshot {
     /// Oldest transaction still running.
     pub xmin: i64,

@@ -27,6 +27,7 @@ pub mod dsn;
 pub mod error;
 pub mod event;
 pub mod http;
+pub mod hub;
 pub mod ident;
 pub mod mail;
 pub mod meter;

@@ -1,9 +1,11 @@
 //! What pgreplica keeps on a master about its slaves (`pgreplica.slave`): where
 //! each has applied to, its counts and last error, and the log cleanup it allows.
 
+use crate::config::Config;
 use crate::db::redact;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
+use crate::slave;
 use tokio_postgres::{Client, Row};
 
 const ENTER_SQL: &str = "
@@ -15,16 +17,35 @@ RETURNING snapshot::text";
 const SYNC_SQL: &str = "UPDATE pgreplica.slave SET snapshot = $3::text::txid_snapshot
  WHERE set_name = $1 AND slave = $2";
 
-const REPORT_SQL: &str = "
-UPDATE pgreplica.slave
-   SET snapshot = $3::text::txid_snapshot, events = events + $4, conflicts = conflicts + $5,
-       applied_at = CASE WHEN $4 > 0 OR applied_at IS NULL THEN now() ELSE applied_at END,
-       state = 'running', last_error = NULL, error_at = NULL, seen_at = now()
- WHERE set_name = $1 AND slave = $2";
+// The reports of many slaves at once: each slave's new position (if any), the
+// events and conflicts since its last report, and its error (none: running).
+const REPORTS_SQL: &str = "
+UPDATE pgreplica.slave s
+   SET snapshot = coalesce(r.snapshot::txid_snapshot, s.snapshot),
+       events = s.events + r.events, conflicts = s.conflicts + r.conflicts,
+       applied_at = CASE WHEN r.events > 0 OR (s.applied_at IS NULL AND r.error IS NULL)
+                         THEN now() ELSE s.applied_at END,
+       state = CASE WHEN r.error IS NULL THEN 'running' ELSE 'stopped' END,
+       last_error = r.error,
+       error_at = CASE WHEN r.error IS NULL THEN NULL ELSE now() END,
+       seen_at = now()
+  FROM unnest($2::int[], $3::text[], $4::int8[], $5::int8[], $6::text[])
+       AS r(slave, snapshot, events, conflicts, error)
+ WHERE s.set_name = $1 AND s.slave = r.slave";
 
-const ERROR_SQL: &str = "
-UPDATE pgreplica.slave SET state = 'stopped', last_error = $3, error_at = now(), seen_at = now()
- WHERE set_name = $1 AND slave = $2";
+/// What a slave reports: its new position, if it moved, the events and
+/// conflicts applied since its last report, and the error it is stopped on.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The end of the last batch it applied whole.
+    pub at: Option<Snapshot>,
+    /// Events applied since the last report.
+    pub events: u64,
+    /// Conflicts met since the last report.
+    pub conflicts: u64,
+    /// The error it is stopped on (none: running).
+    pub error: Option<String>,
+}
 
 // Every slave of every set reading this master is registered: the log is kept
 // until the one furthest behind has applied it.
@@ -121,36 +142,27 @@ pub async fn sync(master: &Client, set: &str, slave: u32, at: &Snapshot) -> Resu
         .map(|_| ())
 }
 
-/// Reports a slave's progress: its position, and the events and conflicts of
-/// the batch that brought it there; the slave is running again.
-pub async fn report(
+/// Writes the reports of slaves of `set` (by number) in one statement.
+pub async fn report_all(
     master: &Client,
     set: &str,
-    slave: u32,
-    at: &Snapshot,
-    events: u64,
-    conflicts: u64,
+    reports: &std::collections::BTreeMap<u32, Report>,
 ) -> Result<(), Error> {
-    let (number, position) = (slave as i32, at.to_string());
-    let (events, conflicts) = (events as i64, conflicts as i64);
+    let slaves: Vec<i32> = reports.keys().map(|&n| n as i32).collect();
+    let at: Vec<Option<String>> = reports
+        .values()
+        .map(|r| r.at.as_ref().map(Snapshot::to_string))
+        .collect();
+    let events: Vec<i64> = reports.values().map(|r| r.events as i64).collect();
+    let conflicts: Vec<i64> = reports.values().map(|r| r.conflicts as i64).collect();
+    let errors: Vec<Option<&str>> = reports.values().map(|r| r.error.as_deref()).collect();
     master
-        .execute(REPORT_SQL, &[&set, &number, &position, &events, &conflicts])
+        .execute(
+            REPORTS_SQL,
+            &[&set, &slaves, &at, &events, &conflicts, &errors],
+        )
         .await
         .on_master("reporting progress to the master")
-        .map(|_| ())
-}
-
-/// Records the error a slave is stopped on, for `status`.
-pub async fn record_error(
-    master: &Client,
-    set: &str,
-    slave: u32,
-    error: &str,
-) -> Result<(), Error> {
-    master
-        .execute(ERROR_SQL, &[&set, &(slave as i32), &error])
-        .await
-        .on_master("recording the error on the master")
         .map(|_| ())
 }
 
@@ -242,4 +254,42 @@ pub async fn lag(master: &Client, set: &str, slave: u32) -> Result<(i64, f64), E
         .await
         .on_master("measuring the slave's lag on the master")?;
     Ok(row.map_or((0, 0.0), |r| (r.get(0), r.get(1))))
+}
+
+/// Registers the slave on the master and returns where it resumes. The slave's
+/// own progress row is the truth; the master's copy only protects the log from
+/// being cleaned past this slave.
+pub async fn register(
+    master: &Client,
+    slave_client: &Client,
+    set: &Config,
+    slave: u32,
+) -> Result<Snapshot, Error> {
+    let progress = slave::read_progress(slave_client, &set.name)
+        .await?
+        .map(|p| p.snapshot);
+    let start = progress.clone().unwrap_or_else(Snapshot::start);
+    let dsn = &set.slaves[&slave];
+    let registered = enter(master, &set.name, slave, dsn, &start).await?;
+    match progress {
+        Some(progress) => {
+            if let Some(below) = cleaned_below(master).await?
+                && progress.xmin < below
+            {
+                return Err(Error::Invalid {
+                    doing: "resuming the slave".into(),
+                    message: format!(
+                        "its progress ({progress}) is older than what the master's log was \
+                         cleaned to (transaction {below}): it was restored from a backup, or lost \
+                         its last commits, and the changes in between are gone. Nothing is \
+                         applied; copy it again with pgreplica clone {} --slave {slave} --truncate",
+                        set.path.display()
+                    ),
+                });
+            }
+            sync(master, &set.name, slave, &progress).await?;
+            Ok(progress)
+        }
+        None => Ok(registered),
+    }
 }

@@ -3,13 +3,12 @@
 
 use crate::adapt::Adapter;
 use crate::apply::{Applied, Applier, Statements};
-use crate::batch::{Batch, current_snapshot};
 use crate::config::Config;
 use crate::conflict::Resolver;
-use crate::db;
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Origins, Snapshot};
-use crate::{registry, sequence, slave};
+use crate::hub::{Ask, Hub};
+use crate::{sequence, slave};
 use std::sync::Arc;
 use tokio_postgres::Client;
 
@@ -73,51 +72,15 @@ pub async fn pipe(
     Ok(())
 }
 
-/// Registers the slave on the master and returns where it resumes. The slave's
-/// own progress row is the truth; the master's copy only protects the log from
-/// being cleaned past this slave.
-pub async fn register(
-    master: &Client,
-    slave_client: &Client,
-    set: &Config,
-    slave: u32,
-) -> Result<Snapshot, Error> {
-    let progress = slave::read_progress(slave_client, &set.name)
-        .await?
-        .map(|p| p.snapshot);
-    let start = progress.clone().unwrap_or_else(Snapshot::start);
-    let dsn = &set.slaves[&slave];
-    let registered = registry::enter(master, &set.name, slave, dsn, &start).await?;
-    match progress {
-        Some(progress) => {
-            if let Some(below) = registry::cleaned_below(master).await?
-                && progress.xmin < below
-            {
-                return Err(Error::Invalid {
-                    doing: "resuming the slave".into(),
-                    message: format!(
-                        "its progress ({progress}) is older than what the master's log was \
-                         cleaned to (transaction {below}): it was restored from a backup, or lost \
-                         its last commits, and the changes in between are gone. Nothing is \
-                         applied; copy it again with pgreplica clone {} --slave {slave} --truncate",
-                        set.path.display()
-                    ),
-                });
-            }
-            registry::sync(master, &set.name, slave, &progress).await?;
-            Ok(progress)
-        }
-        None => Ok(registered),
-    }
-}
-
 /// Applies the batch that follows the slave's progress (or `prev`, where the
 /// slave has none yet), if anything committed since, with the slave's new
-/// progress in the same transaction. A batch of more than the pipeline's limit
-/// is applied in steps, each starting after the last event of the one before:
-/// a slave that was away for long catches up with bounded transactions.
+/// progress in the same transaction. The batch comes from `hub` in pieces,
+/// shared with the other slaves at the same position. A batch of more than the
+/// pipeline's limit is applied in steps, each starting after the last event of
+/// the one before: a slave that was away for long catches up with bounded
+/// transactions.
 pub async fn step(
-    master: &mut Client,
+    hub: &Hub,
     slave_client: &mut Client,
     pipeline: &mut Pipeline,
     set: &str,
@@ -133,43 +96,52 @@ pub async fn step(
         Some(p) => (p.snapshot, p.partial),
         None => (prev.clone(), None),
     };
-    let master_tx = db::read_only(master)
-        .await
-        .on_master("starting a read on the master")?;
-    let (target, after) = match partial {
-        Some((target, upto)) => (target, upto),
-        None => {
-            let now = current_snapshot(&master_tx).await?;
-            if prev.same_as(&now) {
-                let applied = Applied::default();
-                return Ok(Step {
-                    at: prev,
-                    applied,
-                    more: false,
-                });
-            }
-            (now, 0)
-        }
+    let (mut target, mut last) = match partial {
+        Some((target, upto)) => (Some(target), upto),
+        None => (None, 0),
     };
-    let origins = &pipeline.origins;
-    let mut batch = Batch::between(&master_tx, &prev, target.clone(), after, None, origins).await?;
-    batch.skip(cloning.clone());
     let resolver = pipeline.resolver.as_ref();
     let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
     pipeline.adapter.begin();
-    let (mut events, mut bytes, mut last, mut cut) = (0, 0, after, false);
-    while let Some((table, event)) = batch.next().await? {
-        (events, bytes, last) = (events + 1, bytes + event.size(), event.id);
-        if !cloning.contains(&table.name.quoted()) {
-            pipe(&mut pipeline.adapter, &mut applier, &table, event).await?;
+    let own = pipeline.origins.slave.clone();
+    let (mut events, mut bytes, mut cut) = (0, 0, false);
+    let piece = loop {
+        let ask = Ask {
+            prev: prev.clone(),
+            target: target.clone(),
+            after: last,
+            skip: cloning.iter().cloned().collect(),
+            sequences: pipeline.origins.master.is_none(),
+        };
+        let piece = hub.read(ask).await?;
+        if target.is_none() && piece.target.same_as(&prev) {
+            return Ok(Step {
+                at: prev,
+                applied: Applied::default(),
+                more: false,
+            });
         }
-        if events >= pipeline.limit.0 || bytes >= pipeline.limit.1 {
-            cut = true;
-            break;
+        target = Some(piece.target.clone());
+        let mut rest = piece.events.iter().peekable();
+        while let Some((table, event)) = rest.next() {
+            (events, bytes, last) = (events + 1, bytes + event.size(), event.id);
+            // Changes that came from this slave's own node never go back.
+            let returning = own.is_some() && event.origin == own;
+            if !cloning.contains(&table.name.quoted()) && !returning {
+                pipe(&mut pipeline.adapter, &mut applier, table, event.clone()).await?;
+            }
+            let full = events >= pipeline.limit.0 || bytes >= pipeline.limit.1;
+            if full && (rest.peek().is_some() || !piece.done) {
+                cut = true;
+                break;
+            }
         }
-    }
-    drop(batch);
+        if cut || piece.done {
+            break piece;
+        }
+    };
     let applied = applier.finish().await?;
+    let target = piece.target.clone();
     let step = match cut {
         true => {
             let partial = Some((&target, last));
@@ -183,8 +155,10 @@ pub async fn step(
         false => {
             slave::write_progress(&slave_tx, set, &target, None, applied.events).await?;
             // Multi-master nodes keep disjoint ranges instead.
-            if pipeline.origins.master.is_none() && applied.events > 0 {
-                sequence::carry(&master_tx, &slave_tx).await?;
+            if let Some(sequences) = &piece.sequences
+                && applied.events > 0
+            {
+                sequence::raise(&slave_tx, sequences).await?;
             }
             Step {
                 at: target,

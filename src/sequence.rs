@@ -28,25 +28,32 @@ SELECT count(setval(to_regclass(name), value))
    AND has_sequence_privilege(to_regclass(name), 'SELECT, UPDATE')
    AND coalesce(pg_sequence_last_value(to_regclass(name)), value - 1) < value";
 
-/// Raises the slave's sequences to the master's last values, so that a slave
-/// promoted to master never hands out an id the master already used. Returns
-/// how many it raised.
-pub async fn carry(master: &impl GenericClient, slave: &impl GenericClient) -> Result<i64, Error> {
+/// The master's owned sequences and their last values.
+pub async fn read(master: &impl GenericClient) -> Result<(Vec<String>, Vec<i64>), Error> {
     let rows = master
         .query(OWNED_SQL, &[])
         .await
         .on_master("reading the master's sequences")?;
-    let (names, values): (Vec<String>, Vec<i64>) = rows
+    Ok(rows
         .iter()
         .filter_map(|r| Some((r.get(0), r.get::<_, Option<i64>>(3)?)))
-        .unzip();
+        .unzip())
+}
+
+/// Raises the slave's sequences to the master's last values (from [`read`]),
+/// so that a slave promoted to master never hands out an id the master already
+/// used. Returns how many it raised.
+pub async fn raise(
+    slave: &impl GenericClient,
+    (names, values): &(Vec<String>, Vec<i64>),
+) -> Result<i64, Error> {
     if names.is_empty() {
         return Ok(0);
     }
     Ok(slave
-        .query_one(RAISE_SQL, &[&names, &values])
+        .query_one(RAISE_SQL, &[names, values])
         .await
-        .on_master("raising the slave's sequences to the master's")?
+        .on_slave("raising the slave's sequences to the master's")?
         .get(0))
 }
 

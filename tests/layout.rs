@@ -24,7 +24,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "capture", "batch", "adapt", "slave", "registry", "sequence", "mail",
     ],
-    &["apply"],
+    &["apply", "hub"],
     &["replicate", "status"],
     &["daemon", "clone", "check", "http", "throwaway"],
     &["demo"],

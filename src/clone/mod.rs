@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
+use crate::hub::Hub;
 use crate::ident::TableName;
 use crate::replicate::{self, Pipeline};
 use crate::{registry, slave};
@@ -269,6 +270,9 @@ async fn handover(
 ) -> Result<(), Error> {
     let doing = "handing the copied tables over to replication";
     let mut pipeline = Pipeline::new(set, slave)?;
+    // Batches to finish first come through a reader of their own.
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let hub = Hub::start(std::sync::Arc::new(set.clone()), false, stopped);
     loop {
         let tx = slave_client.transaction().await.on_slave(doing)?;
         let (progress, _) = slave::lock_set(&tx, &set.name).await?;
@@ -284,7 +288,7 @@ async fn handover(
             Some(p) if p.partial.is_some() => {
                 drop(tx);
                 replicate::step(
-                    &mut master,
+                    &hub,
                     &mut slave_client,
                     &mut pipeline,
                     &set.name,
@@ -312,7 +316,7 @@ async fn handover(
             drop(tx);
             tracing::info!("waiting for the set to pass the copy of {table}");
             replicate::step(
-                &mut master,
+                &hub,
                 &mut slave_client,
                 &mut pipeline,
                 &set.name,
@@ -362,7 +366,7 @@ async fn handover(
         }
         tx.commit().await.on_slave(doing)?;
         // The registry now protects the log for this slave from its progress on.
-        replicate::register(&master, &slave_client, set, slave).await?;
+        registry::register(&master, &slave_client, set, slave).await?;
         registry::hold(&master, &set.name, slave, false).await?;
         tracing::info!(
             "{} tables handed over to replication at {target} ({} events caught up)",

@@ -1,0 +1,275 @@
+//! The book: one session on the master for a set's registry entries. Slave
+//! tasks hand in their progress and errors; a reporter writes all that came in
+//! meanwhile in one statement (one commit on the master per round, whatever
+//! the number of slaves), then cleans the log at intervals.
+
+use super::{bounded, heartbeat};
+use crate::config::Config;
+use crate::error::{Error, Side};
+use crate::event::Snapshot;
+use crate::registry::{self, Report};
+use crate::{capture, db};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
+use tokio_postgres::Client;
+
+/// Minimum time between two cleanups of the master's log.
+const CLEANUP_EVERY: Duration = Duration::from_secs(10);
+/// Least time one round of cleanup of the master's log may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two attempts to write the reports.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A set's session for its registry, shared by its tasks.
+pub struct Book {
+    session: Arc<Session>,
+    reports: mpsc::UnboundedSender<Note>,
+}
+
+/// The session itself, connected when first needed and again after a loss.
+struct Session {
+    set: Arc<Config>,
+    client: Mutex<Option<Client>>,
+}
+
+enum Note {
+    Progress(u32, Snapshot, u64, u64),
+    Error(u32, String),
+    Flush(oneshot::Sender<()>),
+}
+
+impl Book {
+    pub(super) fn new(set: Arc<Config>) -> Book {
+        let session = Arc::new(Session {
+            set,
+            client: Mutex::new(None),
+        });
+        let (reports, notes) = mpsc::unbounded_channel();
+        tokio::spawn(reporter(session.clone(), notes));
+        Book { session, reports }
+    }
+
+    /// Registers slave `slave` of the set (see [`registry::register`]) and
+    /// returns where it resumes.
+    pub async fn register(&self, slave_client: &Client, slave: u32) -> Result<Snapshot, Error> {
+        let set = &self.session.set;
+        let mut guard = self.session.client().await?;
+        let result = match guard.as_ref() {
+            Some(master) => {
+                let register = registry::register(master, slave_client, set, slave);
+                bounded(register, Side::Master, heartbeat(set) * 2).await
+            }
+            None => Err(lost()),
+        };
+        forget_lost(&mut guard, &result);
+        result
+    }
+
+    /// A slave's lag, read on the master (see [`registry::lag`]).
+    pub async fn lag(&self, slave: u32) -> Result<(i64, f64), Error> {
+        let set = &self.session.set;
+        let mut guard = self.session.client().await?;
+        let result = match guard.as_ref() {
+            Some(master) => {
+                let lag = registry::lag(master, &set.name, slave);
+                bounded(lag, Side::Master, heartbeat(set) * 2).await
+            }
+            None => Err(lost()),
+        };
+        forget_lost(&mut guard, &result);
+        result
+    }
+
+    /// Hands in a slave's progress: its position, and the events and conflicts
+    /// of the batch that brought it there; the slave is running.
+    pub fn progress(&self, slave: u32, at: Snapshot, events: u64, conflicts: u64) {
+        let _ = self
+            .reports
+            .send(Note::Progress(slave, at, events, conflicts));
+    }
+
+    /// Hands in the error a slave is stopped on.
+    pub fn error(&self, slave: u32, error: String) {
+        let _ = self.reports.send(Note::Error(slave, error));
+    }
+
+    /// Waits (up to `limit`) until what was handed in is written.
+    pub async fn flush(&self, limit: Duration) {
+        let (done, written) = oneshot::channel();
+        if self.reports.send(Note::Flush(done)).is_ok()
+            && tokio::time::timeout(limit, written).await.is_err()
+        {
+            tracing::warn!("the slaves' last progress could not be reported to the master");
+        }
+    }
+}
+
+impl Session {
+    async fn client(&self) -> Result<MutexGuard<'_, Option<Client>>, Error> {
+        let mut client = self.client.lock().await;
+        if client.as_ref().is_none_or(Client::is_closed) {
+            *client = None;
+            *client = Some(db::connect(&self.set.master, self.set.keepalive).await?);
+        }
+        Ok(client)
+    }
+
+    /// Writes `reports`, bounded in time.
+    async fn write(&self, reports: &BTreeMap<u32, Report>) -> Result<(), Error> {
+        let limit = heartbeat(&self.set) * 2;
+        let mut guard = self.client().await?;
+        let result = match guard.as_ref() {
+            Some(client) => {
+                let report = registry::report_all(client, &self.set.name, reports);
+                bounded(report, Side::Master, limit).await
+            }
+            None => Err(lost()),
+        };
+        forget_lost(&mut guard, &result);
+        result
+    }
+
+    /// Removes what every slave has applied from the log and attaches capture
+    /// to new partitions. Returns how many events it removed.
+    async fn clean(&self, partitions_warned: &mut bool) -> Result<u64, Error> {
+        let set = &self.set;
+        let limit = CLEANUP_TIMEOUT.max(heartbeat(set) * 2);
+        let mut guard = self.client().await?;
+        let Some(client) = guard.as_ref() else {
+            return Ok(0);
+        };
+        let slaves: Vec<i32> = set.slaves.keys().map(|&n| n as i32).collect();
+        let keep = set.log_keep.as_secs_f64();
+        let cleanup = registry::clean(client, &set.name, &slaves, keep);
+        let removed = bounded(cleanup, Side::Master, limit).await;
+        forget_lost(&mut guard, &removed);
+        let removed = removed?;
+        let Some(client) = guard.as_ref() else {
+            return Ok(removed);
+        };
+        // Partitions made ahead (pg_partman) get capture for the writes made
+        // straight into them; the daemon's role may lack the right.
+        match bounded(capture::attach_partitions(client), Side::Master, limit).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("capture attached to {n} new partition(s)"),
+            Err(e @ Error::Lost { .. }) => {
+                *guard = None;
+                return Err(e);
+            }
+            Err(e) if !*partitions_warned => {
+                *partitions_warned = true;
+                tracing::warn!(
+                    "{e}: run pgreplica install to capture writes made straight into new partitions"
+                );
+            }
+            Err(_) => {}
+        }
+        if removed > 0 {
+            tracing::debug!("removed {removed} applied events from the master's log");
+        }
+        Ok(removed)
+    }
+}
+
+fn lost() -> Error {
+    Error::Lost {
+        side: Side::Master,
+        what: "was lost".into(),
+    }
+}
+
+/// Drops a session that gave no answer: the next use connects again.
+fn forget_lost<T>(session: &mut Option<Client>, result: &Result<T, Error>) {
+    if let Err(Error::Lost { .. }) = result {
+        *session = None;
+    }
+}
+
+/// Writes what the tasks hand in, all that came in meanwhile at once, and
+/// cleans the log at intervals; retries with backoff while the master is away.
+async fn reporter(session: Arc<Session>, mut notes: mpsc::UnboundedReceiver<Note>) {
+    let mut reports: BTreeMap<u32, Report> = BTreeMap::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut last_cleanup: Option<Instant> = None;
+    let mut partitions_warned = false;
+    let mut backoff = Duration::from_secs(1);
+    let mut open = true;
+    loop {
+        if reports.is_empty() && waiting.is_empty() {
+            match notes.recv().await {
+                Some(note) => take(note, &mut reports, &mut waiting),
+                None => return,
+            }
+        }
+        loop {
+            match notes.try_recv() {
+                Ok(note) => take(note, &mut reports, &mut waiting),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let written = match reports.is_empty() {
+            true => Ok(()),
+            false => session.write(&reports).await,
+        };
+        match written {
+            Ok(()) => {
+                reports.clear();
+                backoff = Duration::from_secs(1);
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "reporting progress to the master: {e}; again in {}s",
+                    backoff.as_secs()
+                );
+                if !open {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        }
+        if !open {
+            return;
+        }
+        if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
+            // A full round means more to remove: again at once.
+            loop {
+                match session.clean(&mut partitions_warned).await {
+                    Ok(registry::CLEANUP_ROWS..) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::debug!("cleaning the master's log: {e}");
+                        break;
+                    }
+                }
+            }
+            last_cleanup = Some(Instant::now());
+        }
+    }
+}
+
+/// Adds a note to what waits to be written: the last word on each slave wins,
+/// its counts add up.
+fn take(note: Note, reports: &mut BTreeMap<u32, Report>, waiting: &mut Vec<oneshot::Sender<()>>) {
+    match note {
+        Note::Progress(slave, at, events, conflicts) => {
+            let report = reports.entry(slave).or_default();
+            report.at = Some(at);
+            report.events += events;
+            report.conflicts += conflicts;
+            report.error = None;
+        }
+        Note::Error(slave, error) => reports.entry(slave).or_default().error = Some(error),
+        Note::Flush(done) => waiting.push(done),
+    }
+}

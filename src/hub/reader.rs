@@ -1,0 +1,341 @@
+//! The reader: one session on the master that reads the log for every slave
+//! of a set.
+//!
+//! Slaves that are at the same position ask for the same piece; it is read
+//! once and handed to each from a small cache. A slave asking for the batch
+//! after its position is given the newest end the reader has handed out (the
+//! head) when that end is past its position, so a slave that was behind
+//! catches up to where the others are and shares their pieces from then on. A
+//! slave too slow for the cache simply reads its own pieces: it never holds
+//! the others back, and memory stays bounded.
+//!
+//! The requests that come together are served in one read-only transaction
+//! (one commit on the master per round, whatever the number of slaves). A
+//! batch too large for one piece is read through a cursor kept open while its
+//! slaves come back for the next piece.
+
+use super::{Ask, Piece, Request, alive, bounded, heartbeat};
+use crate::batch::{Batch, current_snapshot};
+use crate::config::Config;
+use crate::error::{Context, Error, Side};
+use crate::event::{Origins, Snapshot};
+use crate::{capture, db, sequence};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, Transaction};
+
+/// A piece ends after this many events, or this much row data.
+const PIECE_EVENTS: usize = 1000;
+const PIECE_BYTES: usize = 1 << 20;
+/// The cache keeps the newest pieces up to this many bytes, or pieces.
+const CACHE_BYTES: usize = 16 << 20;
+const CACHE_PIECES: usize = 256;
+/// Cursors kept open over batches being read in pieces.
+const MAX_STREAMS: usize = 4;
+/// How long an open cursor waits for its slaves to come back.
+const STREAM_WAIT: Duration = Duration::from_millis(200);
+/// Longest time one read-only transaction stays open on the master.
+const MAX_OPEN: Duration = Duration::from_secs(5);
+
+/// A batch being read in pieces: what was asked, and its cursor.
+struct Stream<'t> {
+    key: Ask,
+    /// The last event handed out.
+    delivered: i64,
+    batch: Batch<'t>,
+}
+
+/// The pieces read lately, newest last.
+#[derive(Default)]
+struct Cache {
+    pieces: VecDeque<(Ask, Arc<Piece>)>,
+    bytes: usize,
+}
+
+impl Cache {
+    /// The piece for `ask`; with no end given, any batch from its position.
+    fn get(&self, ask: &Ask) -> Option<Arc<Piece>> {
+        self.pieces
+            .iter()
+            .rev()
+            .find(|(key, _)| match &ask.target {
+                Some(_) => key == ask,
+                None => {
+                    Ask {
+                        target: None,
+                        ..key.clone()
+                    } == *ask
+                }
+            })
+            .map(|(_, piece)| piece.clone())
+    }
+
+    fn put(&mut self, key: Ask, piece: Arc<Piece>) {
+        self.bytes += piece.bytes;
+        self.pieces.push_back((key, piece));
+        while self.bytes > CACHE_BYTES || self.pieces.len() > CACHE_PIECES {
+            match self.pieces.pop_front() {
+                Some((_, old)) => self.bytes -= old.bytes,
+                None => break,
+            }
+        }
+    }
+}
+
+/// What the reader keeps between rounds.
+struct Reader {
+    set: Arc<Config>,
+    /// Whether the reader serves a daemon, which sets capture up on the master.
+    daemon: bool,
+    /// The events every slave of the set may take (each slave leaves out
+    /// those that came from itself).
+    origins: Origins,
+    client: Option<Client>,
+    /// The newest end of a batch handed out.
+    head: Option<Snapshot>,
+    cache: Cache,
+}
+
+/// Serves the requests of a set's slave tasks until every handle is gone.
+pub(super) async fn serve(set: Arc<Config>, daemon: bool, mut asked: mpsc::Receiver<Request>) {
+    let every = heartbeat(&set);
+    let origins = Origins {
+        slave: None,
+        ..set.origins(0)
+    };
+    let mut reader = Reader {
+        set,
+        daemon,
+        origins,
+        client: None,
+        head: None,
+        cache: Cache::default(),
+    };
+    loop {
+        let first = tokio::select! {
+            request = asked.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+            _ = tokio::time::sleep(every), if reader.client.is_some() => {
+                // Idle: a session gone silent is replaced before it is needed.
+                if let Some(client) = &reader.client
+                    && let Err(e) = alive(client, Side::Master, every * 2).await
+                {
+                    tracing::debug!("the reader's session on the master: {e}");
+                    reader.client = None;
+                }
+                continue;
+            }
+        };
+        if let Err(e) = reader.round(first, &mut asked).await {
+            tracing::debug!("the reader's session on the master: {e}");
+            reader.client = None;
+        }
+    }
+}
+
+impl Reader {
+    /// Serves `first` and the requests that follow it in one transaction.
+    /// An error ends the round and the session; it went to the request.
+    async fn round(
+        &mut self,
+        first: Request,
+        asked: &mut mpsc::Receiver<Request>,
+    ) -> Result<(), Error> {
+        let limit = self.set.batch_timeout;
+        let every = heartbeat(&self.set);
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            match bounded(self.connect(), Side::Master, limit).await {
+                Ok(client) => self.client = Some(client),
+                Err(e) => return Err(refuse(first, e)),
+            }
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Ok(());
+        };
+        let begin = client.build_transaction().read_only(true).start();
+        let tx = match bounded(
+            async { begin.await.on_master("starting a read on the master") },
+            Side::Master,
+            every * 2,
+        )
+        .await
+        {
+            Ok(tx) => tx,
+            Err(e) => return Err(refuse(first, e)),
+        };
+        let (head, cache, origins) = (&mut self.head, &mut self.cache, &self.origins);
+        let mut streams: Vec<Stream<'_>> = Vec::new();
+        let began = Instant::now();
+        let mut next = Some(first);
+        let mut failed = None;
+        while let Some(request) = next.take() {
+            match request {
+                Request::Ping(reply) => {
+                    let ping = async {
+                        tx.simple_query("SELECT 1")
+                            .await
+                            .map(|_| ())
+                            .on_master("checking the master")
+                    };
+                    let result = bounded(ping, Side::Master, every * 2).await;
+                    failed = result.as_ref().err().map(ToString::to_string);
+                    let _ = reply.send(result);
+                }
+                Request::Read(ask, reply) => {
+                    let read = read(&tx, &mut streams, head, cache, origins, ask);
+                    let result = bounded(read, Side::Master, limit).await;
+                    failed = result.as_ref().err().map(ToString::to_string);
+                    let _ = reply.send(result);
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+            next = match asked.try_recv() {
+                Ok(request) => Some(request),
+                Err(_) if streams.is_empty() || began.elapsed() > MAX_OPEN => None,
+                Err(_) => tokio::time::timeout(STREAM_WAIT, asked.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+        }
+        drop(streams);
+        if let Some(what) = failed {
+            return Err(Error::Lost {
+                side: Side::Master,
+                what,
+            });
+        }
+        let commit = async { tx.commit().await.on_master("ending a read on the master") };
+        bounded(commit, Side::Master, every * 2).await
+    }
+
+    /// A new session: pgreplica's version checked and, for a daemon, the
+    /// set's capture options set on the master.
+    async fn connect(&self) -> Result<Client, Error> {
+        let client = db::connect(&self.set.master, self.set.keepalive).await?;
+        capture::check_version(&client).await?;
+        if self.daemon && !self.set.tables.is_empty() {
+            capture::configure(&client, &self.set).await?;
+        }
+        Ok(client)
+    }
+}
+
+/// Hands `e` to the request, and keeps its text for the log.
+fn refuse(request: Request, e: Error) -> Error {
+    let what = e.to_string();
+    match request {
+        Request::Read(_, reply) => {
+            let _ = reply.send(Err(e));
+        }
+        Request::Ping(reply) => {
+            let _ = reply.send(Err(e));
+        }
+    }
+    Error::Lost {
+        side: Side::Master,
+        what,
+    }
+}
+
+/// The piece `ask` wants, from the cache, an open cursor or a new one.
+async fn read<'t>(
+    tx: &'t Transaction<'t>,
+    streams: &mut Vec<Stream<'t>>,
+    head: &mut Option<Snapshot>,
+    cache: &mut Cache,
+    origins: &Origins,
+    ask: Ask,
+) -> Result<Arc<Piece>, Error> {
+    if let Some(piece) = cache.get(&ask) {
+        return Ok(piece);
+    }
+    let target = match (&ask.target, &*head) {
+        (Some(target), _) => target.clone(),
+        (None, Some(newest)) if newest.includes(&ask.prev) && !newest.same_as(&ask.prev) => {
+            newest.clone()
+        }
+        (None, _) => {
+            let now = current_snapshot(tx).await?;
+            if head.as_ref().is_none_or(|h| now.includes(h)) {
+                *head = Some(now.clone());
+            }
+            now
+        }
+    };
+    if target.same_as(&ask.prev) {
+        return Ok(Arc::new(Piece {
+            target,
+            events: Vec::new(),
+            done: true,
+            sequences: None,
+            bytes: 0,
+        }));
+    }
+    let key = Ask {
+        target: Some(target.clone()),
+        ..ask
+    };
+    if let Some(piece) = cache.get(&key) {
+        return Ok(piece);
+    }
+    let open = streams.iter().position(|s| {
+        s.delivered == key.after
+            && Ask {
+                after: key.after,
+                ..s.key.clone()
+            } == key
+    });
+    let mut stream = match open {
+        Some(at) => streams.remove(at),
+        None => {
+            let mut batch =
+                Batch::between(tx, &key.prev, target.clone(), key.after, None, origins).await?;
+            batch.skip(key.skip.iter().cloned().collect());
+            Stream {
+                key: key.clone(),
+                delivered: key.after,
+                batch,
+            }
+        }
+    };
+    let mut piece = Piece {
+        target,
+        events: Vec::new(),
+        done: false,
+        sequences: None,
+        bytes: 0,
+    };
+    while piece.events.len() < PIECE_EVENTS && piece.bytes < PIECE_BYTES {
+        match stream.batch.next().await? {
+            Some((table, event)) => {
+                piece.bytes += event.size();
+                stream.delivered = event.id;
+                piece.events.push((table, event));
+            }
+            None => {
+                piece.done = true;
+                break;
+            }
+        }
+    }
+    if piece.done && key.sequences {
+        piece.sequences = Some(sequence::read(tx).await?);
+    }
+    if !piece.done {
+        streams.push(stream);
+        if streams.len() > MAX_STREAMS {
+            streams.remove(0);
+        }
+    }
+    let piece = Arc::new(piece);
+    cache.put(key, piece.clone());
+    Ok(piece)
+}
