@@ -163,7 +163,7 @@ impl Running {
                 describe(&config, "pgreplica started replicating"),
             );
         }
-        let hub = Hub::start(config.clone(), true, stopped.clone());
+        let hub = Hub::start(config.clone(), true);
         let mut tasks: Vec<_> = config
             .slaves
             .keys()
@@ -223,7 +223,6 @@ impl Running {
             ok &= task.await.unwrap_or(false);
         }
         self.hub.book.flush(REPORT_FLUSH).await;
-        let _ = self.stop.send(true);
         if !self.once {
             self.mailer.send(
                 Notice::Stop,

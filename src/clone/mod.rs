@@ -271,8 +271,7 @@ async fn handover(
     let doing = "handing the copied tables over to replication";
     let mut pipeline = Pipeline::new(set, slave)?;
     // Batches to finish first come through a reader of their own.
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    let hub = Hub::start(std::sync::Arc::new(set.clone()), false, stopped);
+    let hub = Hub::start(std::sync::Arc::new(set.clone()), false);
     loop {
         let tx = slave_client.transaction().await.on_slave(doing)?;
         let (progress, _) = slave::lock_set(&tx, &set.name).await?;

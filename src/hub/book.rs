@@ -19,6 +19,9 @@ use tokio_postgres::Client;
 const CLEANUP_EVERY: Duration = Duration::from_secs(10);
 /// Least time one round of cleanup of the master's log may take.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two writes of the reports: what comes in meanwhile is
+/// written together.
+const REPORT_EVERY: Duration = Duration::from_millis(10);
 /// Longest wait between two attempts to write the reports.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -215,7 +218,11 @@ async fn reporter(session: Arc<Session>, mut notes: mpsc::UnboundedReceiver<Note
         }
         let written = match reports.is_empty() {
             true => Ok(()),
-            false => session.write(&reports).await,
+            false => {
+                let written = session.write(&reports).await;
+                tokio::time::sleep(REPORT_EVERY).await;
+                written
+            }
         };
         match written {
             Ok(()) => {

@@ -64,7 +64,9 @@ pub struct Piece {
 }
 
 enum Request {
-    Read(Ask, oneshot::Sender<Result<Arc<Piece>, Error>>),
+    /// A piece, for a task that has seen this many NOTIFYs: the batch it gets
+    /// ends at a snapshot taken after the last of them.
+    Read(Ask, u64, oneshot::Sender<Result<Arc<Piece>, Error>>),
     Ping(oneshot::Sender<Result<(), Error>>),
 }
 
@@ -82,14 +84,14 @@ pub struct Hub {
 
 impl Hub {
     /// Starts the reader of `set`'s master and, for a daemon (`listen`), the
-    /// listener. They end when every handle is dropped or `stop` turns true.
-    pub fn start(set: Arc<Config>, listen: bool, stop: watch::Receiver<bool>) -> Hub {
+    /// listener. They end when every handle is dropped.
+    pub fn start(set: Arc<Config>, listen: bool) -> Hub {
         let (requests, asked) = mpsc::channel(1024);
         let (waker, wake) = watch::channel(0);
         let listening = Arc::new(AtomicBool::new(false));
-        tokio::spawn(reader::serve(set.clone(), listen, asked));
+        tokio::spawn(reader::serve(set.clone(), listen, asked, wake.clone()));
         if listen {
-            tokio::spawn(listener(set.clone(), waker, listening.clone(), stop));
+            tokio::spawn(listener(set.clone(), waker, listening.clone()));
         }
         Hub {
             requests,
@@ -102,7 +104,8 @@ impl Hub {
     /// The next piece for a slave at `ask`'s position.
     pub async fn read(&self, ask: Ask) -> Result<Arc<Piece>, Error> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Read(ask, reply)).await?;
+        let seen = *self.wake.borrow();
+        self.send(Request::Read(ask, seen, reply)).await?;
         answer.await.unwrap_or_else(|_| Err(gone()))
     }
 
@@ -140,12 +143,7 @@ pub fn heartbeat(set: &Config) -> Duration {
 /// Listens on the master, reconnecting with backoff (up to the heartbeat),
 /// and counts each NOTIFY (and each new LISTEN, after which something may
 /// have been missed) in `wake`.
-async fn listener(
-    set: Arc<Config>,
-    wake: watch::Sender<u64>,
-    listening: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn listener(set: Arc<Config>, wake: watch::Sender<u64>, listening: Arc<AtomicBool>) {
     let every = heartbeat(&set);
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -165,7 +163,7 @@ async fn listener(
                                 break e;
                             }
                         }
-                        _ = stop.changed() => return,
+                        _ = wake.closed() => return,
                     }
                 }
             }
@@ -178,12 +176,9 @@ async fn listener(
         );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+            _ = wake.closed() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF).min(every);
-        if wake.is_closed() {
-            return;
-        }
     }
 }
 

@@ -4,8 +4,9 @@
 //! Slaves that are at the same position ask for the same piece; it is read
 //! once and handed to each from a small cache. A slave asking for the batch
 //! after its position is given the newest end the reader has handed out (the
-//! head) when that end is past its position, so a slave that was behind
-//! catches up to where the others are and shares their pieces from then on. A
+//! head) when that end is past its position and was taken after the last
+//! NOTIFY the slave has seen, so a slave that was behind catches up to where
+//! the others are and shares their pieces from then on. A
 //! slave too slow for the cache simply reads its own pieces: it never holds
 //! the others back, and memory stays bounded.
 //!
@@ -23,7 +24,7 @@ use crate::{capture, db, sequence};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, Transaction};
 
 /// A piece ends after this many events, or this much row data.
@@ -93,13 +94,21 @@ struct Reader {
     /// those that came from itself).
     origins: Origins,
     client: Option<Client>,
-    /// The newest end of a batch handed out.
-    head: Option<Snapshot>,
+    /// The newest end of a batch handed out, and the NOTIFYs seen before it
+    /// was taken.
+    head: Option<(Snapshot, u64)>,
+    /// Counts the NOTIFYs.
+    wake: watch::Receiver<u64>,
     cache: Cache,
 }
 
 /// Serves the requests of a set's slave tasks until every handle is gone.
-pub(super) async fn serve(set: Arc<Config>, daemon: bool, mut asked: mpsc::Receiver<Request>) {
+pub(super) async fn serve(
+    set: Arc<Config>,
+    daemon: bool,
+    mut asked: mpsc::Receiver<Request>,
+    wake: watch::Receiver<u64>,
+) {
     let every = heartbeat(&set);
     let origins = Origins {
         slave: None,
@@ -111,6 +120,7 @@ pub(super) async fn serve(set: Arc<Config>, daemon: bool, mut asked: mpsc::Recei
         origins,
         client: None,
         head: None,
+        wake,
         cache: Cache::default(),
     };
     loop {
@@ -130,6 +140,10 @@ pub(super) async fn serve(set: Arc<Config>, daemon: bool, mut asked: mpsc::Recei
                 continue;
             }
         };
+        // Slaves that follow another one to the same piece cost the master nothing.
+        let Some(first) = reader.serve_cached(first) else {
+            continue;
+        };
         if let Err(e) = reader.round(first, &mut asked).await {
             tracing::debug!("the reader's session on the master: {e}");
             reader.client = None;
@@ -138,6 +152,30 @@ pub(super) async fn serve(set: Arc<Config>, daemon: bool, mut asked: mpsc::Recei
 }
 
 impl Reader {
+    /// Answers a request for a piece that is in the cache; hands back the
+    /// others.
+    fn serve_cached(&self, request: Request) -> Option<Request> {
+        let Request::Read(ask, seen, reply) = request else {
+            return Some(request);
+        };
+        let target = match (&ask.target, &self.head) {
+            (Some(target), _) => target,
+            (None, Some((newest, after))) if fresh(newest, *after, &ask, seen) => newest,
+            _ => return Some(Request::Read(ask, seen, reply)),
+        };
+        let key = Ask {
+            target: Some(target.clone()),
+            ..ask.clone()
+        };
+        match self.cache.get(&key) {
+            Some(piece) => {
+                let _ = reply.send(Ok(piece));
+                None
+            }
+            None => Some(Request::Read(ask, seen, reply)),
+        }
+    }
+
     /// Serves `first` and the requests that follow it in one transaction.
     /// An error ends the round and the session; it went to the request.
     async fn round(
@@ -169,6 +207,7 @@ impl Reader {
             Err(e) => return Err(refuse(first, e)),
         };
         let (head, cache, origins) = (&mut self.head, &mut self.cache, &self.origins);
+        let wake = &self.wake;
         let mut streams: Vec<Stream<'_>> = Vec::new();
         let began = Instant::now();
         let mut next = Some(first);
@@ -186,8 +225,11 @@ impl Reader {
                     failed = result.as_ref().err().map(ToString::to_string);
                     let _ = reply.send(result);
                 }
-                Request::Read(ask, reply) => {
-                    let read = read(&tx, &mut streams, head, cache, origins, ask);
+                Request::Read(ask, seen, reply) => {
+                    let read = async {
+                        let target = target(&tx, head, wake, &ask, seen).await?;
+                        read(&tx, &mut streams, target, cache, origins, ask).await
+                    };
                     let result = bounded(read, Side::Master, limit).await;
                     failed = result.as_ref().err().map(ToString::to_string);
                     let _ = reply.send(result);
@@ -232,7 +274,7 @@ impl Reader {
 fn refuse(request: Request, e: Error) -> Error {
     let what = e.to_string();
     match request {
-        Request::Read(_, reply) => {
+        Request::Read(_, _, reply) => {
             let _ = reply.send(Err(e));
         }
         Request::Ping(reply) => {
@@ -245,31 +287,49 @@ fn refuse(request: Request, e: Error) -> Error {
     }
 }
 
-/// The piece `ask` wants, from the cache, an open cursor or a new one.
+/// Where the batch `ask` wants ends: where the slave is in the middle of
+/// one, the newest end handed out when it is past the slave's position and
+/// newer than the last NOTIFY the slave has `seen`, or else the master's
+/// snapshot now.
+async fn target(
+    tx: &Transaction<'_>,
+    head: &mut Option<(Snapshot, u64)>,
+    wake: &watch::Receiver<u64>,
+    ask: &Ask,
+    seen: u64,
+) -> Result<Snapshot, Error> {
+    if let Some(target) = &ask.target {
+        return Ok(target.clone());
+    }
+    if let Some((newest, after)) = &*head
+        && fresh(newest, *after, ask, seen)
+    {
+        return Ok(newest.clone());
+    }
+    let count = *wake.borrow();
+    let now = current_snapshot(tx).await?;
+    if head.as_ref().is_none_or(|(h, _)| now.includes(h)) {
+        *head = Some((now.clone(), count));
+    }
+    Ok(now)
+}
+
+/// Whether the newest end handed out, taken `after` that many NOTIFYs, can end
+/// the batch of a slave at `ask` that has `seen` that many.
+fn fresh(newest: &Snapshot, after: u64, ask: &Ask, seen: u64) -> bool {
+    after >= seen && newest.includes(&ask.prev) && !newest.same_as(&ask.prev)
+}
+
+/// The piece of the batch from `ask`'s position to `target`, from the cache,
+/// an open cursor or a new one.
 async fn read<'t>(
     tx: &'t Transaction<'t>,
     streams: &mut Vec<Stream<'t>>,
-    head: &mut Option<Snapshot>,
+    target: Snapshot,
     cache: &mut Cache,
     origins: &Origins,
     ask: Ask,
 ) -> Result<Arc<Piece>, Error> {
-    if let Some(piece) = cache.get(&ask) {
-        return Ok(piece);
-    }
-    let target = match (&ask.target, &*head) {
-        (Some(target), _) => target.clone(),
-        (None, Some(newest)) if newest.includes(&ask.prev) && !newest.same_as(&ask.prev) => {
-            newest.clone()
-        }
-        (None, _) => {
-            let now = current_snapshot(tx).await?;
-            if head.as_ref().is_none_or(|h| now.includes(h)) {
-                *head = Some(now.clone());
-            }
-            now
-        }
-    };
     if target.same_as(&ask.prev) {
         return Ok(Arc::new(Piece {
             target,
