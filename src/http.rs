@@ -181,6 +181,7 @@ th, td { padding: .35em .8em; border-bottom: 1px solid #ddd; text-align: left; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .running { color: #176f2c; } .stopped, .unknown { color: #b3261e; font-weight: bold; }
 .lagging { background: #fff4d6; }
+tr.summary td { font-weight: bold; background: #f2f4f7; }
 svg polyline { fill: none; stroke: #3467c2; stroke-width: 1.5; }
 #error { color: #b3261e; }
 </style></head>
@@ -212,17 +213,36 @@ async function refresh() {
     const slaves = await answer.json();
     const body = document.getElementById('slaves');
     body.replaceChildren();
-    for (const s of slaves) {
-      const key = s.set + '/' + s.slave;
-      const points = (history[key] = (history[key] || []).concat([s.lag_seconds]).slice(-60));
-      const tr = document.createElement('tr');
-      if (s.lagging) tr.className = 'lagging';
-      tr.append(cell(s.set), cell(s.slave, 'n'), cell(s.state, s.state.replace(' ', '-')),
-                cell(s.events_waiting, 'n'), cell(s.lag_seconds.toFixed(1), 'n'));
-      const spark = document.createElement('td');
-      spark.innerHTML = sparkline(points);
-      tr.append(spark, cell(s.last_apply || '-'), cell(s.last_error || '-'));
-      body.append(tr);
+    // One summary line per set, then its slaves: stopped first, then lagging,
+    // the most behind first, so that a set of hundreds shows its problems on top.
+    const sets = new Map();
+    for (const s of slaves) sets.set(s.set, (sets.get(s.set) || []).concat([s]));
+    const rank = s => s.state !== 'running' ? 0 : s.lagging ? 1 : 2;
+    for (const [name, list] of sets) {
+      const stopped = list.filter(s => rank(s) === 0).length;
+      const lagging = list.filter(s => rank(s) === 1).length;
+      const most = Math.max(...list.map(s => s.lag_seconds));
+      const summary = document.createElement('tr');
+      summary.className = 'summary' + (stopped ? ' stopped' : lagging ? ' lagging' : '');
+      const td = cell(`${name}: ${list.length} slave${list.length === 1 ? '' : 's'}, ` +
+        `${list.length - stopped} running, ${stopped} stopped, ${lagging} lagging; ` +
+        `most lag ${most.toFixed(1)} s`);
+      td.colSpan = 8;
+      summary.append(td);
+      body.append(summary);
+      list.sort((a, b) => rank(a) - rank(b) || b.lag_seconds - a.lag_seconds || a.slave - b.slave);
+      for (const s of list) {
+        const key = s.set + '/' + s.slave;
+        const points = (history[key] = (history[key] || []).concat([s.lag_seconds]).slice(-60));
+        const tr = document.createElement('tr');
+        if (s.lagging) tr.className = 'lagging';
+        tr.append(cell(s.set), cell(s.slave, 'n'), cell(s.state, s.state.replace(' ', '-')),
+                  cell(s.events_waiting, 'n'), cell(s.lag_seconds.toFixed(1), 'n'));
+        const spark = document.createElement('td');
+        spark.innerHTML = sparkline(points);
+        tr.append(spark, cell(s.last_apply || '-'), cell(s.last_error || '-'));
+        body.append(tr);
+      }
     }
     document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
     document.getElementById('error').textContent = '';

@@ -106,10 +106,17 @@ fn chromium() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_page_renders_the_slaves_in_a_real_browser() {
-    let s = Setup::new(1, ITEMS).await;
+    let s = Setup::new(2, ITEMS).await;
+    // Slave 2 lacks the table: it stops on an error, and the page says so first.
+    s.slave(1)
+        .await
+        .batch_execute("DROP TABLE items")
+        .await
+        .unwrap();
     let (_daemon, port) = serving(&s);
     s.arrives("INSERT INTO items VALUES (1, 'one', 1)", ALL)
         .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let dir = std::env::temp_dir().join(format!("pgreplica-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let shot = dir.join("status.png");
@@ -133,6 +140,7 @@ async fn the_status_page_renders_the_slaves_in_a_real_browser() {
     let dom = browser(&["--dump-dom"]);
     let dom = String::from_utf8_lossy(&dom.stdout);
     for part in [
+        "app: 2 slaves, 1 running, 1 stopped, 0 lagging",
         "<td>app</td>",
         "class=\"running\">running</td>",
         "<svg",
@@ -140,6 +148,11 @@ async fn the_status_page_renders_the_slaves_in_a_real_browser() {
     ] {
         assert!(dom.contains(part), "the page shows {part}:\n{dom}");
     }
+    let (stopped, running) = (dom.find(">stopped</td>"), dom.find(">running</td>"));
+    assert!(
+        stopped.is_some() && stopped < running,
+        "the stopped slave comes first:\n{dom}"
+    );
     // And a screenshot of it, kept for a look.
     let out = browser(&[&format!("--screenshot={}", shot.display())]);
     let png = std::fs::read(&shot)

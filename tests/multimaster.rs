@@ -20,6 +20,8 @@ const ALL: &str = "SELECT * FROM items ORDER BY id";
 /// Databases named n0, n1, … each with capture installed, and the sets that link them.
 struct Nodes {
     clusters: Vec<Server>,
+    /// Each node's server (an index into `clusters`) and database.
+    nodes: Vec<(usize, String)>,
     dir: PathBuf,
     confs: Vec<PathBuf>,
     /// Nodes the daemon reaches through a proxy, and the proxy's port.
@@ -29,14 +31,26 @@ struct Nodes {
 }
 
 impl Nodes {
+    /// `n` nodes, each on a server of its own.
     async fn start(n: usize) -> Nodes {
-        let clusters: Vec<Server> = (0..n).map(|_| server("UTC")).collect();
-        for c in &clusters {
-            let admin = connect(&c.dsn("postgres")).await;
-            admin.batch_execute("CREATE DATABASE app").await.unwrap();
-            let mut client = connect(&c.dsn("app")).await;
+        Nodes::on_servers(n, n).await
+    }
+
+    /// `n` nodes, as databases spread over `servers` servers.
+    async fn on_servers(n: usize, servers: usize) -> Nodes {
+        let clusters: Vec<Server> = (0..servers).map(|_| server("UTC")).collect();
+        let mut nodes = Vec::new();
+        for k in 0..n {
+            let (c, db) = (k % servers, format!("app{}", k / servers));
+            let admin = connect(&clusters[c].dsn("postgres")).await;
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .unwrap();
+            let mut client = connect(&clusters[c].dsn(&db)).await;
             client.batch_execute(ITEMS).await.unwrap();
             capture::install(&mut client, &[], None).await.unwrap();
+            nodes.push((c, db));
         }
         let dir = std::env::temp_dir().join(format!(
             "pgreplica-mm-{}-{}",
@@ -46,6 +60,7 @@ impl Nodes {
         std::fs::create_dir_all(&dir).unwrap();
         Nodes {
             clusters,
+            nodes,
             dir,
             confs: Vec::new(),
             via: Vec::new(),
@@ -55,10 +70,11 @@ impl Nodes {
 
     /// Node `n`'s connection string in the config files.
     fn dsn(&self, n: usize) -> String {
-        let dsn = self.clusters[n].dsn("app");
+        let (c, db) = &self.nodes[n];
+        let dsn = self.clusters[*c].dsn(db);
         match self.via.iter().find(|(v, _)| *v == n) {
             Some((_, port)) => dsn.replace(
-                &format!("port={}", self.clusters[n].port),
+                &format!("port={}", self.clusters[*c].port),
                 &format!("port={port}"),
             ),
             None => dsn,
@@ -100,7 +116,8 @@ impl Nodes {
     }
 
     async fn client(&self, n: usize) -> Client {
-        connect(&self.clusters[n].dsn("app")).await
+        let (c, db) = &self.nodes[n];
+        connect(&self.clusters[*c].dsn(db)).await
     }
 
     async fn rows(&self, n: usize) -> Vec<u8> {
@@ -115,7 +132,7 @@ impl Nodes {
         loop {
             let first = self.rows(0).await;
             let mut same = true;
-            for n in 1..self.clusters.len() {
+            for n in 1..self.nodes.len() {
                 same &= self.rows(n).await == first;
             }
             if same {
@@ -184,7 +201,7 @@ async fn applied_exactly(nodes: &Nodes, expected: &[i64]) {
 async fn write_everywhere(nodes: &Nodes, seconds: u64) -> Vec<i64> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
-    for n in 0..nodes.clusters.len() {
+    for n in 0..nodes.nodes.len() {
         let client = nodes.client(n).await;
         writers.push(tokio::spawn(write(client, n as i32 * 1000, stop.clone())));
     }
@@ -224,6 +241,43 @@ async fn a_star_converges_through_its_hub() {
     applied_exactly(&nodes, &[hub, changed[1], changed[2]]).await;
     daemon.terminate();
     assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_with_twenty_spokes_converges_with_exact_event_counts() {
+    let spokes = 20;
+    let mut nodes = Nodes::on_servers(spokes + 1, 3).await;
+    let all: Vec<usize> = (1..=spokes).collect();
+    nodes.link(0, &all, "FORWARD=all\n");
+    for spoke in 1..=spokes {
+        nodes.link(spoke, &[0], "FORWARD=local\n");
+    }
+    let mut daemon = nodes.spawn();
+    let changed = write_everywhere(&nodes, 10).await;
+    // The hub's set carries its own changes to every spoke, and each spoke's
+    // to the other spokes.
+    let from_spokes: i64 = changed[1..].iter().sum();
+    let mut expected = vec![spokes as i64 * changed[0] + (spokes as i64 - 1) * from_spokes];
+    expected.extend(&changed[1..]);
+    applied_exactly(&nodes, &expected).await;
+    // On the hub: its own set's three sessions, and one per spoke's set
+    // (the hub is their slave).
+    let hub = nodes.client(0).await;
+    let sessions: i64 = hub
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgreplica'
+                AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    daemon.terminate();
+    assert!(!nodes.log().contains("conflict:"), "{}", nodes.log());
+    assert!(
+        sessions <= 3 + spokes as i64,
+        "{sessions} sessions on the hub"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
