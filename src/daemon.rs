@@ -421,8 +421,14 @@ impl SlaveTask {
         let heartbeat = hub::heartbeat(&set);
         let mut prev = self.hub.book.register(&slave_client, slave).await?;
         let mut pipeline = Pipeline::new(&set, slave)?;
+        let mut continuing = false;
         loop {
-            wake.borrow_and_update();
+            // The NOTIFYs seen so far are answered by a batch that ends at a
+            // new snapshot; the rest of a batch cut into steps ends where it
+            // began, so those that came meanwhile still wake the task after it.
+            if !continuing {
+                wake.borrow_and_update();
+            }
             let began = Instant::now();
             let replicate::Step {
                 at: snapshot,
@@ -484,6 +490,7 @@ impl SlaveTask {
             // The registry on the master, written for all slaves at once.
             let book = &self.hub.book;
             book.progress(slave, prev.clone(), applied.events, applied.conflicts);
+            continuing = more;
             if more {
                 // The rest of a batch cut into steps: at once, no NOTIFY to wait for.
                 continue;

@@ -109,7 +109,8 @@ async fn many_slaves_of_one_master_stay_exact_through_crash_absence_and_restart(
     client.batch_execute(KEYED).await.unwrap();
     capture::install(&mut client, &[], None).await.unwrap();
     let conf = dir.join("office.conf");
-    let mut lines = format!("[MAIN]\nNAME=office\nDSN0={app}\nKEEPALIVE=2\nLOG_KEEP=86400\n");
+    let mut lines =
+        format!("[MAIN]\nNAME=office\nDSN0={app}\nKEEPALIVE=2\nLOG_KEEP=86400\nDEBUG_LEVEL=2\n");
     for (i, dsn) in dsns.iter().enumerate() {
         lines.push_str(&format!("DSN{}={dsn}\n", i + 1));
     }

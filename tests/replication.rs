@@ -411,6 +411,31 @@ async fn an_idle_daemon_applies_a_change_within_milliseconds() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_commit_made_while_a_batch_is_applied_in_steps_still_arrives() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    s.configure("BATCH_EVENTS=10\n");
+    let _daemon = s.spawn();
+    s.arrives(
+        "INSERT INTO t VALUES (0, 'first')",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
+    let master = s.master().await;
+    // 300 steps of 10 events; the last row commits (and notifies) meanwhile,
+    // and nothing is written after it.
+    master
+        .batch_execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 3000) g")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.arrives(
+        "INSERT INTO t VALUES (9999, 'last')",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_long_backlog_is_applied_in_bounded_steps() {
     let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     s.configure("BATCH_EVENTS=1000\n");
