@@ -37,6 +37,11 @@ const CACHE_PIECES: usize = 256;
 const MAX_STREAMS: usize = 4;
 /// How long an open cursor waits for its slaves to come back.
 const STREAM_WAIT: Duration = Duration::from_millis(200);
+/// Least time between two snapshots of the master: under a stream of
+/// commits, each round takes what committed meanwhile (a round costs the
+/// master one commit, whatever the number of slaves); an idle master's first
+/// commit is read at once.
+const ROUND_EVERY: Duration = Duration::from_millis(10);
 /// Longest time one read-only transaction stays open on the master.
 const MAX_OPEN: Duration = Duration::from_secs(5);
 
@@ -94,9 +99,9 @@ struct Reader {
     /// those that came from itself).
     origins: Origins,
     client: Option<Client>,
-    /// The newest end of a batch handed out, and the NOTIFYs seen before it
-    /// was taken.
-    head: Option<(Snapshot, u64)>,
+    /// The newest end of a batch handed out, the NOTIFYs seen before it was
+    /// taken, and when.
+    head: Option<(Snapshot, u64, Instant)>,
     /// Counts the NOTIFYs.
     wake: watch::Receiver<u64>,
     cache: Cache,
@@ -160,7 +165,7 @@ impl Reader {
         };
         let target = match (&ask.target, &self.head) {
             (Some(target), _) => target,
-            (None, Some((newest, after))) if fresh(newest, *after, &ask, seen) => newest,
+            (None, Some((newest, after, _))) if fresh(newest, *after, &ask, seen) => newest,
             _ => return Some(Request::Read(ask, seen, reply)),
         };
         let key = Ask {
@@ -293,7 +298,7 @@ fn refuse(request: Request, e: Error) -> Error {
 /// snapshot now.
 async fn target(
     tx: &Transaction<'_>,
-    head: &mut Option<(Snapshot, u64)>,
+    head: &mut Option<(Snapshot, u64, Instant)>,
     wake: &watch::Receiver<u64>,
     ask: &Ask,
     seen: u64,
@@ -301,15 +306,18 @@ async fn target(
     if let Some(target) = &ask.target {
         return Ok(target.clone());
     }
-    if let Some((newest, after)) = &*head
+    if let Some((newest, after, _)) = &*head
         && fresh(newest, *after, ask, seen)
     {
         return Ok(newest.clone());
     }
+    if let Some((_, _, taken)) = &*head {
+        tokio::time::sleep_until((*taken + ROUND_EVERY).into()).await;
+    }
     let count = *wake.borrow();
     let now = current_snapshot(tx).await?;
-    if head.as_ref().is_none_or(|(h, _)| now.includes(h)) {
-        *head = Some((now.clone(), count));
+    if head.as_ref().is_none_or(|(h, _, _)| now.includes(h)) {
+        *head = Some((now.clone(), count, Instant::now()));
     }
     Ok(now)
 }
