@@ -136,8 +136,8 @@ fn gone() -> Error {
     }
 }
 
-/// The time a master session's heartbeat allows: twice `KEEPALIVE`, or twice
-/// the idle check.
+/// How often an idle session checks its server: every `KEEPALIVE`, or every
+/// [`IDLE_CHECK`] without it; a check must answer within twice that.
 pub fn heartbeat(set: &Config) -> Duration {
     set.keepalive.unwrap_or(IDLE_CHECK)
 }
