@@ -228,9 +228,6 @@ async fn reporter(session: Arc<Session>, mut notes: mpsc::UnboundedReceiver<Note
             Ok(()) => {
                 reports.clear();
                 backoff = Duration::from_secs(1);
-                for done in waiting.drain(..) {
-                    let _ = done.send(());
-                }
             }
             Err(e) => {
                 tracing::warn!(
@@ -245,10 +242,7 @@ async fn reporter(session: Arc<Session>, mut notes: mpsc::UnboundedReceiver<Note
                 continue;
             }
         }
-        if !open {
-            return;
-        }
-        if last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
+        if open && last_cleanup.is_none_or(|t| t.elapsed() >= CLEANUP_EVERY) {
             // A full round means more to remove: again at once.
             loop {
                 match session.clean(&mut partitions_warned).await {
@@ -261,6 +255,14 @@ async fn reporter(session: Arc<Session>, mut notes: mpsc::UnboundedReceiver<Note
                 }
             }
             last_cleanup = Some(Instant::now());
+        }
+        // A flush (a daemon stopping, or `run --once` ending) waits for the
+        // cleanup too: what was applied leaves the log before the process does.
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+        if !open {
+            return;
         }
     }
 }
