@@ -10,9 +10,8 @@ mod support;
 
 use pgreplica::capture;
 use pgreplica::throwaway::Server;
-use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{connect, spawn_run, text};
+use support::{connect, pgbench, spawn_run};
 use tokio_postgres::Client;
 
 const TABLES: [&str; 4] = [
@@ -37,16 +36,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn pgbench(dsn: &str, args: &[&str]) {
-    let bin = pgreplica::programs::bin_dir().unwrap().join("pgbench");
-    let out = Command::new(&bin)
-        .args(args)
-        .arg(dsn)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    assert!(out.status.success(), "pgbench {args:?}: {}", text(&out));
 }
 
 fn start(settings: &str) -> Server {

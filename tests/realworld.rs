@@ -4,9 +4,8 @@
 mod support;
 
 use pgreplica::capture;
-use std::process::Command;
 use std::time::Duration;
-use support::{Setup, text};
+use support::{Setup, pgbench, text};
 
 /// A schema with what real databases carry on both sides: an audit trigger, a
 /// `BEFORE UPDATE` trigger that stamps rows, and foreign keys with cascades.
@@ -63,21 +62,6 @@ async fn the_slaves_own_triggers_and_foreign_key_actions_do_not_fire_while_apply
     for out in [&first, &second] {
         assert!(!text(out).contains("conflict:"), "{}", text(out));
     }
-}
-
-/// The newest installed PostgreSQL's pgbench.
-fn pgbench(dsn: &str, args: &[&str]) {
-    let bin = pgreplica::programs::bin_dir().unwrap().join("pgbench");
-    let out = Command::new(&bin)
-        .args(args)
-        .arg(dsn)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    assert!(
-        out.status.success(),
-        "pgbench {args:?} failed:\n{}",
-        text(&out)
-    );
 }
 
 /// A master and a slave that both hold `pgbench -i -s scale`'s tables (the

@@ -311,3 +311,18 @@ pub fn pgreplica_within(args: &[&str], limit: Duration) -> Option<Output> {
         stderr: Vec::new(),
     })
 }
+
+/// The newest installed PostgreSQL's pgbench.
+pub fn pgbench(dsn: &str, args: &[&str]) {
+    let bin = pgreplica::programs::bin_dir().unwrap().join("pgbench");
+    let out = Command::new(&bin)
+        .args(args)
+        .arg(dsn)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed:\n{}",
+        text(&out)
+    );
+}
