@@ -274,10 +274,13 @@ async fn watch_lag(
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        for &slave in set.slaves.keys() {
-            let Ok((events, seconds)) = book.lag(slave).await else {
+        let Ok(lags) = book.lags().await else {
+            continue;
+        };
+        for (&slave, &(events, seconds)) in &lags {
+            if !set.slaves.contains_key(&slave) {
                 continue;
-            };
+            }
             metrics.update(&set.name, slave, |m| {
                 m.lag_events = events;
                 m.lag_seconds = seconds;
@@ -497,6 +500,11 @@ impl SlaveTask {
             }
             if self.once {
                 return Ok(());
+            }
+            if applied.events > 0 {
+                // Busy: look for more at once (the reader paces its
+                // snapshots); only a task that found nothing waits for a NOTIFY.
+                continue;
             }
             // Idle until a NOTIFY; the heartbeat checks both servers meanwhile.
             loop {

@@ -6,6 +6,7 @@ use crate::db::redact;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use crate::slave;
+use std::collections::BTreeMap;
 use tokio_postgres::{Client, Row};
 
 const ENTER_SQL: &str = "
@@ -99,15 +100,26 @@ SELECT s.state, s.applied_at::text, s.seen_at::text, s.events, s.conflicts,
        CASE WHEN s.last_error IS NOT NULL THEN s.error_at::text || ': ' || s.last_error END
   FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
 
+// Per slave of a set: the events it has not applied, and the age of the
+// oldest committed one. Slaves at the same position are measured once.
 const LAG_SQL: &str = "
-SELECT (SELECT count(*) FROM pgreplica.log l
-         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
-           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)),
-       coalesce((SELECT extract(epoch FROM now() - min(l.ev_time))::float8 FROM pgreplica.log l
-         WHERE l.ev_txid >= txid_snapshot_xmin(s.snapshot)
-           AND NOT txid_visible_in_snapshot(l.ev_txid, s.snapshot)
-           AND txid_visible_in_snapshot(l.ev_txid, txid_current_snapshot())), 0)
-  FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
+WITH at AS (SELECT DISTINCT snapshot::text AS at FROM pgreplica.slave
+             WHERE set_name = $1 AND slave > 0),
+     lag AS (
+  SELECT at.at,
+         (SELECT count(*) FROM pgreplica.log l
+           WHERE l.ev_txid >= txid_snapshot_xmin(at.at::txid_snapshot)
+             AND NOT txid_visible_in_snapshot(l.ev_txid, at.at::txid_snapshot)) AS events,
+         coalesce((SELECT extract(epoch FROM now() - min(l.ev_time))::float8
+                     FROM pgreplica.log l
+                    WHERE l.ev_txid >= txid_snapshot_xmin(at.at::txid_snapshot)
+                      AND NOT txid_visible_in_snapshot(l.ev_txid, at.at::txid_snapshot)
+                      AND txid_visible_in_snapshot(l.ev_txid, txid_current_snapshot())), 0)
+           AS seconds
+    FROM at)
+SELECT s.slave, lag.events, lag.seconds
+  FROM pgreplica.slave s JOIN lag ON lag.at = s.snapshot::text
+ WHERE s.set_name = $1 AND s.slave > 0";
 
 /// Enters a slave in the registry at `start` if it is not there yet, and
 /// returns the position the registry holds for it.
@@ -146,7 +158,7 @@ pub async fn sync(master: &Client, set: &str, slave: u32, at: &Snapshot) -> Resu
 pub async fn report_all(
     master: &Client,
     set: &str,
-    reports: &std::collections::BTreeMap<u32, Report>,
+    reports: &BTreeMap<u32, Report>,
 ) -> Result<(), Error> {
     let slaves: Vec<i32> = reports.keys().map(|&n| n as i32).collect();
     let at: Vec<Option<String>> = reports
@@ -246,14 +258,18 @@ pub async fn behind(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Events a slave has not applied and the age in seconds of the oldest
-/// committed one, read on the master.
-pub async fn lag(master: &Client, set: &str, slave: u32) -> Result<(i64, f64), Error> {
-    let row = master
-        .query_opt(LAG_SQL, &[&set, &(slave as i32)])
+/// Per registered slave of `set`: the events it has not applied and the age
+/// in seconds of the oldest committed one, read on the master in one
+/// statement.
+pub async fn lags(master: &Client, set: &str) -> Result<BTreeMap<u32, (i64, f64)>, Error> {
+    let rows = master
+        .query(LAG_SQL, &[&set])
         .await
-        .on_master("measuring the slave's lag on the master")?;
-    Ok(row.map_or((0, 0.0), |r| (r.get(0), r.get(1))))
+        .on_master("measuring the slaves' lag on the master")?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as u32, (r.get(1), r.get(2))))
+        .collect())
 }
 
 /// Registers the slave on the master and returns where it resumes. The slave's

@@ -86,6 +86,12 @@ pub fn from_daemon(
 /// never started shows as `not started`; an unreachable master as `unknown`.
 pub async fn status(set: &Config) -> Vec<SlaveStatus> {
     let master = db::connect(&set.master, None).await;
+    let lags = match &master {
+        Ok(client) => registry::lags(client, &set.name)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     let mut out = Vec::new();
     for (&slave, dsn) in &set.slaves {
         let mut s = SlaveStatus {
@@ -116,15 +122,14 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
                 s.events_applied = r.get(3);
                 s.conflicts = r.get(4);
                 s.last_error = r.get(5);
-                if let Ok(client) = &master {
-                    match registry::lag(client, &set.name, slave).await {
-                        Ok((events, seconds)) => {
-                            s.events_waiting = events;
-                            s.lag_seconds = seconds;
-                            s.lagging = SlaveStatus::lags(set, events, seconds);
-                        }
-                        Err(e) => s.last_error = Some(e.to_string()),
+                match &lags {
+                    Ok(lags) => {
+                        let (events, seconds) = lags.get(&slave).copied().unwrap_or_default();
+                        s.events_waiting = events;
+                        s.lag_seconds = seconds;
+                        s.lagging = SlaveStatus::lags(set, events, seconds);
                     }
+                    Err(e) => s.last_error = Some(e.clone()),
                 }
             }
             Ok(None) => s.state = "not started".into(),

@@ -21,7 +21,7 @@ const CLEANUP_EVERY: Duration = Duration::from_secs(10);
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two writes of the reports: what comes in meanwhile is
 /// written together.
-const REPORT_EVERY: Duration = Duration::from_millis(10);
+const REPORT_EVERY: Duration = Duration::from_millis(20);
 /// Longest wait between two attempts to write the reports.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -70,14 +70,14 @@ impl Book {
         result
     }
 
-    /// A slave's lag, read on the master (see [`registry::lag`]).
-    pub async fn lag(&self, slave: u32) -> Result<(i64, f64), Error> {
+    /// Every registered slave's lag, read on the master (see [`registry::lags`]).
+    pub async fn lags(&self) -> Result<BTreeMap<u32, (i64, f64)>, Error> {
         let set = &self.session.set;
         let mut guard = self.session.client().await?;
         let result = match guard.as_ref() {
             Some(master) => {
-                let lag = registry::lag(master, &set.name, slave);
-                bounded(lag, Side::Master, heartbeat(set) * 2).await
+                let lags = registry::lags(master, &set.name);
+                bounded(lags, Side::Master, heartbeat(set) * 2).await
             }
             None => Err(lost()),
         };

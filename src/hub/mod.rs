@@ -27,8 +27,11 @@ pub use book::Book;
 
 /// Longest wait between two attempts of the listener to reconnect.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How long the listener gathers the NOTIFYs that follow one.
+/// How long the listener gathers the NOTIFYs that follow one: at first, and
+/// at most while they keep coming (the slave tasks that have work do not wait
+/// for NOTIFYs; only an idle one may wait this long).
 const GATHER: Duration = Duration::from_millis(10);
+const MAX_GATHER: Duration = Duration::from_millis(100);
 /// How often an idle session checks its server when `KEEPALIVE` is off.
 pub const IDLE_CHECK: Duration = Duration::from_secs(60);
 
@@ -159,7 +162,7 @@ async fn listener(set: Arc<Config>, wake: watch::Sender<u64>, listening: Arc<Ato
                         note = notes.recv() => match note {
                             Some(_) => {
                                 wake.send_modify(|n| *n += 1);
-                                if let Err(e) = gather(&client, every * 2).await {
+                                if let Err(e) = gather(&client, &mut notes, &wake, every * 2).await {
                                     break e;
                                 }
                             }
@@ -189,24 +192,48 @@ async fn listener(set: Arc<Config>, wake: watch::Sender<u64>, listening: Arc<Ato
     }
 }
 
-/// Holds the NOTIFYs that follow one for [`GATHER`]: a session takes its
-/// NOTIFYs only outside a transaction, and takes all that wait in one pass,
-/// and each pass is a commit on the master. Under a stream of commits the
-/// listener costs the master about two commits per interval, not one per
-/// commit; the NOTIFY that wakes the slaves is never held.
-async fn gather(client: &tokio_postgres::Client, limit: Duration) -> Result<(), Error> {
-    let hold = async {
-        client
-            .batch_execute("BEGIN")
-            .await
-            .on_master("listening on the master")?;
-        tokio::time::sleep(GATHER).await;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .on_master("listening on the master")
+/// Holds the NOTIFYs that follow one, for as long as more keep coming: a
+/// session takes its NOTIFYs only outside a transaction, and takes all that
+/// wait in one pass, and each pass is a commit on the master. The listener
+/// holds a transaction open for [`GATHER`], doubling up to [`MAX_GATHER`]
+/// while NOTIFYs came meanwhile; between two holds the next one is already
+/// sent, so the pass that takes them is the only moment the session is idle.
+/// Under a stream of commits the listener costs the master about two commits
+/// per hold, not one per commit; the NOTIFY that wakes the slaves is never
+/// held, and the slaves that have work do not wait for NOTIFYs.
+async fn gather(
+    client: &tokio_postgres::Client,
+    notes: &mut mpsc::UnboundedReceiver<String>,
+    wake: &watch::Sender<u64>,
+    limit: Duration,
+) -> Result<(), Error> {
+    let send = |sql: &'static str| async move {
+        let sent = async {
+            client
+                .batch_execute(sql)
+                .await
+                .on_master("listening on the master")
+        };
+        bounded(sent, Side::Master, limit).await
     };
-    bounded(hold, Side::Master, limit).await
+    send("BEGIN").await?;
+    let mut hold = GATHER;
+    loop {
+        tokio::time::sleep(hold).await;
+        // The NOTIFYs held reach the session between the two.
+        let (ended, began) = tokio::join!(send("COMMIT"), send("BEGIN"));
+        ended?;
+        began?;
+        let mut more = false;
+        while notes.try_recv().is_ok() {
+            more = true;
+        }
+        if !more {
+            return send("COMMIT").await;
+        }
+        wake.send_modify(|n| *n += 1);
+        hold = (hold * 2).min(MAX_GATHER);
+    }
 }
 
 async fn listen(

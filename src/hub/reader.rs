@@ -35,8 +35,9 @@ const CACHE_BYTES: usize = 16 << 20;
 const CACHE_PIECES: usize = 256;
 /// Cursors kept open over batches being read in pieces.
 const MAX_STREAMS: usize = 4;
-/// How long an open cursor waits for its slaves to come back.
-const STREAM_WAIT: Duration = Duration::from_millis(200);
+/// How long a round waits for the next request before it ends: slaves
+/// coming back for the next piece or batch share the round's transaction.
+const LINGER: Duration = Duration::from_millis(200);
 /// Least time between two snapshots of the master: under a stream of
 /// commits, each round takes what committed meanwhile (a round costs the
 /// master one commit, whatever the number of slaves); an idle master's first
@@ -243,10 +244,13 @@ impl Reader {
             if failed.is_some() {
                 break;
             }
+            // Busy slaves come back soon: the transaction stays open for
+            // them (a read-only transaction between statements holds back
+            // nothing on the master).
             next = match asked.try_recv() {
                 Ok(request) => Some(request),
-                Err(_) if streams.is_empty() || began.elapsed() > MAX_OPEN => None,
-                Err(_) => tokio::time::timeout(STREAM_WAIT, asked.recv())
+                Err(_) if began.elapsed() > MAX_OPEN => None,
+                Err(_) => tokio::time::timeout(LINGER, asked.recv())
                     .await
                     .ok()
                     .flatten(),
