@@ -8,6 +8,10 @@
 //!
 //!     cargo bench --bench fanout
 //!     FANOUT_SLAVES=1,10,50,200 RUNS=3 cargo bench --bench fanout
+//!
+//! `FANOUT_SLAVE_NICE=19` runs the slave server at that CPU priority, a stand-in
+//! for shops on machines of their own: on one machine the slave databases'
+//! applying competes with the master for the same cores.
 
 use pgreplica::throwaway::Server;
 use pgreplica::{capture, db};
@@ -174,6 +178,30 @@ async fn run(master: &Server, slave: &Server, slaves: usize, run: usize) -> Figu
     }
 }
 
+/// Lowers the CPU priority of the server on `port` and of every process it
+/// starts: a stand-in for shops on machines of their own, to tell the master's
+/// cost of the daemon from the CPU the slave databases take on shared cores.
+fn renice(port: u16, nice: &str) {
+    let found = Command::new("pgrep")
+        .args(["-f", &format!("postgres -D .* -p {port}$")])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&found.stdout).to_string();
+    for pid in pids.split_whitespace() {
+        let children = Command::new("pgrep").args(["-P", pid]).output().unwrap();
+        let children = String::from_utf8_lossy(&children.stdout).to_string();
+        for p in std::iter::once(pid).chain(children.split_whitespace()) {
+            let status = Command::new("renice")
+                .args(["-n", nice, "-p", p])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "renice {nice} {p} failed");
+        }
+    }
+    assert!(!pids.is_empty(), "no server found on port {port}");
+}
+
 #[tokio::main]
 async fn main() {
     let counts: Vec<usize> = env_text("FANOUT_SLAVES", "1,10,50,200")
@@ -184,6 +212,9 @@ async fn main() {
     let most = counts.iter().copied().max().unwrap_or(1);
     let master = Server::start_with("UTC", "max_connections = 50").unwrap();
     let slave = Server::start_with("UTC", &format!("max_connections = {}", 2 * most + 20)).unwrap();
+    if let Ok(nice) = std::env::var("FANOUT_SLAVE_NICE") {
+        renice(slave.port, &nice);
+    }
     let admin = db::connect(&slave.dsn("postgres"), None).await.unwrap();
     for n in 1..=most {
         admin

@@ -32,6 +32,7 @@ pub mod ident;
 pub mod mail;
 pub mod meter;
 pub mod metrics;
+pub mod pgoutput;
 pub mod programs;
 pub mod record;
 pub mod registry;

@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
         "metrics",
         "meter",
         "transform",
+        "pgoutput",
     ],
     &["config", "tls", "db"],
     &["conflict", "error"],
