@@ -54,6 +54,11 @@ impl Server {
     /// Like `start`, with extra `postgresql.conf` lines.
     pub fn start_with(timezone: &str, settings: &str) -> Result<Server, ServerError> {
         let bin = programs::bin_dir().map_err(|e| ServerError(e.to_string()))?;
+        Server::start_in(bin, timezone, settings)
+    }
+
+    /// Like `start_with`, with the server programs of folder `bin`.
+    pub fn start_in(bin: PathBuf, timezone: &str, settings: &str) -> Result<Server, ServerError> {
         let dir = std::env::temp_dir().join(format!(
             "pgreplica-{}-{}",
             std::process::id(),

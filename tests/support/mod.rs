@@ -26,6 +26,16 @@ pub fn server(timezone: &str) -> Server {
     Server::start(timezone).unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
 }
 
+/// A slave's server: from `$PG_SLAVE_BIN` when set (a master and slaves of
+/// different PostgreSQL versions), else like [`server`].
+pub fn slave_server(timezone: &str) -> Server {
+    match std::env::var_os("PG_SLAVE_BIN") {
+        Some(bin) => Server::start_in(bin.into(), timezone, ""),
+        None => Server::start(timezone),
+    }
+    .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
+}
+
 impl Setup {
     /// Starts the servers, creates `schema` everywhere, installs capture on the master.
     pub async fn new(slaves: usize, schema: &str) -> Setup {
@@ -35,7 +45,9 @@ impl Setup {
     /// Like `new`, with a different schema script on the slaves.
     pub async fn with_schemas(slaves: usize, master_schema: &str, slave_schema: &str) -> Setup {
         let master = server("Europe/Madrid");
-        let slaves: Vec<Server> = (0..slaves).map(|_| server("Pacific/Auckland")).collect();
+        let slaves: Vec<Server> = (0..slaves)
+            .map(|_| slave_server("Pacific/Auckland"))
+            .collect();
         for (pg, schema) in std::iter::once((&master, master_schema))
             .chain(slaves.iter().map(|s| (s, slave_schema)))
         {
