@@ -132,8 +132,10 @@ WITH RECURSIVE types(t) AS (
      CROSS JOIN LATERAL (
         SELECT ty.typbasetype WHERE ty.typtype = 'd'
         UNION ALL SELECT ty.typelem WHERE ty.typcategory = 'A' AND ty.typelem <> 0
+        -- Multiranges (PostgreSQL 14+) name their range in rngmultitypid.
         UNION ALL SELECT r.rngsubtype FROM pg_range r
-                   WHERE r.rngtypid = ty.oid OR r.rngmultitypid = ty.oid
+                   WHERE r.rngtypid = ty.oid
+                      OR (to_jsonb(r) ->> 'rngmultitypid')::oid = ty.oid
         UNION ALL SELECT a.atttypid FROM pg_attribute a
                    WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid
                      AND a.attnum > 0 AND NOT a.attisdropped

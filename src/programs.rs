@@ -34,8 +34,12 @@ pub fn bin_dir() -> Result<PathBuf, NotFound> {
     })
 }
 
-/// `pg_dump` of the newest installed PostgreSQL, or the one on the `PATH`.
+/// `$PG_DUMP`, or `pg_dump` of the newest installed PostgreSQL, or the one on
+/// the `PATH`.
 pub fn pg_dump() -> PathBuf {
+    if let Some(path) = std::env::var_os("PG_DUMP") {
+        return PathBuf::from(path);
+    }
     bin_dir()
         .map(|b| b.join("pg_dump"))
         .ok()

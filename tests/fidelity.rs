@@ -71,7 +71,15 @@ CREATE TABLE "Odd Schema"."Composite" (a int, "B" text, v text, PRIMARY KEY (a, 
 const TABLE: &str = "\"Odd Schema\".\"Types Table\"";
 
 fn schema(reverse: bool) -> String {
-    let mut columns: Vec<String> = COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
+    // Multiranges came with PostgreSQL 14: the column holds their text before.
+    let old = support::oldest_major() < 14;
+    let mut columns: Vec<String> = COLUMNS
+        .iter()
+        .map(|&(n, t)| match t {
+            "int4multirange" if old => format!("{n} text"),
+            _ => format!("{n} {t}"),
+        })
+        .collect();
     if reverse {
         columns.reverse();
         format!(

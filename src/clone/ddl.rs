@@ -101,10 +101,15 @@ fn table_ddl(master_dsn: &str, table: &TableName, exported: &str) -> Result<Ddl,
             ),
         })?;
     if !out.status.success() {
-        return Err(Error::Invalid {
-            doing,
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        let mut message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if message.contains("server version mismatch") {
+            message.push_str(&format!(
+                ". {} is older than the master's PostgreSQL: set PG_DUMP to the pg_dump of \
+                 the master's version or newer, or create the table on the slave",
+                pg_dump.display()
+            ));
+        }
+        return Err(Error::Invalid { doing, message });
     }
     let dump = String::from_utf8_lossy(&out.stdout);
     if dump.contains("\nPARTITION BY ") {

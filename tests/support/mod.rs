@@ -26,6 +26,35 @@ pub fn server(timezone: &str) -> Server {
     Server::start(timezone).unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
 }
 
+/// The oldest PostgreSQL major the tests run (the master's `$PG_BIN`, the
+/// slaves' `$PG_SLAVE_BIN`, or the newest installed): a type newer than it
+/// cannot be tested.
+pub fn oldest_major() -> u32 {
+    let bins = [
+        pgreplica::programs::bin_dir().ok(),
+        std::env::var_os("PG_SLAVE_BIN").map(PathBuf::from),
+    ];
+    bins.into_iter()
+        .flatten()
+        .map(|bin| {
+            let out = Command::new(bin.join("postgres"))
+                .arg("--version")
+                .output()
+                .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+            // "postgres (PostgreSQL) 13.23"
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let version = text.split_whitespace().nth(2).unwrap_or_default();
+            version
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or_else(|_| panic!("cannot read the version of {}: {text}", bin.display()))
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 /// A slave's server: from `$PG_SLAVE_BIN` when set (a master and slaves of
 /// different PostgreSQL versions), else like [`server`].
 pub fn slave_server(timezone: &str) -> Server {
