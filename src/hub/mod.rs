@@ -27,13 +27,13 @@ pub use book::Book;
 
 /// Longest wait between two attempts of the listener to reconnect.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How long the listener gathers the NOTIFYs that follow one: at first, and
-/// at most while they keep coming (the slave tasks that have work do not wait
-/// for NOTIFYs; only an idle one may wait this long).
+/// How long the listener gathers the NOTIFYs that follow one, at first.
 const GATHER: Duration = Duration::from_millis(10);
+/// How long at most, while they keep coming (the slave tasks that have work
+/// do not wait for NOTIFYs; only an idle one may wait this long).
 const MAX_GATHER: Duration = Duration::from_millis(100);
 /// How often an idle session checks its server when `KEEPALIVE` is off.
-pub const IDLE_CHECK: Duration = Duration::from_secs(60);
+const IDLE_CHECK: Duration = Duration::from_secs(60);
 
 /// What a slave task asks the reader: the next piece of the batch that
 /// follows its position.
@@ -72,6 +72,7 @@ enum Request {
     /// A piece, for a task that has seen this many NOTIFYs: the batch it gets
     /// ends at a snapshot taken after the last of them.
     Read(Ask, u64, oneshot::Sender<Result<Arc<Piece>, Error>>),
+    /// A check that the reader's session on the master answers.
     Ping(oneshot::Sender<Result<(), Error>>),
 }
 
@@ -135,7 +136,7 @@ impl Hub {
 fn gone() -> Error {
     Error::Lost {
         side: Side::Master,
-        what: "reader stopped".into(),
+        what: "was lost: the set's reader of the master stopped".into(),
     }
 }
 
@@ -228,7 +229,8 @@ async fn gather(
         while notes.try_recv().is_ok() {
             more = true;
         }
-        if !more {
+        // Nothing came, or no slave task is left to wake.
+        if !more || wake.is_closed() {
             return send("COMMIT").await;
         }
         wake.send_modify(|n| *n += 1);

@@ -245,8 +245,8 @@ impl Reader {
                 break;
             }
             // Busy slaves come back soon: the transaction stays open for
-            // them (a read-only transaction between statements holds back
-            // nothing on the master).
+            // them (between statements a read-only transaction holds no
+            // snapshot on the master, only its share lock on the log).
             next = match asked.try_recv() {
                 Ok(request) => Some(request),
                 Err(_) if began.elapsed() > MAX_OPEN => None,
