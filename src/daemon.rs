@@ -501,11 +501,6 @@ impl SlaveTask {
             if self.once {
                 return Ok(());
             }
-            if applied.events > 0 {
-                // Busy: look for more at once (the reader paces its
-                // snapshots); only a task that found nothing waits for a NOTIFY.
-                continue;
-            }
             // Idle until a NOTIFY; the heartbeat checks both servers meanwhile.
             loop {
                 tokio::select! {

@@ -114,7 +114,8 @@ impl Session {
         let mut client = self.client.lock().await;
         if client.as_ref().is_none_or(Client::is_closed) {
             *client = None;
-            *client = Some(db::connect(&self.set.master, self.set.keepalive).await?);
+            let connect = async { Ok(db::connect(&self.set.master, self.set.keepalive).await?) };
+            *client = Some(bounded(connect, Side::Master, heartbeat(&self.set) * 2).await?);
         }
         Ok(client)
     }

@@ -29,8 +29,8 @@ pub use book::Book;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long the listener gathers the NOTIFYs that follow one, at first.
 const GATHER: Duration = Duration::from_millis(10);
-/// How long at most, while they keep coming (the slave tasks that have work
-/// do not wait for NOTIFYs; only an idle one may wait this long).
+/// How long at most, while they keep coming: under a stream of commits the
+/// slaves apply a batch per hold.
 const MAX_GATHER: Duration = Duration::from_millis(100);
 /// How often an idle session checks its server when `KEEPALIVE` is off.
 const IDLE_CHECK: Duration = Duration::from_secs(60);
@@ -200,8 +200,8 @@ async fn listener(set: Arc<Config>, wake: watch::Sender<u64>, listening: Arc<Ato
 /// while NOTIFYs came meanwhile; between two holds the next one is already
 /// sent, so the pass that takes them is the only moment the session is idle.
 /// Under a stream of commits the listener costs the master about two commits
-/// per hold, not one per commit; the NOTIFY that wakes the slaves is never
-/// held, and the slaves that have work do not wait for NOTIFYs.
+/// per hold, not one per commit; the NOTIFY that wakes idle slaves is never
+/// held.
 async fn gather(
     client: &tokio_postgres::Client,
     notes: &mut mpsc::UnboundedReceiver<String>,

@@ -193,7 +193,9 @@ impl Reader {
         let every = heartbeat(&self.set);
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
-            match bounded(self.connect(), Side::Master, limit).await {
+            // A server that takes the connection and never answers is given
+            // up on like a silent session.
+            match bounded(self.connect(), Side::Master, every * 2).await {
                 Ok(client) => self.client = Some(client),
                 Err(e) => return Err(refuse(first, e)),
             }
@@ -233,7 +235,10 @@ impl Reader {
                 }
                 Request::Read(ask, seen, reply) => {
                     let read = async {
-                        let target = target(&tx, head, wake, &ask, seen).await?;
+                        // A snapshot is a trivial query: a master that does
+                        // not answer it within the heartbeat has gone silent.
+                        let target = target(&tx, head, wake, &ask, seen);
+                        let target = bounded(target, Side::Master, every * 2).await?;
                         read(&tx, &mut streams, target, cache, origins, ask).await
                     };
                     let result = bounded(read, Side::Master, limit).await;
