@@ -10,10 +10,10 @@
 //! slave too slow for the cache simply reads its own pieces: it never holds
 //! the others back, and memory stays bounded.
 //!
-//! The requests that come together are served in one read-only transaction
-//! (one commit on the master per round, whatever the number of slaves). A
-//! batch too large for one piece is read through a cursor kept open while its
-//! slaves come back for the next piece.
+//! The requests that come within [`LINGER`] of each other are served in one
+//! read-only transaction (at most 5 s long; one commit on the master, whatever
+//! the number of slaves). A batch too large for one piece is read through a
+//! cursor kept open while its slaves come back for the next piece.
 
 use super::{Ask, Piece, Request, alive, bounded, heartbeat};
 use crate::batch::{Batch, current_snapshot};
@@ -39,9 +39,8 @@ const MAX_STREAMS: usize = 4;
 /// coming back for the next piece or batch share the round's transaction.
 const LINGER: Duration = Duration::from_millis(200);
 /// Least time between two snapshots of the master: under a stream of
-/// commits, each round takes what committed meanwhile (a round costs the
-/// master one commit, whatever the number of slaves); an idle master's first
-/// commit is read at once.
+/// commits, each snapshot takes what committed meanwhile, whatever the number
+/// of slaves; an idle master's first commit is read at once.
 const ROUND_EVERY: Duration = Duration::from_millis(10);
 /// Longest time one read-only transaction stays open on the master.
 const MAX_OPEN: Duration = Duration::from_secs(5);
