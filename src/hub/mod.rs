@@ -3,7 +3,7 @@
 //!
 //! - the listener: one LISTEN; each NOTIFY wakes every slave task;
 //! - the reader: the master's log read once for all slaves at the same
-//!   position, in pieces that they share (see [`reader`]);
+//!   position, in pieces that they share (see `reader.rs`);
 //! - the book: the registry (progress reports coalesced into one statement
 //!   per round, errors, lag) and the log's cleanup (see [`book`]).
 //!
@@ -141,7 +141,7 @@ fn gone() -> Error {
 }
 
 /// How often an idle session checks its server: every `KEEPALIVE`, or every
-/// [`IDLE_CHECK`] without it; a check must answer within twice that.
+/// 60 s without it; a check must answer within twice that.
 pub fn heartbeat(set: &Config) -> Duration {
     set.keepalive.unwrap_or(IDLE_CHECK)
 }
