@@ -101,7 +101,7 @@ $$;
 -- The version of this file's functions and tables; the daemon refuses a master
 -- whose version is not its own and says to run `pgreplica install` again.
 CREATE OR REPLACE FUNCTION pgreplica.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 3 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 4 $$;
 
 -- The node a change being logged came from: what pgreplica's apply marks in
 -- pgreplica.origin, in a session that applies changes from another node
@@ -217,7 +217,48 @@ BEGIN
     END LOOP;
     INSERT INTO pgreplica.tables AS t (reloid, layout) VALUES (tbl, pgreplica.layout(tbl))
     ON CONFLICT (reloid) DO UPDATE SET layout = excluded.layout;
+    IF pgreplica.wal() AND NOT pgreplica.published(tbl) THEN
+        EXECUTE format('ALTER PUBLICATION pgreplica ADD TABLE %s', tbl);
+    END IF;
     RETURN NULL;
+END
+$$;
+
+-- Whether changes are read from the WAL (`CAPTURE = wal`): the publication
+-- `pgreplica` lists the attached tables, and `pgreplica_log` the statements
+-- queued with `pgreplica.execute`.
+CREATE OR REPLACE FUNCTION pgreplica.wal() RETURNS boolean
+LANGUAGE sql STABLE AS $$ SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = 'pgreplica') $$;
+
+-- Whether a table is in the publication `pgreplica`.
+CREATE OR REPLACE FUNCTION pgreplica.published(tbl regclass) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                    WHERE p.pubname = 'pgreplica' AND r.prrelid = tbl)
+$$;
+
+-- Switches the master between trigger capture and WAL capture: the
+-- publications made or dropped, the triggers disabled or enabled again. The
+-- slots, one per slave, are pgreplica install's (they cannot be made in a
+-- transaction that wrote). Tables keep REPLICA IDENTITY FULL when switched back.
+CREATE OR REPLACE FUNCTION pgreplica.use_wal(wal boolean) RETURNS void
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
+DECLARE
+    tbl regclass;
+BEGIN
+    IF wal = pgreplica.wal() THEN
+        RETURN;
+    ELSIF wal THEN
+        -- A partition's changes come as its partitioned table's, as with triggers.
+        CREATE PUBLICATION pgreplica WITH (publish_via_partition_root = true);
+        CREATE PUBLICATION pgreplica_log FOR TABLE pgreplica.log WITH (publish = 'insert');
+    ELSE
+        DROP PUBLICATION pgreplica;
+        DROP PUBLICATION IF EXISTS pgreplica_log;
+    END IF;
+    FOR tbl IN SELECT reloid FROM pgreplica.tables LOOP
+        PERFORM pgreplica.attach(tbl);
+    END LOOP;
 END
 $$;
 
@@ -462,11 +503,18 @@ $body$, k1, pairing, NULL,
                        CASE WHEN tbl = root THEN 'AFTER' ELSE 'BEFORE' END, tbl, fn);
     END IF;
     -- ALWAYS: capture also fires in sessions that apply changes from another node
-    -- (session_replication_role = replica), where a node captures too.
+    -- (session_replication_role = replica), where a node captures too. Under
+    -- WAL capture the triggers stay, disabled (they cost nothing), and the
+    -- table logs its whole old row in the WAL, which conflicts and the values
+    -- an update leaves alone need.
     FOR trig IN SELECT t.tgname FROM pg_trigger t
                  WHERE t.tgrelid = tbl AND t.tgname LIKE 'pgreplica\_%' LOOP
-        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tbl, trig);
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', tbl,
+                       CASE WHEN pgreplica.wal() THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trig);
     END LOOP;
+    IF pgreplica.wal() THEN
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
+    END IF;
 END
 $attach$;
 
@@ -566,6 +614,9 @@ BEGIN
         EXECUTE format('DROP FUNCTION IF EXISTS pgreplica.%I()', pgreplica.capture_name(member));
     END LOOP;
     DELETE FROM pgreplica.tables WHERE reloid = tbl;
+    IF pgreplica.published(tbl) THEN
+        EXECUTE format('ALTER PUBLICATION pgreplica DROP TABLE %s', tbl);
+    END IF;
 END
 $$;
 

@@ -16,14 +16,17 @@ CREATE TABLE IF NOT EXISTS pgreplica.progress (
 );
 -- A batch too big for one transaction is applied in steps: its end, and the
 -- last event applied of it (NULL when the last batch was applied whole).
+-- Under WAL capture: where the last applied transaction's commit record ends
+-- on the master (the slot is advanced to it once this commits).
 -- (Only when missing: ALTER TABLE takes the table's strongest lock, which a
 -- long `check` reading the progress would hold up, and every batch behind it.)
 DO $$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'pgreplica.progress'::regclass
-                      AND attname = 'upto' AND NOT attisdropped) THEN
+                      AND attname = 'lsn' AND NOT attisdropped) THEN
         ALTER TABLE pgreplica.progress
             ADD COLUMN IF NOT EXISTS target text,
-            ADD COLUMN IF NOT EXISTS upto   bigint;
+            ADD COLUMN IF NOT EXISTS upto   bigint,
+            ADD COLUMN IF NOT EXISTS lsn    pg_lsn;
     END IF;
 END $$;
 

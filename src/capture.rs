@@ -1,6 +1,6 @@
 //! Capture on a master: installs the log and attaches triggers (runs the `sql/` files).
 
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::error::{Context, Error};
 use crate::ident::TableName;
 use tokio_postgres::{Client, GenericClient};
@@ -11,7 +11,7 @@ pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
 pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 
 /// The version of `sql/pgreplica.sql` this binary ships (`pgreplica.version()`).
-pub const VERSION: i32 = 3;
+pub const VERSION: i32 = 4;
 
 /// What install did with one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +24,8 @@ pub struct TableReport {
 
 /// Installs (or upgrades) capture and attaches every table with a primary key, or
 /// only `tables` when some are named, then sets the capture options of `set`'s
-/// `[TABLE]` sections. Safe to run again.
+/// `[TABLE]` sections and its capture mode (`CAPTURE`: the master's mode, for
+/// every set reading it). Safe to run again.
 pub async fn install(
     client: &mut Client,
     tables: &[String],
@@ -63,6 +64,12 @@ pub async fn install(
     }
     if let Some(set) = set {
         configure(&tx, set).await?;
+        tx.execute(
+            "SELECT pgreplica.use_wal($1)",
+            &[&(set.capture == Capture::Wal)],
+        )
+        .await
+        .on_master("setting up the capture mode (CAPTURE)")?;
     }
     tx.commit().await.on_master("installing capture")?;
     Ok(reports)

@@ -1,7 +1,8 @@
 //! The daemon: one task per slave of each set, woken by NOTIFY, reconnecting with backoff.
 
 use crate::adapt::Adapter;
-use crate::config::Config;
+use crate::apply::Applied;
+use crate::config::{Capture, Config};
 use crate::db::{self, redact};
 use crate::error::{Error, Side};
 use crate::hub::{self, Book, Hub};
@@ -9,8 +10,10 @@ use crate::mail::{Mailer, Notice};
 use crate::metrics::Metrics;
 use crate::replicate::{self, Pipeline};
 use crate::status::SlaveStatus;
+use crate::wal::read;
 use crate::{capture, slave};
 use std::collections::HashSet;
+use std::fmt::Display;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -22,6 +25,8 @@ const LAG_CHECK: Duration = Duration::from_secs(10);
 const REPORT_FLUSH: Duration = Duration::from_secs(10);
 /// Longest wait for the last mails at shutdown.
 const MAIL_FLUSH: Duration = Duration::from_secs(40);
+/// How often an idle slave of a set captured from the WAL looks for work.
+const WAL_POLL: Duration = Duration::from_millis(100);
 /// Longest wait between two attempts after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -385,6 +390,106 @@ impl SlaveTask {
         }
     }
 
+    /// A connected stretch of a set captured from the WAL: the slave's slot
+    /// read on a master session of its own, when the master wrote since the
+    /// last look (every [`WAL_POLL`]).
+    async fn wal_session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        mut slave_client: tokio_postgres::Client,
+        mut pipeline: Pipeline,
+    ) -> Result<(), Error> {
+        let set = self.set.clone();
+        let slave = self.number;
+        let heartbeat = hub::heartbeat(&set);
+        let connect = async { Ok(db::connect(&set.master, set.keepalive).await?) };
+        let master = hub::bounded(connect, Side::Master, heartbeat * 2).await?;
+        let mut checked = Instant::now();
+        loop {
+            let began = Instant::now();
+            let step = replicate::wal_step(
+                &master,
+                &set,
+                slave,
+                &mut slave_client,
+                &mut pipeline,
+                self.exact,
+            );
+            let step = tokio::time::timeout(set.batch_timeout, step)
+                .await
+                .map_err(|_| Error::Slow(set.batch_timeout.as_secs()))??;
+            self.exact = false;
+            self.backoff = Duration::from_secs(1);
+            self.applied(&step.applied, began.elapsed(), &step.at, step.more);
+            let (events, conflicts) = (step.applied.events, step.applied.conflicts);
+            self.hub
+                .book
+                .progress(slave, step.snapshot, events, conflicts);
+            if step.more {
+                continue;
+            }
+            if self.once {
+                return Ok(());
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(WAL_POLL) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                if checked.elapsed() >= heartbeat {
+                    hub::alive(&slave_client, Side::Slave, heartbeat).await?;
+                    checked = Instant::now();
+                }
+                let head = hub::bounded(read::head(&master), Side::Master, heartbeat * 2).await?;
+                if head.flush > step.seen {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// What follows a batch applied: metrics, the mail that the slave
+    /// resumed, the log line, the conflicts' mail.
+    fn applied(&mut self, applied: &Applied, took: Duration, at: &dyn Display, more: bool) {
+        let (set, slave) = (&self.set, self.number);
+        if applied.events > 0 {
+            let metrics = &self.metrics;
+            metrics.batch(&set.name, slave, applied.events, applied.conflicts, took);
+        }
+        if let Some(error) = self.failing.take() {
+            self.mailer.send(
+                Notice::Start,
+                format!(
+                    "Slave {slave} of set {} resumed replication after this error:\n\n{error}",
+                    set.name
+                ),
+            );
+        }
+        if applied.events > 0 {
+            let part = if more {
+                ", part of the batch after it"
+            } else {
+                ""
+            };
+            tracing::info!(
+                "applied {} events ({} conflicts) up to {at}{part}",
+                applied.events,
+                applied.conflicts
+            );
+        }
+        if applied.conflicts > 0 {
+            self.mailer.send(
+                Notice::Warning,
+                format!(
+                    "{} conflict(s) on slave {slave} of set {} in the batch up to {at}:\n\n{}",
+                    applied.conflicts,
+                    set.name,
+                    applied.notes.join("\n")
+                ),
+            );
+        }
+    }
+
     /// Mails an error once; the retries of the same error only go to the log.
     fn mail_error(&mut self, error: &Error) {
         let text = error.to_string();
@@ -424,6 +529,9 @@ impl SlaveTask {
         let heartbeat = hub::heartbeat(&set);
         let mut prev = self.hub.book.register(&slave_client, slave).await?;
         let mut pipeline = Pipeline::new(&set, slave)?;
+        if set.capture == Capture::Wal {
+            return self.wal_session(shutdown, slave_client, pipeline).await;
+        }
         let mut continuing = false;
         loop {
             // The NOTIFYs seen so far are answered by a batch that ends at a
@@ -452,43 +560,7 @@ impl SlaveTask {
             .map_err(|_| Error::Slow(set.batch_timeout.as_secs()))??;
             self.exact = false;
             self.backoff = Duration::from_secs(1);
-            if applied.events > 0 {
-                let took = began.elapsed();
-                let metrics = &self.metrics;
-                metrics.batch(&set.name, slave, applied.events, applied.conflicts, took);
-            }
-            if let Some(error) = self.failing.take() {
-                self.mailer.send(
-                    Notice::Start,
-                    format!(
-                        "Slave {slave} of set {} resumed replication after this error:\n\n{error}",
-                        set.name
-                    ),
-                );
-            }
-            if applied.events > 0 {
-                let part = if more {
-                    ", part of the batch after it"
-                } else {
-                    ""
-                };
-                tracing::info!(
-                    "applied {} events ({} conflicts) up to {snapshot}{part}",
-                    applied.events,
-                    applied.conflicts
-                );
-            }
-            if applied.conflicts > 0 {
-                self.mailer.send(
-                    Notice::Warning,
-                    format!(
-                        "{} conflict(s) on slave {slave} of set {} in the batch up to {snapshot}:\n\n{}",
-                        applied.conflicts,
-                        set.name,
-                        applied.notes.join("\n")
-                    ),
-                );
-            }
+            self.applied(&applied, began.elapsed(), &snapshot, more);
             prev = snapshot;
             // The registry on the master, written for all slaves at once.
             let book = &self.hub.book;

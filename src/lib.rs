@@ -44,6 +44,7 @@ pub mod status;
 pub mod throwaway;
 pub mod tls;
 pub mod transform;
+pub mod wal;
 
 pub use config::Config;
 pub use error::Error;

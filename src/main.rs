@@ -9,10 +9,11 @@ use cli::process::{
     init_logging, init_logging_to, notify_systemd, reload_on_hangup, shutdown_signal, start, stop,
     write_sets_file,
 };
+use pgreplica::config::Capture;
 use pgreplica::metrics::Metrics;
 use pgreplica::service::{self, LogFile};
 use pgreplica::{
-    Config, capture, check, clone, conflict, daemon, db, demo, http, sequence, slave, status,
+    Config, capture, check, clone, conflict, daemon, db, demo, http, sequence, slave, status, wal,
 };
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,9 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 .or(dsn)
                 .unwrap_or_default();
             let mut client = db::connect(&dsn, None).await?;
+            if let Some(set) = set.as_ref().filter(|s| s.capture == Capture::Wal) {
+                wal::check_ready(&client, set).await?;
+            }
             let reports = capture::install(&mut client, &tables, set.as_ref()).await?;
             for r in &reports {
                 match &r.skipped {
@@ -44,6 +48,15 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             }
             let replicated = reports.iter().filter(|r| r.skipped.is_none()).count();
             println!("{replicated} of {} tables replicated", reports.len());
+            if let Some(set) = &set {
+                let (slots, done) = match set.capture {
+                    Capture::Wal => (wal::make_slots(&client, set).await?, "made"),
+                    Capture::Trigger => (wal::drop_slots(&client, set).await?, "dropped"),
+                };
+                for slot in slots {
+                    println!("replication slot {slot} {done}");
+                }
+            }
             if let Some(spec) = sequences {
                 let (node, nodes) = sequence::parse_share(&spec)
                     .context("--sequences takes K/N: this node's number K, from 1 to N nodes")?;

@@ -6,6 +6,7 @@ use crate::conflict::{Conflict, Winner};
 use crate::db;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
+use crate::pgoutput::Lsn;
 use std::collections::HashSet;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Transaction};
@@ -18,14 +19,14 @@ pub const SETUP_SQL: &str = include_str!("../sql/slave.sql");
 const LOCK_KEY: &str = "hashtext('pgreplica'), hashtext($1)";
 
 const PROGRESS_READ_SQL: &str =
-    "SELECT snapshot, target, upto FROM pgreplica.progress WHERE set_name = $1";
+    "SELECT snapshot, target, upto, lsn::text FROM pgreplica.progress WHERE set_name = $1";
 
 const PROGRESS_WRITE_SQL: &str = "
-INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events, target, upto)
-VALUES ($1, $2, now(), $3, $4, $5)
+INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events, target, upto, lsn)
+VALUES ($1, $2, now(), $3, $4, $5, $6::text::pg_lsn)
 ON CONFLICT (set_name) DO UPDATE
    SET snapshot = EXCLUDED.snapshot, applied_at = now(), events = progress.events + EXCLUDED.events,
-       target = EXCLUDED.target, upto = EXCLUDED.upto";
+       target = EXCLUDED.target, upto = EXCLUDED.upto, lsn = EXCLUDED.lsn";
 
 /// How far a slave has applied a set.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,9 @@ pub struct Progress {
     /// The batch being applied in steps: the snapshot it ends at, and the last
     /// of its events applied.
     pub partial: Option<(Snapshot, i64)>,
+    /// Under WAL capture: where the last transaction applied ends in the
+    /// master's WAL.
+    pub lsn: Option<Lsn>,
 }
 
 const REFERENCED_SQL: &str = "
@@ -237,7 +241,18 @@ pub async fn read_progress(
         (Some(target), Some(upto)) => Some((read(target)?, upto)),
         _ => None,
     };
-    Ok(Some(Progress { snapshot, partial }))
+    let lsn = match row.get::<_, Option<String>>(3) {
+        Some(text) => Some(Lsn::parse(&text).ok_or_else(|| Error::Invalid {
+            doing: doing.into(),
+            message: format!("pgreplica.progress holds an unreadable position '{text}'"),
+        })?),
+        None => None,
+    };
+    Ok(Some(Progress {
+        snapshot,
+        partial,
+        lsn,
+    }))
 }
 
 /// Records the slave's progress for `set`, with `events` more applied: the
@@ -254,15 +269,35 @@ pub async fn write_progress(
         Some((target, upto)) => (Some(target.to_string()), Some(upto)),
         None => (None, None),
     };
+    write(tx, set, snapshot, (target, upto), None, events).await
+}
+
+/// Records the slave's progress for a set captured from the WAL: the
+/// transactions up to `lsn` applied, with `events` more; `snapshot` is the
+/// master's when they were read, which keeps the registry's place in the log.
+pub async fn write_wal_progress(
+    tx: &Transaction<'_>,
+    set: &str,
+    snapshot: &Snapshot,
+    lsn: Lsn,
+    events: u64,
+) -> Result<(), Error> {
+    write(tx, set, snapshot, (None, None), Some(lsn), events).await
+}
+
+async fn write(
+    tx: &Transaction<'_>,
+    set: &str,
+    snapshot: &Snapshot,
+    (target, upto): (Option<String>, Option<i64>),
+    lsn: Option<Lsn>,
+    events: u64,
+) -> Result<(), Error> {
+    let lsn = lsn.map(|l| l.to_string());
+    let snapshot = snapshot.to_string();
     tx.execute(
         PROGRESS_WRITE_SQL,
-        &[
-            &set,
-            &snapshot.to_string(),
-            &(events as i64),
-            &target,
-            &upto,
-        ],
+        &[&set, &snapshot, &(events as i64), &target, &upto, &lsn],
     )
     .await
     .on_slave("writing the slave's progress")

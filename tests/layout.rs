@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "tls", "db"],
     &["conflict", "error"],
     &[
-        "capture", "batch", "adapt", "slave", "registry", "sequence", "mail",
+        "capture", "batch", "adapt", "slave", "registry", "sequence", "mail", "wal",
     ],
     &["apply", "hub"],
     &["replicate", "status"],

@@ -1,11 +1,17 @@
-//! Capture from the WAL: what a logical slot with pgoutput hands out, read by
-//! pgreplica's decoder from a real server's changes.
+//! Capture from the WAL (`CAPTURE = wal`): what a logical slot with pgoutput
+//! hands out, read by pgreplica's decoder from a real server's changes, and
+//! sets that replicate from their slots.
 
 mod support;
 
 use pgreplica::pgoutput::{self, Lsn, Message, Value};
 use pgreplica::throwaway::Server;
-use support::connect;
+use support::{Setup, connect, count, pgreplica, text as output};
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int, big text);
+                     ALTER TABLE items ALTER big SET STORAGE EXTERNAL;";
+const ALL: &str = "SELECT * FROM items ORDER BY id";
+const SLOT: &str = "pgreplica_1_app";
 
 const SETTINGS: &str = "wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10";
 
@@ -177,4 +183,181 @@ async fn the_decoder_reads_every_change_a_slot_hands_out() {
         })
         .collect();
     assert!(commits.windows(2).all(|w| w[0] < w[1]), "{commits:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_arrive_from_the_slot_and_the_master_logs_none() {
+    let s = Setup::wal(1, ITEMS).await;
+    let m = s.master().await;
+    // Several slave transactions: the batch is cut between the master's.
+    s.configure("BATCH_EVENTS=300\n");
+    let big = "b".repeat(20_000);
+    m.execute(
+        "INSERT INTO items SELECT g, 'item ' || g, g, $1 FROM generate_series(1, 1000) g",
+        &[&big],
+    )
+    .await
+    .unwrap();
+    for i in 0..10 {
+        let sql = format!("UPDATE items SET qty = qty + 1 WHERE id % 10 = {i}");
+        m.batch_execute(&sql).await.unwrap();
+    }
+    // The out-of-line value is left alone by these: it is not in the WAL.
+    s.replicate(
+        "UPDATE items SET name = 'renamed' WHERE id <= 500;
+         DELETE FROM items WHERE id > 900;
+         BEGIN; INSERT INTO items VALUES (5000, 'x', 1, NULL); UPDATE items SET id = 5001 WHERE id = 5000; COMMIT;",
+        ALL,
+    )
+    .await;
+    let slave = s.slave(0).await;
+    let kept: i64 = slave
+        .query_one("SELECT count(*) FROM items WHERE big = $1", &[&big])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 900);
+    // A statement queued with execute reaches the slave at its point.
+    let out = pgreplica(&[
+        "execute",
+        s.conf.to_str().unwrap(),
+        "ALTER TABLE items ADD COLUMN note text DEFAULT 'n'",
+    ]);
+    assert!(out.status.success(), "{}", output(&out));
+    s.replicate(
+        "UPDATE items SET note = 'after' WHERE id = 1; TRUNCATE items; INSERT INTO items VALUES (7, 'seven', 7, NULL, 'z')",
+        ALL,
+    )
+    .await;
+    // Nothing but the execute went through the master's log: the triggers stay off.
+    let logged: i64 = m
+        .query_one("SELECT count(*) FROM pgreplica.log WHERE ev_op <> 'X'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0);
+    // The slot lets the applied WAL go: it is at the slave's position.
+    let row = m
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await
+        .unwrap();
+    let progress = slave
+        .query_one("SELECT lsn::text FROM pgreplica.progress", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), progress.get::<_, String>(0));
+}
+
+/// Puts the slot back where it was when `saved` copied it: as after a crash
+/// between the slave's commit and the slot's advance.
+async fn rewind(master: &tokio_postgres::Client, saved: &str) {
+    master
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('{SLOT}');
+             SELECT pg_copy_logical_replication_slot('{saved}', '{SLOT}');"
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_not_advanced_after_the_slaves_commit_applies_nothing_twice() {
+    let s = Setup::wal(1, ITEMS).await;
+    let m = s.master().await;
+    m.batch_execute(&format!(
+        "SELECT pg_copy_logical_replication_slot('{SLOT}', 'saved')"
+    ))
+    .await
+    .unwrap();
+    m.batch_execute(
+        "INSERT INTO items SELECT g, 'a', 0 FROM generate_series(1, 100) g;
+         UPDATE items SET qty = qty + 1;
+         DELETE FROM items WHERE id > 90;",
+    )
+    .await
+    .unwrap();
+    s.sync();
+    rewind(&m, "saved").await;
+    // Read again from the old position, the applied transactions are skipped:
+    // the inserts would fail on their keys, the update would conflict.
+    s.replicate("UPDATE items SET qty = qty + 1 WHERE id <= 10", ALL)
+        .await;
+    let slave = s.slave(0).await;
+    let conflicts: i64 = slave
+        .query_one("SELECT count(*) FROM pgreplica.conflicts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(conflicts, 0);
+    assert_eq!(count(&slave, "items").await, 90);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slave_older_than_its_slot_stops_and_says_to_clone_it() {
+    let s = Setup::wal(1, ITEMS).await;
+    s.replicate("INSERT INTO items VALUES (1, 'one', 1)", ALL)
+        .await;
+    // As a slave restored from a backup taken before its last batches.
+    let slave = s.slave(0).await;
+    slave
+        .batch_execute("UPDATE pgreplica.progress SET lsn = '0/1'")
+        .await
+        .unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO items VALUES (2, 'two', 2)")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(!out.status.success());
+    let said = output(&out);
+    assert!(said.contains("older than its replication slot"), "{said}");
+    assert!(said.contains("pgreplica clone"), "{said}");
+    assert_eq!(count(&slave, "items").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
+    let s = Setup::new(1, ITEMS).await;
+    if support::wal_capture() {
+        // Setup made a WAL master: this test needs one without.
+        return;
+    }
+    let before = std::fs::read_to_string(&s.conf).unwrap();
+    s.configure("CAPTURE=wal\n");
+    let conf = s.conf.to_str().unwrap();
+    let out = pgreplica(&["install", conf]);
+    assert!(!out.status.success());
+    let said = output(&out);
+    assert!(
+        said.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{said}"
+    );
+    std::fs::write(&s.conf, before).unwrap();
+    // Nothing was changed: the master still captures with its triggers.
+    s.replicate("INSERT INTO items VALUES (1, 'one', 1)", ALL)
+        .await;
+
+    let w = Setup::wal(2, ITEMS).await;
+    let m = w.master().await;
+    let listed: i64 = m
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 2);
+    let out = pgreplica(&["uninstall", "--dsn", &w.master.dsn("app")]);
+    assert!(out.status.success(), "{}", output(&out));
+    let listed: i64 = m
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 0);
 }

@@ -34,6 +34,8 @@ pub struct Config {
     pub master: String,
     /// The slaves by number (`DSN1`, `DSN2`, …); the number is the slave's identity.
     pub slaves: BTreeMap<u32, String>,
+    /// `CAPTURE`: where the master's changes are read from.
+    pub capture: Capture,
     /// `NODE0`, `NODE1`, …: node names of the master and slaves (multi-master).
     pub nodes: BTreeMap<u32, String>,
     /// `FORWARD=local`: slaves take only the master's own changes, not those it
@@ -111,6 +113,17 @@ pub const PROCESS_KEYS: [&str; 7] = [
     "LOG_FORMAT",
     "DEBUG_LEVEL",
 ];
+
+/// Where a set's changes are read on the master (`CAPTURE=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Capture {
+    /// Triggers write each change to `pgreplica.log` (any PostgreSQL, any host).
+    #[default]
+    Trigger,
+    /// A logical replication slot per slave decodes the WAL (`wal_level =
+    /// logical`): the master's writes cost next to nothing more.
+    Wal,
+}
 
 /// How a set (or one table) settles a conflict (`CONFLICT=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +303,7 @@ impl Config {
             name: String::new(),
             master: String::new(),
             slaves: BTreeMap::new(),
+            capture: Capture::Trigger,
             nodes: BTreeMap::new(),
             local_only: false,
             conflict: None,
@@ -423,6 +437,9 @@ impl Config {
                 ));
             }
         }
+        if config.capture == Capture::Wal {
+            wal_limits(&config, &seen).map_err(|(line, key, m)| line_err(line, &key, m))?;
+        }
         if let Some(smtp) = &config.smtp
             && (smtp.server.is_empty() || smtp.from.is_empty() || smtp.to.is_empty())
         {
@@ -436,6 +453,32 @@ impl Config {
     }
 }
 
+/// What `CAPTURE = wal` does not do yet: the capture options of `[TABLE]`
+/// sections (they are the master's triggers' work) and multi-master (a slave's
+/// own changes would come back to it).
+fn wal_limits(
+    config: &Config,
+    seen: &BTreeMap<(String, String), usize>,
+) -> Result<(), (usize, String, String)> {
+    let reason = "is not supported with CAPTURE = wal yet: remove it, or use CAPTURE = trigger";
+    for t in &config.tables {
+        let options = [
+            ("OPERATIONS", t.operations != "IUDT"),
+            ("FILTER", t.filter.is_some()),
+            ("COLUMNS", t.columns.is_some()),
+            ("EXCLUDE_COLUMNS", t.exclude.is_some()),
+        ];
+        if let Some((key, _)) = options.iter().find(|(_, given)| *given) {
+            let key = format!("[TABLE {}] {key}", t.table);
+            return Err((t.line, key, reason.into()));
+        }
+    }
+    if let Some(((_, key), line)) = seen.iter().find(|((_, k), _)| k.starts_with("NODE")) {
+        return Err((*line, key.clone(), format!("(multi-master) {reason}")));
+    }
+    Ok(())
+}
+
 fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Result<(), String> {
     match key {
         "NAME" => {
@@ -445,6 +488,13 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
             config.name = value;
         }
         "SKIP_USER" => config.skip_user = Some(value),
+        "CAPTURE" => {
+            config.capture = match value.to_ascii_lowercase().as_str() {
+                "trigger" => Capture::Trigger,
+                "wal" => Capture::Wal,
+                _ => return Err(format!("'{value}' is not trigger or wal")),
+            }
+        }
         "CONFLICT" => config.conflict = Some(Policy::parse(&value)?),
         "LOG_KEEP" => config.log_keep = parse_seconds(&value)?,
         "PRIORITY" => {
@@ -543,7 +593,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), CAPTURE, SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());

@@ -8,7 +8,7 @@ pub mod writers;
 
 use pgreplica::demo::copy_out;
 use pgreplica::throwaway::Server;
-use pgreplica::{capture, db};
+use pgreplica::{Config, capture, db, wal};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +20,16 @@ pub struct Setup {
     pub slaves: Vec<Server>,
     pub conf: PathBuf,
     pub dir: PathBuf,
+}
+
+/// What a master needs for WAL capture.
+pub const WAL_SETTINGS: &str =
+    "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20";
+
+/// Whether the tests' sets capture from the WAL: `PGREPLICA_CAPTURE=wal`
+/// (else with triggers).
+pub fn wal_capture() -> bool {
+    std::env::var("PGREPLICA_CAPTURE").is_ok_and(|m| m == "wal")
 }
 
 pub fn server(timezone: &str) -> Server {
@@ -73,7 +83,26 @@ impl Setup {
 
     /// Like `new`, with a different schema script on the slaves.
     pub async fn with_schemas(slaves: usize, master_schema: &str, slave_schema: &str) -> Setup {
-        let master = server("Europe/Madrid");
+        Setup::with_capture(slaves, master_schema, slave_schema, wal_capture()).await
+    }
+
+    /// Like `new`, capturing from the WAL (`CAPTURE = wal`).
+    pub async fn wal(slaves: usize, schema: &str) -> Setup {
+        Setup::with_capture(slaves, schema, schema, true).await
+    }
+
+    async fn with_capture(
+        slaves: usize,
+        master_schema: &str,
+        slave_schema: &str,
+        wal: bool,
+    ) -> Setup {
+        let settings = match wal {
+            true => WAL_SETTINGS,
+            false => "",
+        };
+        let master = Server::start_with("Europe/Madrid", settings)
+            .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"));
         let slaves: Vec<Server> = (0..slaves)
             .map(|_| slave_server("Pacific/Auckland"))
             .collect();
@@ -88,8 +117,6 @@ impl Setup {
                 .await
                 .unwrap();
         }
-        let mut client = connect(&master.dsn("app")).await;
-        capture::install(&mut client, &[], None).await.unwrap();
         let dir = std::env::temp_dir().join(format!(
             "pgreplica-test-{}-{}",
             std::process::id(),
@@ -104,7 +131,18 @@ impl Setup {
         for (i, s) in slaves.iter().enumerate() {
             text.push_str(&format!("DSN{}={}\n", i + 1, s.dsn("app")));
         }
+        if wal {
+            text.push_str("CAPTURE=wal\n");
+        }
         std::fs::write(&conf, text).unwrap();
+        let mut client = connect(&master.dsn("app")).await;
+        let set = Config::load(&conf).unwrap();
+        capture::install(&mut client, &[], wal.then_some(&set))
+            .await
+            .unwrap();
+        if wal {
+            wal::make_slots(&client, &set).await.unwrap();
+        }
         Setup {
             master,
             slaves,

@@ -1,0 +1,209 @@
+//! Capture from the WAL (`CAPTURE = wal`): what the master needs for it, the
+//! slot of each slave, and its changes read as the log's events (see
+//! [`read`]).
+//!
+//! PostgreSQL writes every change to its WAL anyway; a logical replication
+//! slot per slave keeps the WAL that slave has not applied, and decodes it
+//! with the `pgoutput` plugin for the tables of the publication `pgreplica`
+//! (the attached tables; `pgreplica.use_wal` makes it). The statements queued
+//! with `pgreplica.execute` come as the inserts into `pgreplica.log` of the
+//! publication `pgreplica_log`, at their point in the stream.
+
+pub mod read;
+
+use crate::config::Config;
+use crate::error::{Context, Error};
+use crate::pgoutput::Lsn;
+use tokio_postgres::Client;
+
+/// What install looks at on the master: the settings WAL capture needs, the
+/// slots in use, and the role's right to make slots.
+const READY_SQL: &str = "
+SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int,
+       (SELECT count(*)::int FROM pg_replication_slots),
+       (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+       current_user::text";
+
+const SLOT_SQL: &str = "
+SELECT database, plugin, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
+
+const CREATE_SQL: &str = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
+
+const DROP_SQL: &str = "
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+ WHERE slot_name = $1 AND database = current_database()";
+
+/// The slot of slave `slave` of `set`: `pgreplica_<slave>_<set>`, in the
+/// letters a slot name may have.
+pub fn slot_name(set: &str, slave: u32) -> String {
+    let set: String = set
+        .chars()
+        .map(|c| match c.is_ascii_alphanumeric() {
+            true => c.to_ascii_lowercase(),
+            false => '_',
+        })
+        .collect();
+    let mut name = format!("pgreplica_{slave}_{set}");
+    name.truncate(63);
+    name
+}
+
+/// Checks that the master can capture from the WAL for `set`'s slaves, naming
+/// everything missing with the command that fixes it.
+pub async fn check_ready(master: &Client, set: &Config) -> Result<(), Error> {
+    let doing = "checking the master for CAPTURE = wal";
+    let row = master.query_one(READY_SQL, &[]).await.on_master(doing)?;
+    let (level, max_slots, slots): (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    let (may_replicate, role): (Option<bool>, String) = (row.get(3), row.get(4));
+    let mut ours = 0;
+    for slave in set.slaves.keys() {
+        if slot(master, &slot_name(&set.name, *slave)).await?.is_some() {
+            ours += 1;
+        }
+    }
+    let needed = slots - ours + set.slaves.len() as i32;
+    let mut missing = Vec::new();
+    if level != "logical" {
+        missing.push(format!(
+            "wal_level is {level}; WAL capture needs logical: ALTER SYSTEM SET wal_level = \
+             logical; then restart PostgreSQL (on a managed service, its logical replication \
+             parameter)"
+        ));
+    }
+    if needed > max_slots {
+        missing.push(format!(
+            "max_replication_slots is {max_slots}, {slots} are in use and this set needs one \
+             per slave: ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL",
+            needed + 2
+        ));
+    }
+    if may_replicate != Some(true) {
+        missing.push(format!(
+            "role {role} may not make replication slots: ALTER ROLE \"{role}\" REPLICATION \
+             (as a superuser; on a managed service, grant its replication role)"
+        ));
+    }
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(Error::Invalid {
+            doing: doing.into(),
+            message: missing.join("; "),
+        }),
+    }
+}
+
+/// Where slot `name` stands: its database and its confirmed position, if it
+/// exists.
+async fn slot(master: &Client, name: &str) -> Result<Option<(String, Lsn)>, Error> {
+    let doing = format!("reading replication slot {name} on the master");
+    let Some(row) = master
+        .query_opt(SLOT_SQL, &[&name])
+        .await
+        .on_master(&doing)?
+    else {
+        return Ok(None);
+    };
+    let (database, plugin, at): (Option<String>, Option<String>, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    match (
+        database,
+        plugin.as_deref(),
+        at.as_deref().and_then(Lsn::parse),
+    ) {
+        (Some(database), Some("pgoutput"), Some(at)) => Ok(Some((database, at))),
+        _ => Err(Error::Invalid {
+            doing,
+            message: format!(
+                "a slot named {name} exists that pgreplica did not make (not a pgoutput slot \
+                 of a database): drop it (SELECT pg_drop_replication_slot('{name}')) or rename \
+                 the set"
+            ),
+        }),
+    }
+}
+
+/// Makes the slot of each slave of `set` that has none; returns the slots
+/// made. Each starts at the master's position now: a slave's tables must hold
+/// what was committed before (a copy, or empty tables on both sides).
+pub async fn make_slots(master: &Client, set: &Config) -> Result<Vec<String>, Error> {
+    let database: String = master
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .on_master("reading the master's database")?
+        .get(0);
+    let mut made = Vec::new();
+    for slave in set.slaves.keys() {
+        let name = slot_name(&set.name, *slave);
+        match slot(master, &name).await? {
+            Some((db, _)) if db == database => continue,
+            Some((db, _)) => {
+                return Err(Error::Invalid {
+                    doing: format!("making replication slot {name}"),
+                    message: format!(
+                        "the slot exists for database {db}, not {database}: another set of the \
+                         same name reads it; rename one of the sets"
+                    ),
+                });
+            }
+            None => {}
+        }
+        master
+            .execute(CREATE_SQL, &[&name])
+            .await
+            .on_master(&format!("making replication slot {name} on the master"))?;
+        made.push(name);
+    }
+    Ok(made)
+}
+
+/// Drops the slots of `set`'s slaves; returns those dropped.
+pub async fn drop_slots(master: &Client, set: &Config) -> Result<Vec<String>, Error> {
+    let mut dropped = Vec::new();
+    for slave in set.slaves.keys() {
+        let name = slot_name(&set.name, *slave);
+        let gone = master
+            .execute(DROP_SQL, &[&name])
+            .await
+            .on_master(&format!(
+                "dropping replication slot {name} (is the daemon still reading it? stop it first)"
+            ))?;
+        if gone > 0 {
+            dropped.push(name);
+        }
+    }
+    Ok(dropped)
+}
+
+/// The confirmed position of slave `slave`'s slot: the WAL before it is
+/// released. An error when the slot is missing.
+pub async fn confirmed(master: &Client, set: &Config, slave: u32) -> Result<Lsn, Error> {
+    let name = slot_name(&set.name, slave);
+    match slot(master, &name).await? {
+        Some((_, at)) => Ok(at),
+        None => Err(Error::Invalid {
+            doing: format!("reading replication slot {name} on the master"),
+            message: format!(
+                "the slot is missing: run pgreplica install {} on the master, then copy the \
+                 slave with pgreplica clone (the changes made without a slot are not in the WAL \
+                 any more)",
+                set.path.display()
+            ),
+        }),
+    }
+}
+
+/// Releases the WAL of slave `slave`'s slot up to `lsn`, where the slave's
+/// progress now is.
+pub async fn advance(master: &Client, set: &Config, slave: u32, lsn: Lsn) -> Result<(), Error> {
+    let name = slot_name(&set.name, slave);
+    master
+        .execute(
+            "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn)
+               FROM pg_replication_slots
+              WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+            &[&name, &lsn.to_string()],
+        )
+        .await
+        .on_master(&format!("advancing replication slot {name} on the master"))
+        .map(|_| ())
+}

@@ -1,0 +1,335 @@
+//! A slot's changes, read as the log's events: whole transactions in commit
+//! order, streamed from the master (it decodes them into a tuple store that
+//! spills to disk, so a transaction of millions of rows is never held in
+//! memory here).
+//!
+//! Rows come in their text form, as the capture trigger logs them. The tables
+//! log their whole old row (`REPLICA IDENTITY FULL`, set by install): an
+//! update's values left alone out of line (TOAST) are taken from it, never
+//! written as NULL.
+
+use crate::error::{Context, Error};
+use crate::event::{Event, MasterTable, Op, Snapshot};
+use crate::ident::TableName;
+use crate::pgoutput::{self, Lsn, Message, Relation, Value};
+use crate::record::Fields;
+use futures_util::StreamExt;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_postgres::types::{PgLsn, ToSql};
+use tokio_postgres::{Client, RowStream};
+
+const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot()::text";
+
+// The attached tables' keys, by oid: under replica identity full every column
+// is part of the identity the WAL describes.
+const KEYS_SQL: &str = "
+SELECT t.reloid, pgreplica.key_columns(t.reloid)
+  FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid";
+
+const PEEK_SQL: &str = "
+SELECT lsn, data FROM pg_logical_slot_peek_binary_changes($1, $2, $3,
+       'proto_version', '1', 'publication_names', 'pgreplica,pgreplica_log')";
+
+/// Seconds from the Unix epoch to PostgreSQL's, 2000-01-01.
+const PG_EPOCH: f64 = 946_684_800.0;
+
+/// Where the master is when a round starts.
+pub struct Head {
+    /// The WAL written and flushed so far: a round reads up to it.
+    pub flush: Lsn,
+    /// The master's snapshot, for the registry.
+    pub snapshot: Snapshot,
+}
+
+/// Reads where the master is.
+pub async fn head(master: &Client) -> Result<Head, Error> {
+    let doing = "reading the master's WAL position";
+    let row = master.query_one(HEAD_SQL, &[]).await.on_master(doing)?;
+    let flush: PgLsn = row.get(0);
+    let text: String = row.get(1);
+    let snapshot = Snapshot::parse(&text).ok_or_else(|| Error::Invalid {
+        doing: doing.into(),
+        message: format!("unreadable snapshot '{text}'"),
+    })?;
+    Ok(Head {
+        flush: Lsn(flush.into()),
+        snapshot,
+    })
+}
+
+/// One item of the stream.
+#[derive(Debug)]
+pub enum Item {
+    /// A transaction starts; its commit record is at `commit`.
+    Begin {
+        /// Where its commit record starts.
+        commit: Lsn,
+    },
+    /// A change of the transaction, as the log's event.
+    Change(Arc<MasterTable>, Event),
+    /// The transaction commits; its commit record ends at `end`.
+    Commit {
+        /// Where the record after it starts.
+        end: Lsn,
+    },
+}
+
+/// The changes of one slot, read once up to a position.
+pub struct Changes {
+    rows: Pin<Box<RowStream>>,
+    /// The tables described so far in this read, by oid.
+    tables: HashMap<u32, Arc<MasterTable>>,
+    /// The attached tables' keys, by oid.
+    keys: HashMap<u32, Vec<String>>,
+    /// The oid of `pgreplica.log`, once described.
+    log: Option<u32>,
+    /// The commit time of the transaction being read.
+    time: f64,
+    /// Items decoded and not handed out yet (a truncate of many tables).
+    queue: VecDeque<Item>,
+    /// Rows read, and the most asked for.
+    read: u64,
+    limit: u64,
+}
+
+impl Changes {
+    /// Starts reading slot `slot` on `master` up to `upto`, for about `limit`
+    /// changes (whole transactions: the last one may go past it).
+    pub async fn start(
+        master: &Client,
+        slot: &str,
+        upto: Lsn,
+        limit: u64,
+    ) -> Result<Changes, Error> {
+        let keys = master
+            .query(KEYS_SQL, &[])
+            .await
+            .on_master("reading the attached tables' keys on the master")?
+            .iter()
+            .map(|r| (r.get::<_, u32>(0), r.get::<_, Vec<String>>(1)))
+            .collect();
+        let limit = limit.clamp(1, i32::MAX as u64);
+        let params: [&(dyn ToSql + Sync); 3] = [&slot, &PgLsn::from(upto.0), &(limit as i32)];
+        let rows = master
+            .query_raw(PEEK_SQL, params)
+            .await
+            .on_master(&format!("reading replication slot {slot} on the master"))?;
+        Ok(Changes {
+            rows: Box::pin(rows),
+            tables: HashMap::new(),
+            keys,
+            log: None,
+            time: 0.0,
+            queue: VecDeque::new(),
+            read: 0,
+            limit,
+        })
+    }
+
+    /// Whether the read stopped at its limit before the position asked for.
+    pub fn limited(&self) -> bool {
+        self.read >= self.limit
+    }
+
+    /// The next item, or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Item>, Error> {
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Ok(Some(item));
+            }
+            let Some(row) = self.rows.next().await else {
+                return Ok(None);
+            };
+            let row = row.on_master("reading the slot's changes on the master")?;
+            self.read += 1;
+            let lsn: PgLsn = row.get(0);
+            let data: &[u8] = row.get(1);
+            let message = pgoutput::decode(data).map_err(|e| Error::Invalid {
+                doing: "decoding the slot's changes".into(),
+                message: e.to_string(),
+            })?;
+            self.take(u64::from(lsn) as i64, message)?;
+        }
+    }
+
+    /// Queues what one message says.
+    fn take(&mut self, id: i64, message: Message) -> Result<(), Error> {
+        let change = |oid: u32, table: &Arc<MasterTable>, op, old, new| {
+            let event = Event {
+                id,
+                table: oid,
+                op,
+                old,
+                new,
+                origin: None,
+                time: Some(self.time),
+            };
+            Item::Change(table.clone(), event)
+        };
+        let item = match message {
+            Message::Begin {
+                final_lsn, time, ..
+            } => {
+                self.time = time as f64 / 1e6 + PG_EPOCH;
+                Item::Begin { commit: final_lsn }
+            }
+            Message::Commit { end_lsn, .. } => Item::Commit { end: end_lsn },
+            Message::Relation(relation) => {
+                self.describe(relation)?;
+                return Ok(());
+            }
+            Message::Insert { table, new } if Some(table) == self.log => {
+                return self.execute(id, new);
+            }
+            Message::Insert { table: oid, new } => {
+                let table = self.table(oid)?;
+                let new = fields(&table, new, None)?;
+                change(oid, &table, Op::Insert, None, Some(new))
+            }
+            Message::Update {
+                table: oid,
+                old,
+                key_only,
+                new,
+            } => {
+                let table = self.table(oid)?;
+                let old = match (old, key_only) {
+                    (Some(old), false) => fields(&table, old, None)?,
+                    _ => return Err(no_old_row(&table)),
+                };
+                let new = fields(&table, new, Some(&old))?;
+                change(oid, &table, Op::Update, Some(old), Some(new))
+            }
+            Message::Delete {
+                table: oid,
+                old,
+                key_only,
+            } => {
+                let table = self.table(oid)?;
+                if key_only {
+                    return Err(no_old_row(&table));
+                }
+                let old = fields(&table, old, None)?;
+                change(oid, &table, Op::Delete, Some(old), None)
+            }
+            Message::Truncate { tables, .. } => {
+                for oid in tables {
+                    let table = self.table(oid)?;
+                    let truncate = change(oid, &table, Op::Truncate, None, None);
+                    self.queue.push_back(truncate);
+                }
+                return Ok(());
+            }
+            Message::Origin { .. } | Message::Type { .. } | Message::Note { .. } => return Ok(()),
+        };
+        self.queue.push_back(item);
+        Ok(())
+    }
+
+    /// Keeps a table's description: its columns, and its key from the
+    /// master's catalog.
+    fn describe(&mut self, relation: Relation) -> Result<(), Error> {
+        let name = TableName {
+            schema: relation.schema,
+            name: relation.name,
+        };
+        let columns: Vec<String> = relation.columns.iter().map(|c| c.name.clone()).collect();
+        if name.schema == "pgreplica" && name.name == "log" {
+            self.log = Some(relation.oid);
+        }
+        let key = match self.keys.get(&relation.oid) {
+            Some(names) => names
+                .iter()
+                .map(|k| columns.iter().position(|c| c == k))
+                .collect::<Option<Vec<usize>>>(),
+            // Not attached (pgreplica.log): the identity is its key.
+            None => Some(
+                (0..columns.len())
+                    .filter(|&i| relation.columns[i].key)
+                    .collect(),
+            ),
+        };
+        let Some(key) = key else {
+            return Err(Error::Schema {
+                table: name,
+                message: "its primary key's columns are not among the columns the WAL \
+                          describes: run pgreplica install on the master"
+                    .into(),
+            });
+        };
+        let table = MasterTable {
+            name,
+            was: None,
+            columns,
+            key,
+        };
+        self.tables.insert(relation.oid, Arc::new(table));
+        Ok(())
+    }
+
+    fn table(&self, oid: u32) -> Result<Arc<MasterTable>, Error> {
+        self.tables
+            .get(&oid)
+            .cloned()
+            .ok_or_else(|| Error::Invalid {
+                doing: "decoding the slot's changes".into(),
+                message: format!("a change of table {oid} came before its description"),
+            })
+    }
+
+    /// A statement queued with `pgreplica.execute`: its row in the log.
+    fn execute(&mut self, id: i64, row: Vec<Value>) -> Result<(), Error> {
+        let Some(log) = self.log.and_then(|oid| self.tables.get(&oid)).cloned() else {
+            return Ok(());
+        };
+        let row = fields(&log, row, None)?;
+        let column = |name: &str| {
+            let at = log.columns.iter().position(|c| c == name)?;
+            row.get(at).cloned().flatten()
+        };
+        if column("ev_op").as_deref() != Some("X") {
+            return Ok(());
+        }
+        let event = Event {
+            id,
+            table: 0,
+            op: Op::Execute,
+            old: None,
+            new: Some(vec![column("ev_new")]),
+            origin: None,
+            time: Some(self.time),
+        };
+        self.queue.push_back(Item::Change(log, event));
+        Ok(())
+    }
+}
+
+/// A row's values as the log's fields; a value left alone by an update is
+/// taken from the old row.
+fn fields(table: &MasterTable, values: Vec<Value>, old: Option<&Fields>) -> Result<Fields, Error> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| match value {
+            Value::Null => Ok(None),
+            Value::Text(text) => Ok(Some(text)),
+            Value::Unchanged => match old {
+                Some(old) => Ok(old.get(i).cloned().flatten()),
+                None => Err(no_old_row(table)),
+            },
+        })
+        .collect()
+}
+
+fn no_old_row(table: &MasterTable) -> Error {
+    Error::Schema {
+        table: table.name.clone(),
+        message: "its updates and deletes do not carry the whole old row in the master's WAL \
+                  (REPLICA IDENTITY is not FULL, as for a partition made after install): run \
+                  pgreplica install on the master, which sets it, then pgreplica clone for \
+                  this table"
+            .into(),
+    }
+}
