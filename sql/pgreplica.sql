@@ -693,28 +693,37 @@ $$;
 -- applied on at least `slaves` slaves (all of them, where a set has fewer) of
 -- every set of this master; false at the timeout, with a warning naming the
 -- sets that lack it. Call it after the commit, outside a REPEATABLE READ
--- transaction (it must see the registry move).
+-- transaction (it must see the registry move). Under WAL capture, where no
+-- trigger notes the session's writes, it waits for every transaction
+-- committed before the call.
 CREATE OR REPLACE FUNCTION pgreplica.wait(timeout interval DEFAULT '5 seconds',
                                           slaves integer DEFAULT 1)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     target bigint := nullif(current_setting('pgreplica.last_txid', true), '')::bigint;
+    wal boolean := pgreplica.wal();
+    now txid_snapshot := txid_current_snapshot();
     deadline timestamptz := clock_timestamp() + timeout;
     pause float8 := 0.001;
     missing text;
 BEGIN
-    IF target IS NULL THEN
+    IF target IS NULL AND NOT wal THEN
         RETURN true;
     END IF;
-    IF target = txid_current_if_assigned() THEN
+    IF target = txid_current_if_assigned() OR (wal AND txid_current_if_assigned() IS NOT NULL) THEN
         RAISE EXCEPTION 'pgreplica.wait() waits for committed changes: call it after the transaction that wrote them commits';
     END IF;
     LOOP
         SELECT string_agg(format('set %s (%s of %s slave(s) have it)', s.set_name, s.have, s.total), ', ')
           INTO missing
           FROM (SELECT r.set_name,
-                       count(*) FILTER (WHERE txid_visible_in_snapshot(target, r.snapshot)) AS have,
+                       count(*) FILTER (WHERE CASE WHEN wal
+                           -- Every transaction committed at the call.
+                           THEN txid_snapshot_xmax(r.snapshot) >= txid_snapshot_xmax(now)
+                                AND NOT EXISTS (SELECT FROM txid_snapshot_xip(r.snapshot) x
+                                                 WHERE txid_visible_in_snapshot(x, now))
+                           ELSE txid_visible_in_snapshot(target, r.snapshot) END) AS have,
                        count(*) AS total
                   FROM pgreplica.slave r WHERE r.slave > 0 GROUP BY r.set_name) s
          WHERE s.have < least(wait.slaves, s.total);

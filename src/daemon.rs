@@ -8,6 +8,7 @@ use crate::error::{Error, Side};
 use crate::hub::{self, Book, Hub};
 use crate::mail::{Mailer, Notice};
 use crate::metrics::Metrics;
+use crate::pgoutput::Lsn;
 use crate::replicate::{self, Pipeline};
 use crate::status::SlaveStatus;
 use crate::wal::read;
@@ -405,29 +406,38 @@ impl SlaveTask {
         let connect = async { Ok(db::connect(&set.master, set.keepalive).await?) };
         let master = hub::bounded(connect, Side::Master, heartbeat * 2).await?;
         let mut checked = Instant::now();
+        let mut unreported = (0, 0);
         loop {
-            let began = Instant::now();
+            let exact = self.exact;
+            let mut began = Instant::now();
+            let mut committed = |applied: &Applied, at: Lsn, more: bool| {
+                self.applied(applied, began.elapsed(), &at, more);
+                began = Instant::now();
+            };
             let step = replicate::wal_step(
                 &master,
-                &set,
-                slave,
+                (&set, slave),
                 &mut slave_client,
                 &mut pipeline,
-                self.exact,
+                exact,
+                &mut committed,
             );
             let step = tokio::time::timeout(set.batch_timeout, step)
                 .await
                 .map_err(|_| Error::Slow(set.batch_timeout.as_secs()))??;
             self.exact = false;
             self.backoff = Duration::from_secs(1);
-            self.applied(&step.applied, began.elapsed(), &step.at, step.more);
-            let (events, conflicts) = (step.applied.events, step.applied.conflicts);
-            self.hub
-                .book
-                .progress(slave, step.snapshot, events, conflicts);
+            unreported.0 += step.applied.events;
+            unreported.1 += step.applied.conflicts;
             if step.more {
                 continue;
             }
+            // Read up to the master's position: every transaction its
+            // snapshot shows is applied (what `pgreplica.wait` looks at).
+            let (events, conflicts) = std::mem::take(&mut unreported);
+            self.hub
+                .book
+                .progress(slave, step.snapshot, events, conflicts);
             if self.once {
                 return Ok(());
             }

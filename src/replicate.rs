@@ -9,6 +9,7 @@ use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Origins, Snapshot};
 use crate::hub::{Ask, Hub};
 use crate::pgoutput::Lsn;
+use crate::slave::WalProgress;
 use crate::wal::{self, read};
 use crate::{sequence, slave};
 use std::sync::Arc;
@@ -196,50 +197,41 @@ pub struct WalStep {
 }
 
 /// Applies what slave `slave`'s slot holds past the slave's progress (`CAPTURE
-/// = wal`): whole transactions in commit order, in slave transactions of up to
-/// the pipeline's limit, each with the position its last transaction ends at;
-/// then the slot lets go of the WAL up to there. A crash between a slave's
-/// commit and the slot's advance loses nothing and applies nothing twice: the
-/// transactions at or below the slave's position are skipped when read again.
+/// = wal`): transactions in commit order, in slave transactions of up to the
+/// pipeline's limit, each with the position it reached (a transaction larger
+/// than the limit is applied in steps); then the slot lets go of the WAL up to
+/// there. A crash between a slave's commit and the slot's advance loses
+/// nothing and applies nothing twice: what the slave's position covers is
+/// skipped when read again. `committed` hears of each slave transaction:
+/// what it applied, where it reached, and whether the transaction it ended in
+/// goes on in the next.
 pub async fn wal_step(
     master: &Client,
-    set: &Config,
-    slave: u32,
+    (set, slave): (&Config, u32),
     slave_client: &mut Client,
     pipeline: &mut Pipeline,
     exact: bool,
+    committed: &mut (dyn FnMut(&Applied, Lsn, bool) + Send),
 ) -> Result<WalStep, Error> {
     let head = read::head(master).await?;
     let confirmed = wal::confirmed(master, set, slave).await?;
     let progress = slave::read_progress(&*slave_client, &set.name).await?;
-    let from = match progress {
-        None => confirmed,
-        Some(slave::Progress { lsn: Some(lsn), .. }) if lsn >= confirmed => lsn,
-        Some(slave::Progress { lsn, .. }) => {
-            let at = lsn.map_or("a position in the log of trigger capture".into(), |l| {
-                l.to_string()
-            });
-            return Err(Error::Invalid {
-                doing: "resuming the slave".into(),
-                message: format!(
-                    "its progress ({at}) is older than its replication slot on the master \
-                     ({confirmed}): it was restored from a backup, lost its last commits, or \
-                     replicated with CAPTURE = trigger, and the changes in between are not in \
-                     the WAL any more. Nothing is applied; copy it again with pgreplica clone {} \
-                     --slave {slave} --truncate",
-                    set.path.display()
-                ),
-            });
-        }
+    let mut position = match progress.map(|p| p.wal) {
+        None => WalProgress {
+            at: confirmed,
+            partial: None,
+        },
+        Some(Some(wal)) if wal.at >= confirmed => wal,
+        Some(wal) => return Err(older_than_slot(set, slave, wal, confirmed)),
     };
     let mut step = WalStep {
-        at: from,
+        at: position.at,
         snapshot: head.snapshot,
         seen: head.flush,
         applied: Applied::default(),
         more: false,
     };
-    if head.flush <= from {
+    if head.flush <= position.at {
         return Ok(step);
     }
     let sequences = match pipeline.origins.master.is_none() {
@@ -248,6 +240,9 @@ pub async fn wal_step(
     };
     let slot = wal::slot_name(&set.name, slave);
     let mut changes = read::Changes::start(master, &slot, head.flush, pipeline.limit.0).await?;
+    // The transaction being read: its commit, its changes seen, and those of
+    // them applied before.
+    let mut txn: Option<(Lsn, i64, i64)> = None;
     let mut ended = false;
     while !ended {
         let slave_tx = slave_client
@@ -258,38 +253,62 @@ pub async fn wal_step(
         let resolver = pipeline.resolver.as_ref();
         let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
         pipeline.adapter.begin();
-        let (mut at, mut events, mut bytes) = (step.at, 0, 0);
-        let mut skipping = false;
+        let before = position;
+        let (mut events, mut bytes) = (0, 0);
         loop {
             let Some(item) = changes.next().await? else {
                 ended = true;
                 break;
             };
             match item {
-                // Applied before the slot was last advanced.
-                read::Item::Begin { commit } => skipping = commit < step.at,
-                read::Item::Change(..) if skipping => {}
+                read::Item::Begin { commit } => {
+                    let done = match position.partial {
+                        Some((partial, upto)) if partial == commit => upto,
+                        _ => 0,
+                    };
+                    // Applied whole before the slot was last advanced.
+                    txn = (commit >= position.at).then_some((commit, 0, done));
+                }
                 read::Item::Change(table, event) => {
+                    let Some((commit, seen, done)) = txn.as_mut() else {
+                        continue;
+                    };
+                    *seen += 1;
+                    if *seen <= *done {
+                        continue;
+                    }
                     (events, bytes) = (events + 1, bytes + event.size());
                     pipe(&mut pipeline.adapter, &mut applier, &table, event).await?;
-                }
-                read::Item::Commit { end } if !skipping => {
-                    at = end;
                     if events >= pipeline.limit.0 || bytes >= pipeline.limit.1 {
+                        position.partial = Some((*commit, *seen));
                         break;
                     }
                 }
-                read::Item::Commit { .. } => {}
+                read::Item::Commit { end } => {
+                    if txn.take().is_some() {
+                        position = WalProgress {
+                            at: end,
+                            partial: None,
+                        };
+                    }
+                }
             }
         }
         let applied = applier.finish().await?;
         // Read up to the master's position: idle tables keep no WAL.
-        if ended && !changes.limited() && (head.flush.0 - at.0 >= IDLE_RELEASE || at > step.at) {
-            at = at.max(head.flush);
+        let idle = head.flush.0 - position.at.0 >= IDLE_RELEASE;
+        if ended && !changes.limited() && (idle || position != before) {
+            position.at = position.at.max(head.flush);
         }
-        if at > step.at || applied.events > 0 {
-            slave::write_wal_progress(&slave_tx, &set.name, &step.snapshot, at, applied.events)
-                .await?;
+        if position != before || applied.events > 0 {
+            slave::write_wal_progress(
+                &slave_tx,
+                &set.name,
+                &step.snapshot,
+                position,
+                applied.events,
+            )
+            .await?;
             if let Some(sequences) = sequences.as_ref().filter(|_| applied.events > 0) {
                 sequence::raise(&slave_tx, sequences).await?;
             }
@@ -298,15 +317,32 @@ pub async fn wal_step(
             .commit()
             .await
             .on_slave("committing the batch on the slave")?;
-        step.at = at;
+        committed(&applied, position.at, position.partial.is_some());
         step.applied.events += applied.events;
         step.applied.conflicts += applied.conflicts;
-        step.applied.notes.extend(applied.notes);
     }
-    step.more = changes.limited();
+    step.at = position.at;
+    step.more = changes.limited() || position.partial.is_some();
     drop(changes);
     if step.at > confirmed {
         wal::advance(master, set, slave, step.at).await?;
     }
     Ok(step)
+}
+
+/// A slave whose position is older than its slot's: the WAL between is gone.
+fn older_than_slot(set: &Config, slave: u32, wal: Option<WalProgress>, slot: Lsn) -> Error {
+    let at = wal.map_or("a position in the log of trigger capture".into(), |w| {
+        w.at.to_string()
+    });
+    Error::Invalid {
+        doing: "resuming the slave".into(),
+        message: format!(
+            "its progress ({at}) is older than its replication slot on the master ({slot}): it \
+             was restored from a backup, lost its last commits, or replicated with CAPTURE = \
+             trigger, and the changes in between are not in the WAL any more. Nothing is \
+             applied; copy it again with pgreplica clone {} --slave {slave} --truncate",
+            set.path.display()
+        ),
+    }
 }

@@ -36,9 +36,18 @@ pub struct Progress {
     /// The batch being applied in steps: the snapshot it ends at, and the last
     /// of its events applied.
     pub partial: Option<(Snapshot, i64)>,
-    /// Under WAL capture: where the last transaction applied ends in the
-    /// master's WAL.
-    pub lsn: Option<Lsn>,
+    /// Under WAL capture, where the slave is in the master's WAL.
+    pub wal: Option<WalProgress>,
+}
+
+/// How far a slave has applied a set captured from the WAL.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WalProgress {
+    /// Where the last transaction applied whole ends.
+    pub at: Lsn,
+    /// The transaction being applied in steps: where its commit record is,
+    /// and how many of its changes are applied.
+    pub partial: Option<(Lsn, i64)>,
 }
 
 const REFERENCED_SQL: &str = "
@@ -234,24 +243,31 @@ pub async fn read_progress(
         })
     };
     let snapshot = read(row.get(0))?;
-    let partial = match (
-        row.get::<_, Option<String>>(1),
-        row.get::<_, Option<i64>>(2),
-    ) {
-        (Some(target), Some(upto)) => Some((read(target)?, upto)),
-        _ => None,
+    let unreadable = |text: &str| Error::Invalid {
+        doing: doing.into(),
+        message: format!("pgreplica.progress holds an unreadable position '{text}'"),
     };
-    let lsn = match row.get::<_, Option<String>>(3) {
-        Some(text) => Some(Lsn::parse(&text).ok_or_else(|| Error::Invalid {
-            doing: doing.into(),
-            message: format!("pgreplica.progress holds an unreadable position '{text}'"),
-        })?),
-        None => None,
+    let lsn = |text: String| Lsn::parse(&text).ok_or_else(|| unreadable(&text));
+    let target = row.get::<_, Option<String>>(1);
+    let upto = row.get::<_, Option<i64>>(2);
+    let (partial, wal) = match row.get::<_, Option<String>>(3) {
+        None => match (target, upto) {
+            (Some(target), Some(upto)) => (Some((read(target)?, upto)), None),
+            _ => (None, None),
+        },
+        Some(at) => {
+            let partial = match (target, upto) {
+                (Some(commit), Some(upto)) => Some((lsn(commit)?, upto)),
+                _ => None,
+            };
+            let at = lsn(at)?;
+            (None, Some(WalProgress { at, partial }))
+        }
     };
     Ok(Some(Progress {
         snapshot,
         partial,
-        lsn,
+        wal,
     }))
 }
 
@@ -272,17 +288,21 @@ pub async fn write_progress(
     write(tx, set, snapshot, (target, upto), None, events).await
 }
 
-/// Records the slave's progress for a set captured from the WAL: the
-/// transactions up to `lsn` applied, with `events` more; `snapshot` is the
-/// master's when they were read, which keeps the registry's place in the log.
+/// Records the slave's progress for a set captured from the WAL, with
+/// `events` more applied; `snapshot` is the master's when they were read,
+/// which keeps the registry's place in the log.
 pub async fn write_wal_progress(
     tx: &Transaction<'_>,
     set: &str,
     snapshot: &Snapshot,
-    lsn: Lsn,
+    progress: WalProgress,
     events: u64,
 ) -> Result<(), Error> {
-    write(tx, set, snapshot, (None, None), Some(lsn), events).await
+    let (commit, upto) = match progress.partial {
+        Some((commit, upto)) => (Some(commit.to_string()), Some(upto)),
+        None => (None, None),
+    };
+    write(tx, set, snapshot, (commit, upto), Some(progress.at), events).await
 }
 
 async fn write(

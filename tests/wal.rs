@@ -361,3 +361,42 @@ async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
         .get(0);
     assert_eq!(listed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_larger_than_a_batch_is_applied_in_steps_and_resumed_where_it_stopped() {
+    let s = Setup::wal(1, ITEMS).await;
+    s.configure("BATCH_EVENTS=20\n");
+    let slave = s.slave(0).await;
+    // The slave refuses row 50: the third step fails, the first two stay.
+    slave
+        .batch_execute("ALTER TABLE items ADD CONSTRAINT no50 CHECK (id <> 50)")
+        .await
+        .unwrap();
+    s.master()
+        .await
+        .batch_execute("INSERT INTO items SELECT g, 'a', 0 FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    let out = s.run_once();
+    assert!(!out.status.success(), "{}", output(&out));
+    assert_eq!(count(&slave, "items").await, 40);
+    let upto: i64 = slave
+        .query_one("SELECT upto FROM pgreplica.progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(upto, 40);
+    // The transaction is read again from its start; the 40 are not applied twice.
+    slave
+        .batch_execute("ALTER TABLE items DROP CONSTRAINT no50")
+        .await
+        .unwrap();
+    s.sync();
+    s.assert_same(0, ALL).await;
+    let events: i64 = slave
+        .query_one("SELECT events FROM pgreplica.progress", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 100);
+}

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::{Client, RowStream};
 
+// The snapshot is the statement's, taken before the WAL position is read: a
+// transaction it shows committed is in the WAL up to that position.
 const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot()::text";
 
 // The attached tables' keys, by oid: under replica identity full every column
