@@ -403,7 +403,11 @@ impl SlaveTask {
         let set = self.set.clone();
         let slave = self.number;
         let heartbeat = hub::heartbeat(&set);
-        let connect = async { Ok(db::connect(&set.master, set.keepalive).await?) };
+        let connect = async {
+            let master = db::connect(&set.master, set.keepalive).await?;
+            read::session(&master).await?;
+            Ok(master)
+        };
         let master = hub::bounded(connect, Side::Master, heartbeat * 2).await?;
         let mut checked = Instant::now();
         let mut unreported = (0, 0);

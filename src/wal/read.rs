@@ -24,11 +24,19 @@ use tokio_postgres::{Client, RowStream};
 // transaction it shows committed is in the WAL up to that position.
 const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot()::text";
 
-// The attached tables' keys, by oid: under replica identity full every column
-// is part of the identity the WAL describes.
+// The attached tables' keys, by oid (under replica identity full every column
+// is part of the identity the WAL describes), and the names they were
+// attached under.
 const KEYS_SQL: &str = "
-SELECT t.reloid, pgreplica.key_columns(t.reloid)
+SELECT t.reloid, pgreplica.key_columns(t.reloid), t.layout->>'schema', t.layout->>'name'
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid";
+
+/// What the master's catalog says of an attached table.
+struct Attached {
+    key: Vec<String>,
+    /// The name it was attached under.
+    was: Option<TableName>,
+}
 
 const PEEK_SQL: &str = "
 SELECT lsn, data FROM pg_logical_slot_peek_binary_changes($1, $2, $3,
@@ -43,6 +51,15 @@ pub struct Head {
     pub flush: Lsn,
     /// The master's snapshot, for the registry.
     pub snapshot: Snapshot,
+}
+
+/// Sets up a session that reads slots: the values' text is written by the
+/// session that decodes, in the same settings as the capture trigger's.
+pub async fn session(master: &Client) -> Result<(), Error> {
+    master
+        .batch_execute(crate::db::SESSION_SQL)
+        .await
+        .on_master("setting up the master session")
 }
 
 /// Reads where the master is.
@@ -83,14 +100,16 @@ pub struct Changes {
     rows: Pin<Box<RowStream>>,
     /// The tables described so far in this read, by oid.
     tables: HashMap<u32, Arc<MasterTable>>,
-    /// The attached tables' keys, by oid.
-    keys: HashMap<u32, Vec<String>>,
+    /// The attached tables, by oid.
+    attached: HashMap<u32, Attached>,
     /// The oid of `pgreplica.log`, once described.
     log: Option<u32>,
     /// The commit time of the transaction being read.
     time: f64,
     /// Items decoded and not handed out yet (a truncate of many tables).
     queue: VecDeque<Item>,
+    /// The inserts of a run of rows moved to new keys (see `moving`).
+    moved: Vec<Item>,
     /// Rows read, and the most asked for.
     read: u64,
     limit: u64,
@@ -105,12 +124,20 @@ impl Changes {
         upto: Lsn,
         limit: u64,
     ) -> Result<Changes, Error> {
-        let keys = master
+        let rows = master
             .query(KEYS_SQL, &[])
             .await
-            .on_master("reading the attached tables' keys on the master")?
+            .on_master("reading the attached tables' keys on the master")?;
+        let attached = rows
             .iter()
-            .map(|r| (r.get::<_, u32>(0), r.get::<_, Vec<String>>(1)))
+            .map(|r| {
+                let was = match (r.get(2), r.get(3)) {
+                    (Some(schema), Some(name)) => Some(TableName { schema, name }),
+                    _ => None,
+                };
+                let key = r.get(1);
+                (r.get::<_, u32>(0), Attached { key, was })
+            })
             .collect();
         let limit = limit.clamp(1, i32::MAX as u64);
         let params: [&(dyn ToSql + Sync); 3] = [&slot, &PgLsn::from(upto.0), &(limit as i32)];
@@ -121,10 +148,11 @@ impl Changes {
         Ok(Changes {
             rows: Box::pin(rows),
             tables: HashMap::new(),
-            keys,
+            attached,
             log: None,
             time: 0.0,
             queue: VecDeque::new(),
+            moved: Vec::new(),
             read: 0,
             limit,
         })
@@ -158,6 +186,7 @@ impl Changes {
 
     /// Queues what one message says.
     fn take(&mut self, id: i64, message: Message) -> Result<(), Error> {
+        let time = self.time;
         let change = |oid: u32, table: &Arc<MasterTable>, op, old, new| {
             let event = Event {
                 id,
@@ -166,7 +195,7 @@ impl Changes {
                 old,
                 new,
                 origin: None,
-                time: Some(self.time),
+                time: Some(time),
             };
             Item::Change(table.clone(), event)
         };
@@ -202,6 +231,12 @@ impl Changes {
                     _ => return Err(no_old_row(&table)),
                 };
                 let new = fields(&table, new, Some(&old))?;
+                let moved = table.key.iter().any(|&k| old.get(k) != new.get(k));
+                if moved {
+                    let delete = change(oid, &table, Op::Delete, Some(old.clone()), None);
+                    let insert = change(oid, &table, Op::Insert, None, Some(new));
+                    return self.moving(&table, old, delete, insert);
+                }
                 change(oid, &table, Op::Update, Some(old), Some(new))
             }
             Message::Delete {
@@ -217,6 +252,7 @@ impl Changes {
                 change(oid, &table, Op::Delete, Some(old), None)
             }
             Message::Truncate { tables, .. } => {
+                self.settle();
                 for oid in tables {
                     let table = self.table(oid)?;
                     let truncate = change(oid, &table, Op::Truncate, None, None);
@@ -226,8 +262,48 @@ impl Changes {
             }
             Message::Origin { .. } | Message::Type { .. } | Message::Note { .. } => return Ok(()),
         };
+        self.settle();
         self.queue.push_back(item);
         Ok(())
+    }
+
+    /// An update that changed the row's key, as the capture trigger logs it:
+    /// a delete of the old row, and an insert of the new one held until the
+    /// run of such updates of the table ends, so that rows moved over each
+    /// other's keys by one statement (`SET id = id + 1`, under a deferrable
+    /// key) never meet on the slave. A row moved again within the run moves
+    /// its held insert.
+    fn moving(
+        &mut self,
+        table: &Arc<MasterTable>,
+        old: Fields,
+        delete: Item,
+        insert: Item,
+    ) -> Result<(), Error> {
+        if self
+            .moved
+            .first()
+            .is_some_and(|held| !same_table(held, table))
+        {
+            self.settle();
+        }
+        let again = self.moved.iter_mut().find(|held| match held {
+            Item::Change(_, e) => e.new.as_ref() == Some(&old),
+            _ => false,
+        });
+        match again {
+            Some(held) => *held = insert,
+            None => {
+                self.queue.push_back(delete);
+                self.moved.push(insert);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a run of moved rows: their inserts go out.
+    fn settle(&mut self) {
+        self.queue.extend(self.moved.drain(..));
     }
 
     /// Keeps a table's description: its columns, and its key from the
@@ -241,8 +317,9 @@ impl Changes {
         if name.schema == "pgreplica" && name.name == "log" {
             self.log = Some(relation.oid);
         }
-        let key = match self.keys.get(&relation.oid) {
-            Some(names) => names
+        let attached = self.attached.get(&relation.oid);
+        let key = match attached {
+            Some(Attached { key, .. }) => key
                 .iter()
                 .map(|k| columns.iter().position(|c| c == k))
                 .collect::<Option<Vec<usize>>>(),
@@ -261,9 +338,13 @@ impl Changes {
                     .into(),
             });
         };
+        // Renamed or moved since it was attached, without execute.
+        let was = attached
+            .and_then(|a| a.was.clone())
+            .filter(|was| *was != name);
         let table = MasterTable {
             name,
-            was: None,
+            was,
             columns,
             key,
         };
@@ -323,6 +404,10 @@ fn fields(table: &MasterTable, values: Vec<Value>, old: Option<&Fields>) -> Resu
             },
         })
         .collect()
+}
+
+fn same_table(item: &Item, table: &Arc<MasterTable>) -> bool {
+    matches!(item, Item::Change(t, _) if Arc::ptr_eq(t, table))
 }
 
 fn no_old_row(table: &MasterTable) -> Error {

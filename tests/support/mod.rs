@@ -32,6 +32,15 @@ pub fn wal_capture() -> bool {
     std::env::var("PGREPLICA_CAPTURE").is_ok_and(|m| m == "wal")
 }
 
+/// True (and says why) when the tests capture from the WAL and this one is of
+/// trigger capture's own workings (the log, its cleanup).
+pub fn trigger_only(why: &str) -> bool {
+    if wal_capture() {
+        eprintln!("not run under PGREPLICA_CAPTURE=wal: {why}");
+    }
+    wal_capture()
+}
+
 pub fn server(timezone: &str) -> Server {
     Server::start(timezone).unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
 }
