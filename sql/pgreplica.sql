@@ -506,11 +506,13 @@ $body$, k1, pairing, NULL,
     -- (session_replication_role = replica), where a node captures too. Under
     -- WAL capture the triggers stay, disabled (they cost nothing), and the
     -- table logs its whole old row in the WAL, which conflicts and the values
-    -- an update leaves alone need.
+    -- an update leaves alone need; but a partition's TRUNCATE, which the WAL
+    -- does not give as its partitioned table's, is still logged.
     FOR trig IN SELECT t.tgname FROM pg_trigger t
                  WHERE t.tgrelid = tbl AND t.tgname LIKE 'pgreplica\_%' LOOP
         EXECUTE format('ALTER TABLE %s %s TRIGGER %I', tbl,
-                       CASE WHEN pgreplica.wal() THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trig);
+                       CASE WHEN pgreplica.wal() AND (tbl = root OR trig <> 'pgreplica_truncate')
+                            THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trig);
     END LOOP;
     IF pgreplica.wal() THEN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);

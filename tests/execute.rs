@@ -87,6 +87,11 @@ async fn add_rename_and_drop_column_through_execute_converge_under_writes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plain_alter_is_detected_and_clone_recovers_the_table() {
+    if support::trigger_only(
+        "clone under WAL capture is not built yet (the WAL's own error names the column the slave lacks)",
+    ) {
+        return;
+    }
     let s = Setup::new(1, ITEMS).await;
     s.replicate("INSERT INTO items VALUES (1, 'one', 1)", ALL)
         .await;

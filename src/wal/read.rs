@@ -28,14 +28,19 @@ const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot
 // is part of the identity the WAL describes), and the names they were
 // attached under.
 const KEYS_SQL: &str = "
-SELECT t.reloid, pgreplica.key_columns(t.reloid), t.layout->>'schema', t.layout->>'name'
-  FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid";
+SELECT t.reloid, pgreplica.key_columns(t.reloid), t.layout->>'schema', t.layout->>'name',
+       n.nspname::text, c.relname::text, pgreplica.logged_columns(t.reloid)
+  FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
+  JOIN pg_namespace n ON n.oid = c.relnamespace";
 
 /// What the master's catalog says of an attached table.
 struct Attached {
     key: Vec<String>,
     /// The name it was attached under.
     was: Option<TableName>,
+    /// As the catalog has it now, for a change the WAL has not described
+    /// the table for (a partition's truncate, logged by its trigger).
+    now: Arc<MasterTable>,
 }
 
 const PEEK_SQL: &str = "
@@ -135,8 +140,22 @@ impl Changes {
                     (Some(schema), Some(name)) => Some(TableName { schema, name }),
                     _ => None,
                 };
-                let key = r.get(1);
-                (r.get::<_, u32>(0), Attached { key, was })
+                let key: Vec<String> = r.get(1);
+                let columns: Vec<String> = r.get(6);
+                let now = MasterTable {
+                    name: TableName {
+                        schema: r.get(4),
+                        name: r.get(5),
+                    },
+                    was: None,
+                    key: key
+                        .iter()
+                        .filter_map(|k| columns.iter().position(|c| c == k))
+                        .collect(),
+                    columns,
+                };
+                let now = Arc::new(now);
+                (r.get::<_, u32>(0), Attached { key, was, now })
             })
             .collect();
         let limit = limit.clamp(1, i32::MAX as u64);
@@ -372,10 +391,7 @@ impl Changes {
             let at = log.columns.iter().position(|c| c == name)?;
             row.get(at).cloned().flatten()
         };
-        if column("ev_op").as_deref() != Some("X") {
-            return Ok(());
-        }
-        let event = Event {
+        let mut event = Event {
             id,
             table: 0,
             op: Op::Execute,
@@ -384,7 +400,23 @@ impl Changes {
             origin: None,
             time: Some(self.time),
         };
-        self.queue.push_back(Item::Change(log, event));
+        let table = match column("ev_op").as_deref() {
+            Some("X") => log,
+            // A partition's truncate: its rows, by the partition's constraint.
+            Some("T") => {
+                let oid = column("ev_table").and_then(|t| t.parse().ok());
+                let Some((oid, attached)) = oid.and_then(|o| Some((o, self.attached.get(&o)?)))
+                else {
+                    return Ok(());
+                };
+                (event.op, event.table) = (Op::Truncate, oid);
+                (event.old, event.new) = (Some(vec![column("ev_old")]), None);
+                self.tables.get(&oid).unwrap_or(&attached.now).clone()
+            }
+            _ => return Ok(()),
+        };
+        self.settle();
+        self.queue.push_back(Item::Change(table, event));
         Ok(())
     }
 }

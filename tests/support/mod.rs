@@ -145,12 +145,12 @@ impl Setup {
         }
         std::fs::write(&conf, text).unwrap();
         let mut client = connect(&master.dsn("app")).await;
-        let set = Config::load(&conf).unwrap();
-        capture::install(&mut client, &[], wal.then_some(&set))
+        let set = (wal && !slaves.is_empty()).then(|| Config::load(&conf).unwrap());
+        capture::install(&mut client, &[], set.as_ref())
             .await
             .unwrap();
-        if wal {
-            wal::make_slots(&client, &set).await.unwrap();
+        if let Some(set) = &set {
+            wal::make_slots(&client, set).await.unwrap();
         }
         Setup {
             master,
