@@ -344,7 +344,10 @@ async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
     let w = Setup::wal(2, ITEMS).await;
     let m = w.master().await;
     let listed: i64 = m
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -353,7 +356,7 @@ async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
     assert!(out.status.success(), "{}", output(&out));
     let listed: i64 = m
         .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%') + (SELECT count(*) FROM pg_publication)",
             &[],
         )
         .await

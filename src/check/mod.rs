@@ -19,8 +19,10 @@ use crate::db::{self, SESSION_SQL, redact};
 use crate::error::{Context, Error, Side};
 use crate::event::{Op, Origins, Snapshot};
 use crate::ident::{TableName, quote_ident};
+use crate::pgoutput::Lsn;
 use crate::record;
-use crate::slave;
+use crate::slave::{self, WalProgress};
+use crate::wal::{self, read};
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
@@ -186,14 +188,15 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
     let slave_tx = db::read_only(&mut slave)
         .await
         .on_slave("reading the slave")?;
-    let progress = slave::read_progress(&slave_tx, &set.name).await;
+    let progress = slave::read_progress(&slave_tx, &set.name).await?;
+    let wal = progress.as_ref().and_then(|p| p.wal);
     let cloning: HashSet<String> = slave::cloning(&slave_tx, &set.name)
         .await?
         .into_iter()
         .map(|(table, _)| table)
         .collect();
     slave::hold_set(&slave_tx, &set.name, false).await?;
-    let Some(position) = progress?.map(|p| p.snapshot) else {
+    let Some(position) = progress.map(|p| p.snapshot) else {
         return Err(Error::Invalid {
             doing: "checking".into(),
             message: "the slave has not replicated this set yet (run pgreplica clone or run)"
@@ -206,7 +209,15 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
         .on_master("reading the master")?;
     let snapshot = current_snapshot(&master_tx).await?;
     let mut tables = replicated(&master_tx, only).await?;
-    let mut in_flight = in_flight(&master_tx, &position, &snapshot).await?;
+    let mut in_flight = match wal {
+        Some(wal) => {
+            let flushed = read::head(&master_tx).await?.flush;
+            let position = format!("{}", wal.at);
+            println!("under WAL capture: the slave is at {position} of the master's WAL");
+            wal_in_flight(set, n, wal, flushed).await?
+        }
+        None => in_flight(&master_tx, &position, &snapshot).await?,
+    };
     let flying: usize = in_flight.values().map(HashSet::len).sum();
     println!(
         "compared at the slave's position {position} and master snapshot {snapshot}; \
@@ -350,6 +361,44 @@ async fn in_flight(
         let entry = keys.entry(event.table).or_default();
         for row in [&event.old, &event.new].into_iter().flatten() {
             entry.insert(table.key_text(row));
+        }
+    }
+    Ok(keys)
+}
+
+/// Under WAL capture, the keys of the rows changed by the transactions the
+/// slave has not applied, up to `upto` (read after the master's snapshot):
+/// read from a temporary copy of the slave's slot, which the daemon may be
+/// reading meanwhile.
+async fn wal_in_flight(
+    set: &Config,
+    slave: u32,
+    from: WalProgress,
+    upto: Lsn,
+) -> Result<HashMap<u32, HashSet<String>>, Error> {
+    let master = db::connect(&set.master, None).await?;
+    read::session(&master).await?;
+    let copy = format!("pgreplica_check_{}_{slave}", std::process::id());
+    master
+        .execute(
+            "SELECT pg_copy_logical_replication_slot($1, $2, true)",
+            &[&wal::slot_name(&set.name, slave), &copy],
+        )
+        .await
+        .on_master("copying the slave's replication slot to read what it has not applied")?;
+    let mut changes = read::Changes::start(&master, &copy, upto, u64::MAX).await?;
+    let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
+    let mut unapplied = false;
+    while let Some(item) = changes.next().await? {
+        match item {
+            read::Item::Begin { commit } => unapplied = commit >= from.at,
+            read::Item::Change(table, event) if unapplied && event.op != Op::Execute => {
+                let entry = keys.entry(event.table).or_default();
+                for row in [&event.old, &event.new].into_iter().flatten() {
+                    entry.insert(table.key_text(row));
+                }
+            }
+            _ => {}
         }
     }
     Ok(keys)

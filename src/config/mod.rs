@@ -738,6 +738,26 @@ TO_ADDRS=hostmaster@somewhere.com;dbadmin@somewhere.com";
     }
 
     #[test]
+    fn wal_capture_refuses_what_only_the_trigger_does() {
+        let base = "[MAIN]\nNAME=s\nDSN0=host=m\nDSN1=host=s\nCAPTURE=wal\n";
+        let ok = Config::parse(Path::new("s.conf"), base).unwrap();
+        assert_eq!(ok.capture, Capture::Wal);
+        let filtered = format!("{base}[TABLE public.t]\nSLAVE_TABLE=public.u\nFILTER=new.a > 0\n");
+        let e = Config::parse(Path::new("s.conf"), &filtered).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("s.conf:6: [TABLE \"public\".\"t\"] FILTER"),
+            "{e}"
+        );
+        let nodes = format!("{base}NODE0=a\nNODE1=b\n");
+        let e = Config::parse(Path::new("s.conf"), &nodes).unwrap_err();
+        assert!(e.to_string().contains("s.conf:6: NODE0"), "{e}");
+        let bad = base.replace("wal", "logical");
+        let e = Config::parse(Path::new("s.conf"), &bad).unwrap_err();
+        assert!(e.to_string().contains("not trigger or wal"), "{e}");
+    }
+
+    #[test]
     fn table_sections_say_what_is_captured_and_where_it_lands() {
         let c = parse(
             "[MAIN]\nNAME=x\nDSN0=a\nDSN1=b\n[table public.sales]\nOPERATIONS=insert, update\n\

@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_postgres::types::{PgLsn, ToSql};
-use tokio_postgres::{Client, RowStream};
+use tokio_postgres::{Client, GenericClient, RowStream};
 
 // The snapshot is the statement's, taken before the WAL position is read: a
 // transaction it shows committed is in the WAL up to that position.
@@ -68,7 +68,7 @@ pub async fn session(master: &Client) -> Result<(), Error> {
 }
 
 /// Reads where the master is.
-pub async fn head(master: &Client) -> Result<Head, Error> {
+pub async fn head(master: &impl GenericClient) -> Result<Head, Error> {
     let doing = "reading the master's WAL position";
     let row = master.query_one(HEAD_SQL, &[]).await.on_master(doing)?;
     let flush: PgLsn = row.get(0);

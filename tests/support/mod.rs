@@ -151,6 +151,10 @@ impl Setup {
             .unwrap();
         if let Some(set) = &set {
             wal::make_slots(&client, set).await.unwrap();
+            client
+                .batch_execute("SELECT pg_create_logical_replication_slot('audit', 'pgoutput')")
+                .await
+                .unwrap();
         }
         Setup {
             master,
@@ -250,13 +254,16 @@ impl Setup {
     /// equal. Needs `LOG_KEEP` long enough that nothing was cleaned. Returns the
     /// number of events.
     pub async fn assert_applied_once(&self, n: usize) -> i64 {
-        let logged: i64 = self
-            .master()
-            .await
-            .query_one("SELECT count(*) FROM pgreplica.log", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let logged = match wal_capture() {
+            true => self.wal_changes().await,
+            false => self
+                .master()
+                .await
+                .query_one("SELECT count(*) FROM pgreplica.log", &[])
+                .await
+                .unwrap()
+                .get(0),
+        };
         let applied: i64 = self
             .slave(n)
             .await
@@ -272,6 +279,50 @@ impl Setup {
             "events applied on slave {n} against logged"
         );
         logged
+    }
+
+    /// Under WAL capture, the changes the master's WAL holds since the set
+    /// was installed (read from the slot `audit`, made then), counted as the
+    /// log counts them: an update that moved a row to a new key is a delete
+    /// and an insert.
+    async fn wal_changes(&self) -> i64 {
+        use pgreplica::pgoutput::{self, Message};
+        let master = self.master().await;
+        let rows = master
+            .query(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes('audit', NULL, NULL,
+                     'proto_version', '1', 'publication_names', 'pgreplica')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut keys = std::collections::HashMap::new();
+        let mut changes = 0;
+        for row in rows {
+            changes += match pgoutput::decode(row.get(0)).unwrap() {
+                Message::Relation(r) => {
+                    let key: Vec<String> = master
+                        .query_one("SELECT pgreplica.key_columns($1::oid::regclass)", &[&r.oid])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    let at = r.columns.iter().enumerate();
+                    let at = at.filter(|(_, c)| key.contains(&c.name)).map(|(i, _)| i);
+                    keys.insert(r.oid, at.collect::<Vec<usize>>());
+                    0
+                }
+                Message::Update {
+                    table,
+                    old: Some(old),
+                    new,
+                    ..
+                } if keys[&table].iter().any(|&k| old[k] != new[k]) => 2,
+                Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } => 1,
+                Message::Truncate { tables, .. } => tables.len() as i64,
+                _ => 0,
+            };
+        }
+        changes
     }
 
     /// `query`'s rows as COPY text, with the client in UTC.
