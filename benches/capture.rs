@@ -1,12 +1,16 @@
 //! Capture overhead: PyReplica's own benchmark and a bulk variant, with pgreplica's
 //! capture against no trigger, on one throwaway server. Prints medians of RUNS runs
 //! (default 5) as ratios to the no-trigger baseline measured in the same run, and
-//! the added cost of a row filter.
+//! the added cost of a row filter. WAL capture (`CAPTURE = wal`: a publication,
+//! a slot, the tables' whole old rows in the WAL) is measured on a second server
+//! with `wal_level = logical`, against that server without them: the master's
+//! writes alone, the slot read by no one meanwhile.
 //!
 //!     cargo bench --bench capture
 
 use pgreplica::throwaway::Server;
-use pgreplica::{capture, db};
+use pgreplica::{Config, capture, db, wal};
+use std::path::Path;
 use std::time::Instant;
 use tokio_postgres::Client;
 
@@ -27,13 +31,21 @@ enum Capture {
     All,
     /// With a row filter that every row passes: its cost alone.
     Filtered(&'static str),
+    /// From the WAL, for the set of this config file.
+    Wal(&'static str),
 }
 
 /// Seconds taken by `work` on a fresh `test` table.
 async fn timed(client: &mut Client, capture: Capture, work: &[&str]) -> f64 {
     client.batch_execute(SETUP).await.unwrap();
     let with_capture = capture != Capture::None;
-    if with_capture {
+    if let Capture::Wal(conf) = capture {
+        let set = Config::parse(Path::new("bench.conf"), conf).unwrap();
+        capture::install(client, &["test".to_string()], Some(&set))
+            .await
+            .unwrap();
+        wal::make_slots(client, &set).await.unwrap();
+    } else if with_capture {
         capture::install(client, &["test".to_string()], None)
             .await
             .unwrap();
@@ -79,6 +91,14 @@ async fn main() {
         .unwrap_or(5);
     let pg = Server::start("UTC").expect("a throwaway PostgreSQL server");
     let mut client = db::connect(&pg.dsn("postgres"), None).await.unwrap();
+    let logical = Server::start_with("UTC", "wal_level = logical\nmax_replication_slots = 4")
+        .expect("a throwaway PostgreSQL server");
+    let mut wal_client = db::connect(&logical.dsn("postgres"), None).await.unwrap();
+    let conf = format!(
+        "[MAIN]\nNAME=bench\nDSN0={0}\nDSN1={0}\nCAPTURE=wal\n",
+        logical.dsn("postgres")
+    );
+    let conf: &'static str = Box::leak(conf.into_boxed_str());
     let version: String = client
         .query_one("SHOW server_version", &[])
         .await
@@ -99,30 +119,42 @@ async fn main() {
     ];
     println!("PostgreSQL {version}, medians of {runs} runs, alternating baseline and capture\n");
     println!(
-        "{:<58} {:>9} {:>8} {:>7} {:>13} {:>18}",
-        "workload", "none (s)", "capture", "ratio", FILTERS[0], FILTERS[1]
+        "{:<58} {:>9} {:>8} {:>7} {:>13} {:>18} {:>13} {:>9}",
+        "workload",
+        "none (s)",
+        "capture",
+        "ratio",
+        FILTERS[0],
+        FILTERS[1],
+        "logical (s)",
+        "wal ratio"
     );
     for (name, work) in cases {
-        let mut times = vec![Vec::new(); 4];
+        let mut times = vec![Vec::new(); 6];
         for _ in 0..runs {
             times[0].push(timed(&mut client, Capture::None, work).await);
             times[1].push(timed(&mut client, Capture::All, work).await);
             for (i, filter) in FILTERS.iter().enumerate() {
                 times[2 + i].push(timed(&mut client, Capture::Filtered(filter), work).await);
             }
+            times[4].push(timed(&mut wal_client, Capture::None, work).await);
+            times[5].push(timed(&mut wal_client, Capture::Wal(conf), work).await);
         }
         let t: Vec<f64> = times.into_iter().map(median).collect();
         println!(
-            "{name:<58} {:>9.3} {:>8.3} {:>6.2}x {:>12.1}% {:>17.1}%",
+            "{name:<58} {:>9.3} {:>8.3} {:>6.2}x {:>12.1}% {:>17.1}% {:>13.3} {:>8.2}x",
             t[0],
             t[1],
             t[1] / t[0],
             (t[2] / t[1] - 1.0) * 100.0,
-            (t[3] / t[1] - 1.0) * 100.0
+            (t[3] / t[1] - 1.0) * 100.0,
+            t[4],
+            t[5] / t[4]
         );
     }
     println!(
         "\n(the filter columns: what a row filter that every row passes adds to capture;\n \
-         one that names old.* also joins an all-NULL old row on inserts)"
+         one that names old.* also joins an all-NULL old row on inserts; logical: no\n \
+         capture on the server with wal_level = logical; wal ratio: WAL capture against it)"
     );
 }

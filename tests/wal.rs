@@ -317,6 +317,12 @@ async fn a_slave_older_than_its_slot_stops_and_says_to_clone_it() {
     assert!(said.contains("older than its replication slot"), "{said}");
     assert!(said.contains("pgreplica clone"), "{said}");
     assert_eq!(count(&slave, "items").await, 1);
+    // Clone says what to do instead, and changes nothing.
+    let out = pgreplica(&["clone", s.conf.to_str().unwrap(), "--truncate"]);
+    assert!(!out.status.success());
+    let said = output(&out);
+    assert!(said.contains("not available with CAPTURE = wal"), "{said}");
+    assert_eq!(count(&slave, "items").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -20,7 +20,7 @@ mod ddl;
 use crate::apply::Applier;
 use crate::batch::Batch;
 use crate::capture;
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::db::{self, redact};
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
@@ -87,6 +87,16 @@ pub async fn abandon(set: &Config, slave: u32) -> Result<Vec<String>, Error> {
 
 /// Clones every slave of `set` (or the one in `options`).
 pub async fn clone(set: &Config, options: &Options) -> Result<(), Error> {
+    if set.capture == Capture::Wal {
+        return Err(Error::Invalid {
+            doing: "cloning".into(),
+            message: "clone is not available with CAPTURE = wal yet: drop the slave's slot \
+                      (SELECT pg_drop_replication_slot('pgreplica_N_set')), copy its tables \
+                      while the master takes no writes (pg_dump | psql), then make the slot \
+                      again with pgreplica install"
+                .into(),
+        });
+    }
     for slave in set.chosen_slaves(options.slave)? {
         clone_slave(set, slave, options).await?;
     }
