@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS pgreplica.slave (
     PRIMARY KEY (set_name, slave)
 );
 
+-- When a slave's position last moved (its lag under WAL capture).
+ALTER TABLE pgreplica.slave ADD COLUMN IF NOT EXISTS moved_at timestamptz;
+
 -- How far the log was cleaned: the events of every transaction below `below`
 -- that had any are gone. A slave whose progress is older (restored from a
 -- backup, or one that lost its last commits) cannot catch up from the log.

@@ -28,6 +28,9 @@ const REPORT_FLUSH: Duration = Duration::from_secs(10);
 const MAIL_FLUSH: Duration = Duration::from_secs(40);
 /// How often an idle slave of a set captured from the WAL looks for work.
 const WAL_POLL: Duration = Duration::from_millis(100);
+/// How often a slave of a set captured from the WAL that applied nothing
+/// reports to the master that it is caught up.
+const WAL_REPORT: Duration = Duration::from_secs(10);
 /// Longest wait between two attempts after an error.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -411,6 +414,7 @@ impl SlaveTask {
         let master = hub::bounded(connect, Side::Master, heartbeat * 2).await?;
         let mut checked = Instant::now();
         let mut unreported = (0, 0);
+        let mut reported: Option<Instant> = None;
         loop {
             let exact = self.exact;
             let mut began = Instant::now();
@@ -438,10 +442,14 @@ impl SlaveTask {
             }
             // Read up to the master's position: every transaction its
             // snapshot shows is applied (what `pgreplica.wait` looks at).
-            let (events, conflicts) = std::mem::take(&mut unreported);
-            self.hub
-                .book
-                .progress(slave, step.snapshot, events, conflicts);
+            // The report writes on the master, so that the next look sees
+            // WAL written: an idle slave reports only every WAL_REPORT.
+            if unreported.0 > 0 || reported.is_none_or(|r| r.elapsed() >= WAL_REPORT) {
+                let (events, conflicts) = std::mem::take(&mut unreported);
+                let book = &self.hub.book;
+                book.progress(slave, step.snapshot, events, conflicts);
+                reported = Some(Instant::now());
+            }
             if self.once {
                 return Ok(());
             }

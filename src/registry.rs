@@ -26,6 +26,7 @@ UPDATE pgreplica.slave s
        events = s.events + r.events, conflicts = s.conflicts + r.conflicts,
        applied_at = CASE WHEN r.events > 0 OR (s.applied_at IS NULL AND r.error IS NULL)
                          THEN now() ELSE s.applied_at END,
+       moved_at = CASE WHEN r.snapshot IS NULL THEN s.moved_at ELSE now() END,
        state = CASE WHEN r.error IS NULL THEN 'running' ELSE 'stopped' END,
        last_error = r.error,
        error_at = CASE WHEN r.error IS NULL THEN NULL ELSE now() END,
@@ -101,10 +102,13 @@ SELECT s.state, s.applied_at::text, s.seen_at::text, s.events, s.conflicts,
   FROM pgreplica.slave s WHERE s.set_name = $1 AND s.slave = $2";
 
 // Per slave of a set: the events it has not applied, and the age of the
-// oldest committed one. Slaves at the same position are measured once.
+// oldest committed one. Slaves at the same position are measured once. Under
+// WAL capture the log holds no events: a slave that has not caught up with
+// every transaction committed on the master lags by the time since it last
+// moved (at least every 10 s while it runs), a bound of its lag.
 const LAG_SQL: &str = "
 WITH at AS (SELECT DISTINCT snapshot::text AS at FROM pgreplica.slave
-             WHERE set_name = $1 AND slave > 0),
+             WHERE set_name = $1 AND slave > 0 AND NOT pgreplica.wal()),
      lag AS (
   SELECT at.at,
          (SELECT count(*) FROM pgreplica.log l
@@ -119,7 +123,15 @@ WITH at AS (SELECT DISTINCT snapshot::text AS at FROM pgreplica.slave
     FROM at)
 SELECT s.slave, lag.events, lag.seconds
   FROM pgreplica.slave s JOIN lag ON lag.at = s.snapshot::text
- WHERE s.set_name = $1 AND s.slave > 0";
+ WHERE s.set_name = $1 AND s.slave > 0
+UNION ALL
+SELECT s.slave, 0::int8,
+       CASE WHEN txid_snapshot_xmax(s.snapshot) >= txid_snapshot_xmax(c.now)
+             AND NOT EXISTS (SELECT FROM txid_snapshot_xip(s.snapshot) x
+                              WHERE txid_visible_in_snapshot(x, c.now))
+            THEN 0 ELSE coalesce(extract(epoch FROM now() - s.moved_at), 0) END::float8
+  FROM pgreplica.slave s, txid_current_snapshot() AS c(now)
+ WHERE s.set_name = $1 AND s.slave > 0 AND pgreplica.wal()";
 
 /// Enters a slave in the registry at `start` if it is not there yet, and
 /// returns the position the registry holds for it.

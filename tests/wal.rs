@@ -409,3 +409,41 @@ async fn a_transaction_larger_than_a_batch_is_applied_in_steps_and_resumed_where
         .get(0);
     assert_eq!(events, 100);
 }
+
+/// The master's WAL position now.
+async fn wal_position(master: &tokio_postgres::Client) -> i64 {
+    master
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_master_stays_idle_and_a_stopped_slave_shows_its_lag() {
+    let s = Setup::wal(1, ITEMS).await;
+    let _daemon = s.spawn();
+    s.arrives("INSERT INTO items VALUES (1, 'one', 1)", ALL)
+        .await;
+    // The daemon's own reports write on the master: they must not wake it
+    // again and again.
+    let m = s.master().await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let before = wal_position(&m).await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let written = wal_position(&m).await - before;
+    assert!(
+        written < 2000,
+        "{written} bytes of WAL in 5 s on an idle master"
+    );
+    // A slave that stops lags by the time since it last caught up.
+    s.slaves[0].stop("fast").unwrap();
+    m.batch_execute("INSERT INTO items VALUES (2, 'two', 2)")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let out = pgreplica(&["status", "--json", s.conf.to_str().unwrap()]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lag = json[0]["lag_seconds"].as_f64().unwrap();
+    assert!(lag >= 3.0, "{}", output(&out));
+}
