@@ -5,9 +5,10 @@
 //! built-in's.
 //!
 //!     cargo bench --bench lag                 # SAMPLES=200
+//!     CAPTURE=wal cargo bench --bench lag     # pgreplica capturing from the WAL
 
 use pgreplica::throwaway::Server;
-use pgreplica::{capture, db};
+use pgreplica::{Config, capture, db, wal};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -90,9 +91,25 @@ async fn main() {
         c.batch_execute(SCHEMA).await.unwrap();
     }
     let mut m = db::connect(&master.dsn("app"), None).await.unwrap();
-    capture::install(&mut m, &["public.ours".into()], None)
+    let conf =
+        std::env::temp_dir().join(format!("pgreplica-bench-lag-{}.conf", std::process::id()));
+    let capture = std::env::var("CAPTURE").unwrap_or_else(|_| "trigger".into());
+    std::fs::write(
+        &conf,
+        format!(
+            "[MAIN]\nNAME=lag\nDSN0={}\nDSN1={}\nDEBUG_LEVEL=0\nCAPTURE={capture}\n",
+            master.dsn("app"),
+            slave.dsn("app")
+        ),
+    )
+    .unwrap();
+    let set = Config::load(&conf).unwrap();
+    capture::install(&mut m, &["public.ours".into()], Some(&set))
         .await
         .unwrap();
+    if capture == "wal" {
+        wal::make_slots(&m, &set).await.unwrap();
+    }
     m.batch_execute("CREATE PUBLICATION p FOR TABLE builtin")
         .await
         .unwrap();
@@ -102,17 +119,6 @@ async fn main() {
         master.dsn("app")
     ))
     .await
-    .unwrap();
-    let conf =
-        std::env::temp_dir().join(format!("pgreplica-bench-lag-{}.conf", std::process::id()));
-    std::fs::write(
-        &conf,
-        format!(
-            "[MAIN]\nNAME=lag\nDSN0={}\nDSN1={}\nDEBUG_LEVEL=0\n",
-            master.dsn("app"),
-            slave.dsn("app")
-        ),
-    )
     .unwrap();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
         .args(["run", conf.to_str().unwrap()])
@@ -125,7 +131,7 @@ async fn main() {
     let ours = probe(&m, &s, "ours", samples).await;
     let builtin = probe(&m, &s, "builtin", samples).await;
     let waited = probe_wait(&m, &s, samples).await;
-    println!("idle lag, {samples} changes 50 ms apart (ms)\n");
+    println!("idle lag, {samples} changes 50 ms apart (ms), pgreplica with CAPTURE={capture}\n");
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>8}",
         "", "p50", "p90", "p99", "max"

@@ -28,6 +28,10 @@ const REPORT_FLUSH: Duration = Duration::from_secs(10);
 const MAIL_FLUSH: Duration = Duration::from_secs(40);
 /// How often an idle slave of a set captured from the WAL looks for work.
 const WAL_POLL: Duration = Duration::from_millis(100);
+/// How often it looks for a while after it last applied something: changes
+/// tend to come in runs.
+const WAL_POLL_BUSY: Duration = Duration::from_millis(5);
+const WAL_BUSY_FOR: Duration = Duration::from_secs(1);
 /// How often a slave of a set captured from the WAL that applied nothing
 /// reports to the master that it is caught up.
 const WAL_REPORT: Duration = Duration::from_secs(10);
@@ -396,7 +400,8 @@ impl SlaveTask {
 
     /// A connected stretch of a set captured from the WAL: the slave's slot
     /// read on a master session of its own, when the master wrote since the
-    /// last look (every [`WAL_POLL`]).
+    /// last look (every [`WAL_POLL`], every [`WAL_POLL_BUSY`] for
+    /// [`WAL_BUSY_FOR`] after it applied something).
     async fn wal_session(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
@@ -415,6 +420,7 @@ impl SlaveTask {
         let mut checked = Instant::now();
         let mut unreported = (0, 0);
         let mut reported: Option<Instant> = None;
+        let mut busy = Instant::now();
         loop {
             let exact = self.exact;
             let mut began = Instant::now();
@@ -453,9 +459,16 @@ impl SlaveTask {
             if self.once {
                 return Ok(());
             }
+            if step.applied.events > 0 {
+                busy = Instant::now();
+            }
             loop {
+                let poll = match busy.elapsed() < WAL_BUSY_FOR {
+                    true => WAL_POLL_BUSY,
+                    false => WAL_POLL,
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(WAL_POLL) => {}
+                    _ = tokio::time::sleep(poll) => {}
                     _ = shutdown.changed() => return Ok(()),
                 }
                 if checked.elapsed() >= heartbeat {

@@ -234,10 +234,6 @@ pub async fn wal_step(
     if head.flush <= position.at {
         return Ok(step);
     }
-    let sequences = match pipeline.origins.master.is_none() {
-        true => Some(sequence::read(master).await?),
-        false => None,
-    };
     let slot = wal::slot_name(&set.name, slave);
     let mut changes = read::Changes::start(master, &slot, head.flush, pipeline.limit.0).await?;
     // The transaction being read: its commit, its changes seen, and those of
@@ -316,9 +312,13 @@ pub async fn wal_step(
                 applied.events,
             )
             .await?;
-            if let Some(sequences) = sequences.as_ref().filter(|_| applied.events > 0) {
-                sequence::raise(&slave_tx, sequences).await?;
-            }
+        }
+        // Read once the stream ended, the master's sequences are at least
+        // where the transactions applied left them (multi-master nodes keep
+        // disjoint ranges instead).
+        let applied_any = applied.events > 0 || step.applied.events > 0;
+        if ended && applied_any && pipeline.origins.master.is_none() {
+            sequence::raise(&slave_tx, &sequence::read(master).await?).await?;
         }
         slave_tx
             .commit()
