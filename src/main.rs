@@ -9,12 +9,9 @@ use cli::process::{
     init_logging, init_logging_to, notify_systemd, reload_on_hangup, shutdown_signal, start, stop,
     write_sets_file,
 };
-use pgreplica::config::Capture;
 use pgreplica::metrics::Metrics;
 use pgreplica::service::{self, LogFile};
-use pgreplica::{
-    Config, capture, check, clone, conflict, daemon, db, demo, http, sequence, slave, status, wal,
-};
+use pgreplica::{Config, capture, check, clone, conflict, daemon, db, demo, http, slave, status};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,44 +26,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             sequences,
         } => {
             init_logging(1);
-            let set = config.map(|path| Config::load(&path)).transpose()?;
-            let dsn = set
-                .as_ref()
-                .map(|s| s.master.clone())
-                .or(dsn)
-                .unwrap_or_default();
-            let mut client = db::connect(&dsn, None).await?;
-            if let Some(set) = set.as_ref().filter(|s| s.capture == Capture::Wal) {
-                wal::check_ready(&client, set).await?;
-            }
-            let reports = capture::install(&mut client, &tables, set.as_ref()).await?;
-            for r in &reports {
-                match &r.skipped {
-                    None => println!("{}: replicated", r.table),
-                    Some(why) => println!("{}: skipped: {why}", r.table),
-                }
-            }
-            let replicated = reports.iter().filter(|r| r.skipped.is_none()).count();
-            println!("{replicated} of {} tables replicated", reports.len());
-            if let Some(set) = &set {
-                let (slots, done) = match set.capture {
-                    Capture::Wal => (wal::make_slots(&client, set).await?, "made"),
-                    Capture::Trigger => (wal::drop_slots(&client, set).await?, "dropped"),
-                };
-                for slot in slots {
-                    println!("replication slot {slot} {done}");
-                }
-            }
-            if let Some(spec) = sequences {
-                let (node, nodes) = sequence::parse_share(&spec)
-                    .context("--sequences takes K/N: this node's number K, from 1 to N nodes")?;
-                let changed = sequence::partition(&client, node, nodes).await?;
-                for line in &changed {
-                    println!("{line}");
-                }
-                println!("{} sequence(s) changed", changed.len());
-            }
-            Ok(true)
+            cli::install::run(config, dsn, &tables, sequences).await
         }
         Command::Uninstall { dsn } => {
             init_logging(1);

@@ -1,5 +1,6 @@
-//! The command line's parts beside `main.rs`: its words, and how the daemon
-//! runs as a process.
+//! The command line's parts beside `main.rs`: its words, install, and how the
+//! daemon runs as a process.
 
 pub mod args;
+pub mod install;
 pub mod process;

@@ -1,0 +1,68 @@
+//! `CAPTURE=`: where a set's changes are read on the master, and what capture
+//! from the WAL does not do yet.
+
+use super::Config;
+use std::collections::BTreeMap;
+
+/// Where a set's changes are read on the master (`CAPTURE=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Capture {
+    /// Triggers write each change to `pgreplica.log` (any PostgreSQL, any host).
+    #[default]
+    Trigger,
+    /// A logical replication slot per slave decodes the WAL (`wal_level =
+    /// logical`): the master's writes cost next to nothing more.
+    Wal,
+}
+
+/// What `CAPTURE = wal` does not do yet: the capture options of `[TABLE]`
+/// sections (they are the master's triggers' work) and multi-master (a slave's
+/// own changes would come back to it).
+pub(super) fn wal_limits(
+    config: &Config,
+    seen: &BTreeMap<(String, String), usize>,
+) -> Result<(), (usize, String, String)> {
+    let reason = "is not supported with CAPTURE = wal yet: remove it, or use CAPTURE = trigger";
+    for t in &config.tables {
+        let options = [
+            ("OPERATIONS", t.operations != "IUDT"),
+            ("FILTER", t.filter.is_some()),
+            ("COLUMNS", t.columns.is_some()),
+            ("EXCLUDE_COLUMNS", t.exclude.is_some()),
+        ];
+        if let Some((key, _)) = options.iter().find(|(_, given)| *given) {
+            let key = format!("[TABLE {}] {key}", t.table);
+            return Err((t.line, key, reason.into()));
+        }
+    }
+    if let Some(((_, key), line)) = seen.iter().find(|((_, k), _)| k.starts_with("NODE")) {
+        return Err((*line, key.clone(), format!("(multi-master) {reason}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn wal_capture_refuses_what_only_the_trigger_does() {
+        let base = "[MAIN]\nNAME=s\nDSN0=host=m\nDSN1=host=s\nCAPTURE=wal\n";
+        let ok = Config::parse(Path::new("s.conf"), base).unwrap();
+        assert_eq!(ok.capture, Capture::Wal);
+        let filtered = format!("{base}[TABLE public.t]\nSLAVE_TABLE=public.u\nFILTER=new.a > 0\n");
+        let e = Config::parse(Path::new("s.conf"), &filtered).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("s.conf:6: [TABLE \"public\".\"t\"] FILTER"),
+            "{e}"
+        );
+        let nodes = format!("{base}NODE0=a\nNODE1=b\n");
+        let e = Config::parse(Path::new("s.conf"), &nodes).unwrap_err();
+        assert!(e.to_string().contains("s.conf:6: NODE0"), "{e}");
+        let bad = base.replace("wal", "logical");
+        let e = Config::parse(Path::new("s.conf"), &bad).unwrap_err();
+        assert!(e.to_string().contains("not trigger or wal"), "{e}");
+    }
+}
