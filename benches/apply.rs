@@ -2,7 +2,7 @@
 //! of a transform script, and the daemon's memory while draining a backlog. Prints medians of RUNS runs (default
 //! 5) as ratios to the built-in replication measured in the same run.
 //!
-//!     cargo bench --bench apply                       # ROWS=1000000 RUNS=5 BACKLOGS=1000000,5000000 BIG_ROWS=150
+//!     cargo bench --bench apply                       # ROWS=1000000 RUNS=5 BACKLOGS=1000000,5000000 BIG_ROWS=150 WAL_ROWS=2000000
 //!     ROWS=200000 RUNS=3 BACKLOGS=1000000 cargo bench --bench apply
 //!
 //! Each phase is timed from the master's first commit until a marker row,
@@ -11,7 +11,7 @@
 //! capture benchmark's business).
 
 use pgreplica::throwaway::Server;
-use pgreplica::{capture, db};
+use pgreplica::{Config, capture, db, wal};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -299,6 +299,32 @@ async fn main() {
         "daemon peak RSS applying {big} rows of 500 kB inserted then updated ({:.0} MB of logged \
          row text): {:.1} MB ({took:.1} s)",
         logged as f64 / 1e6,
+        peak_rss_mb(&child)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Capture from the WAL: one master transaction of WAL_ROWS rows, streamed
+    // from the slot and applied in steps of BATCH_EVENTS.
+    let wal_rows = env_number("WAL_ROWS", 2_000_000);
+    let mut m = fresh(&master, "wal").await;
+    let s = fresh(&slave, "wal").await;
+    let conf = write_conf(&master, &slave, "wal", false);
+    let text = std::fs::read_to_string(&conf).unwrap() + "CAPTURE=wal\n";
+    std::fs::write(&conf, text).unwrap();
+    let set = Config::load(&conf).unwrap();
+    capture::install(&mut m, &[], Some(&set)).await.unwrap();
+    wal::make_slots(&m, &set).await.unwrap();
+    m.batch_execute(&format!(
+        "INSERT INTO t SELECT g, md5(g::text), 0 FROM generate_series(1, {wal_rows}) g"
+    ))
+    .await
+    .unwrap();
+    let mut child = daemon(&conf);
+    let (took, _) = phase(&m, &s, 1, &[]).await;
+    println!(
+        "CAPTURE=wal: daemon peak RSS applying one transaction of {wal_rows} rows: {:.1} MB \
+         ({took:.1} s)",
         peak_rss_mb(&child)
     );
     let _ = child.kill();

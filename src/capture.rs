@@ -114,6 +114,32 @@ pub async fn check_version(master: &Client) -> Result<(), Error> {
     }
 }
 
+/// Checks that the master captures as `set` says (`CAPTURE`): a set whose
+/// triggers another set's install disabled would otherwise wait for changes
+/// that never come.
+pub async fn check_mode(master: &Client, set: &Config) -> Result<(), Error> {
+    let doing = "checking the master's capture mode";
+    let wal: bool = master
+        .query_one("SELECT pgreplica.wal()", &[])
+        .await
+        .on_master(doing)?
+        .get(0);
+    let (said, found) = match set.capture {
+        Capture::Trigger if wal => ("trigger", "from the WAL"),
+        Capture::Wal if !wal => ("wal", "with triggers"),
+        _ => return Ok(()),
+    };
+    Err(Error::Invalid {
+        doing: doing.into(),
+        message: format!(
+            "the master captures {found}, but {} says CAPTURE = {said}: all sets of one master \
+             database capture the same way; make the files agree and run pgreplica install \
+             with one of them",
+            set.path.display()
+        ),
+    })
+}
+
 /// Runs `sql` on the master and queues it in the log (`pgreplica.execute`), so
 /// that every slave runs it at the same point between the data changes.
 pub async fn execute(master: &Client, sql: &str) -> Result<(), Error> {

@@ -413,6 +413,8 @@ impl SlaveTask {
         let heartbeat = hub::heartbeat(&set);
         let connect = async {
             let master = db::connect(&set.master, set.keepalive).await?;
+            capture::check_version(&master).await?;
+            capture::check_mode(&master, &set).await?;
             read::session(&master).await?;
             Ok(master)
         };

@@ -324,6 +324,15 @@ async fn a_slave_older_than_its_slot_stops_and_says_to_clone_it() {
     assert!(said.contains("older than its replication slot"), "{said}");
     assert!(said.contains("pgreplica clone"), "{said}");
     assert_eq!(count(&slave, "items").await, 1);
+    // A file that says the master captures with triggers is told it does not.
+    let wal_conf = std::fs::read_to_string(&s.conf).unwrap();
+    std::fs::write(&s.conf, wal_conf.replace("CAPTURE=wal\n", "")).unwrap();
+    let said = output(&s.run_once());
+    assert!(
+        said.contains("the master captures from the WAL, but"),
+        "{said}"
+    );
+    std::fs::write(&s.conf, wal_conf).unwrap();
     // Clone says what to do instead, and changes nothing.
     let out = pgreplica(&["clone", s.conf.to_str().unwrap(), "--truncate"]);
     assert!(!out.status.success());

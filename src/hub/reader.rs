@@ -276,6 +276,7 @@ impl Reader {
     async fn connect(&self) -> Result<Client, Error> {
         let client = db::connect(&self.set.master, self.set.keepalive).await?;
         capture::check_version(&client).await?;
+        capture::check_mode(&client, &self.set).await?;
         if self.daemon && !self.set.tables.is_empty() {
             capture::configure(&client, &self.set).await?;
         }
