@@ -287,7 +287,7 @@ async fn watch_lag(
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        let Ok(lags) = book.lags().await else {
+        let Ok((lags, kept)) = book.lags().await else {
             continue;
         };
         for (&slave, &(events, seconds)) in &lags {
@@ -297,6 +297,7 @@ async fn watch_lag(
             metrics.update(&set.name, slave, |m| {
                 m.lag_events = events;
                 m.lag_seconds = seconds;
+                m.wal_kept_bytes = kept.get(&slave).copied().unwrap_or(0);
             });
             let lags = SlaveStatus::lags(&set, events, seconds);
             if lags && lagging.insert(slave) {

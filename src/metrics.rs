@@ -25,6 +25,9 @@ pub struct SlaveCounts {
     pub lag_events: i64,
     /// Lag in seconds, at the last lag check.
     pub lag_seconds: f64,
+    /// Under WAL capture, the WAL the slave's slot keeps on the master, in
+    /// bytes, at the last lag check.
+    pub wal_kept_bytes: i64,
     /// `running`, or `stopped` by the error below (retrying).
     pub state: &'static str,
     /// When the slave last applied events (RFC 3339, UTC).
@@ -119,7 +122,7 @@ type Series = (
 
 fn prometheus(all: &BTreeMap<(String, u32), SlaveCounts>) -> String {
     let mut out = String::new();
-    let series: [Series; 8] = [
+    let series: [Series; 9] = [
         (
             "pgreplica_slave_running",
             "gauge",
@@ -167,6 +170,12 @@ fn prometheus(all: &BTreeMap<(String, u32), SlaveCounts>) -> String {
             "gauge",
             "Age of the oldest committed event not applied.",
             |s| s.lag_seconds,
+        ),
+        (
+            "pgreplica_wal_kept_bytes",
+            "gauge",
+            "WAL the slave's replication slot keeps on the master (CAPTURE = wal; else 0).",
+            |s| s.wal_kept_bytes as f64,
         ),
     ];
     for (name, kind, help, value) in series {

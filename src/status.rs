@@ -1,9 +1,9 @@
 //! Status: per slave, what waits, the lag, the last apply and the last error.
 
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::db::{self, redact};
 use crate::metrics::SlaveCounts;
-use crate::registry;
+use crate::{registry, wal};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -22,6 +22,8 @@ pub struct SlaveStatus {
     pub events_waiting: i64,
     /// Age in seconds of the oldest committed event not applied yet (0 when none).
     pub lag_seconds: f64,
+    /// Under WAL capture, the WAL the slave's slot keeps on the master, in bytes.
+    pub wal_kept_bytes: Option<i64>,
     /// When the slave last applied events.
     pub last_apply: Option<String>,
     /// When the daemon last reported on this slave.
@@ -68,6 +70,7 @@ pub fn from_daemon(
                 },
                 events_waiting: f.lag_events,
                 lag_seconds: f.lag_seconds,
+                wal_kept_bytes: (set.capture == Capture::Wal).then_some(f.wal_kept_bytes),
                 last_apply: f.last_apply.clone(),
                 last_seen: None,
                 events_applied: f.events as i64,
@@ -92,6 +95,10 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
+    let kept = match (&master, set.capture) {
+        (Ok(client), Capture::Wal) => wal::kept(client, set).await.ok(),
+        _ => None,
+    };
     let mut out = Vec::new();
     for (&slave, dsn) in &set.slaves {
         let mut s = SlaveStatus {
@@ -101,6 +108,7 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
             state: "unknown".into(),
             events_waiting: 0,
             lag_seconds: 0.0,
+            wal_kept_bytes: kept.as_ref().and_then(|k| k.get(&slave).copied()),
             last_apply: None,
             last_seen: None,
             events_applied: 0,
@@ -147,6 +155,7 @@ pub async fn status(set: &Config) -> Vec<SlaveStatus> {
                 state: "clone hold".into(),
                 events_waiting: 0,
                 lag_seconds: 0.0,
+                wal_kept_bytes: None,
                 last_apply: None,
                 last_seen: since.clone(),
                 events_applied: 0,

@@ -462,4 +462,9 @@ async fn an_idle_master_stays_idle_and_a_stopped_slave_shows_its_lag() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let lag = json[0]["lag_seconds"].as_f64().unwrap();
     assert!(lag >= 3.0, "{}", output(&out));
+    // And what its slot keeps on the master meanwhile.
+    let kept = json[0]["wal_kept_bytes"].as_i64().unwrap();
+    assert!(kept > 0, "{}", output(&out));
+    let out = pgreplica(&["status", s.conf.to_str().unwrap()]);
+    assert!(output(&out).contains("WAL(MB)"), "{}", output(&out));
 }

@@ -4,11 +4,11 @@
 //! the number of slaves), then cleans the log at intervals.
 
 use super::{bounded, heartbeat};
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::error::{Error, Side};
 use crate::event::Snapshot;
 use crate::registry::{self, Report};
-use crate::{capture, db};
+use crate::{capture, db, wal};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,13 +70,22 @@ impl Book {
         result
     }
 
-    /// Every registered slave's lag, read on the master (see [`registry::lags`]).
-    pub async fn lags(&self) -> Result<BTreeMap<u32, (i64, f64)>, Error> {
+    /// Every registered slave's lag, read on the master (see
+    /// [`registry::lags`]), and under WAL capture the WAL each slave's slot
+    /// keeps (see [`wal::kept`]).
+    pub async fn lags(&self) -> Result<(BTreeMap<u32, (i64, f64)>, BTreeMap<u32, i64>), Error> {
         let set = &self.session.set;
         let mut guard = self.session.client().await?;
         let result = match guard.as_ref() {
             Some(master) => {
-                let lags = registry::lags(master, &set.name);
+                let lags = async {
+                    let lags = registry::lags(master, &set.name).await?;
+                    let kept = match set.capture {
+                        Capture::Wal => wal::kept(master, set).await?,
+                        Capture::Trigger => BTreeMap::new(),
+                    };
+                    Ok((lags, kept))
+                };
                 bounded(lags, Side::Master, heartbeat(set) * 2).await
             }
             None => Err(lost()),

@@ -14,6 +14,7 @@ pub mod read;
 use crate::config::Config;
 use crate::error::{Context, Error};
 use crate::pgoutput::Lsn;
+use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 /// What install looks at on the master: the settings WAL capture needs, the
@@ -190,6 +191,32 @@ pub async fn confirmed(master: &Client, set: &Config, slave: u32) -> Result<Lsn,
             ),
         }),
     }
+}
+
+/// The WAL each slave's slot keeps on the master, in bytes, by slave.
+pub async fn kept(master: &Client, set: &Config) -> Result<BTreeMap<u32, i64>, Error> {
+    let slots: Vec<String> = set
+        .slaves
+        .keys()
+        .map(|n| slot_name(&set.name, *n))
+        .collect();
+    let rows = master
+        .query(
+            "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8
+               FROM pg_replication_slots WHERE slot_name = ANY($1)",
+            &[&slots],
+        )
+        .await
+        .on_master("reading the WAL the slaves' slots keep")?;
+    let by_name: BTreeMap<String, i64> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0)))
+        .collect();
+    Ok(set
+        .slaves
+        .keys()
+        .filter_map(|n| Some((*n, *by_name.get(&slot_name(&set.name, *n))?)))
+        .collect())
 }
 
 /// Releases the WAL of slave `slave`'s slot up to `lsn`, where the slave's
