@@ -213,9 +213,13 @@ pub async fn wal_step(
     exact: bool,
     committed: &mut (dyn FnMut(&Applied, Lsn, bool) + Send),
 ) -> Result<WalStep, Error> {
-    let head = read::head(master).await?;
-    let confirmed = wal::confirmed(master, set, slave).await?;
-    let progress = slave::read_progress(&*slave_client, &set.name).await?;
+    // Three questions, one round trip on each side.
+    let (head, confirmed, progress) = tokio::join!(
+        read::head(master),
+        wal::confirmed(master, set, slave),
+        slave::read_progress(&*slave_client, &set.name)
+    );
+    let (head, confirmed, progress) = (head?, confirmed?, progress?);
     let mut position = match progress.map(|p| p.wal) {
         None => WalProgress {
             at: confirmed,

@@ -16,8 +16,13 @@ async fn check_names_a_changed_a_missing_and_an_extra_row_of_a_million() {
         .await
         .unwrap();
     let conf = s.conf.to_str().unwrap().to_string();
-    let out = pgreplica(&["clone", &conf]);
-    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    if support::wal_capture() {
+        // The slot made at install holds the rows: replicated, not cloned.
+        s.sync();
+    } else {
+        let out = pgreplica(&["clone", &conf]);
+        assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    }
 
     let out = pgreplica(&["check", &conf]);
     assert!(

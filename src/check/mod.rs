@@ -24,8 +24,8 @@ use crate::record;
 use crate::slave::{self, WalProgress};
 use crate::wal::{self, read};
 use std::collections::{HashMap, HashSet};
-use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Transaction};
 
 /// Rows per range whose checksums are compared first.
 const CHUNK: i64 = 10_000;
@@ -195,6 +195,12 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
         .into_iter()
         .map(|(table, _)| table)
         .collect();
+    // Under WAL capture the slot is copied while the slave cannot move: the
+    // copy starts at or before the slave's position, never past it.
+    let copy = match wal {
+        Some(_) => Some(copy_slot(set, n).await?),
+        None => None,
+    };
     slave::hold_set(&slave_tx, &set.name, false).await?;
     let Some(position) = progress.map(|p| p.snapshot) else {
         return Err(Error::Invalid {
@@ -209,14 +215,14 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
         .on_master("reading the master")?;
     let snapshot = current_snapshot(&master_tx).await?;
     let mut tables = replicated(&master_tx, only).await?;
-    let mut in_flight = match wal {
-        Some(wal) => {
+    let mut in_flight = match (wal, copy) {
+        (Some(wal), Some(copy)) => {
             let flushed = read::head(&master_tx).await?.flush;
             let position = format!("{}", wal.at);
             println!("under WAL capture: the slave is at {position} of the master's WAL");
-            wal_in_flight(set, n, wal, flushed).await?
+            wal_in_flight(copy, wal, flushed).await?
         }
-        None => in_flight(&master_tx, &position, &snapshot).await?,
+        _ => in_flight(&master_tx, &position, &snapshot).await?,
     };
     let flying: usize = in_flight.values().map(HashSet::len).sum();
     println!(
@@ -366,16 +372,9 @@ async fn in_flight(
     Ok(keys)
 }
 
-/// Under WAL capture, the keys of the rows changed by the transactions the
-/// slave has not applied, up to `upto` (read after the master's snapshot):
-/// read from a temporary copy of the slave's slot, which the daemon may be
-/// reading meanwhile.
-async fn wal_in_flight(
-    set: &Config,
-    slave: u32,
-    from: WalProgress,
-    upto: Lsn,
-) -> Result<HashMap<u32, HashSet<String>>, Error> {
+/// A temporary copy of slave `slave`'s slot, on a session of its own (the
+/// copy goes with it), which the daemon may be reading meanwhile.
+async fn copy_slot(set: &Config, slave: u32) -> Result<(Client, String), Error> {
     let master = db::connect(&set.master, None).await?;
     read::session(&master).await?;
     let copy = format!("pgreplica_check_{}_{slave}", std::process::id());
@@ -386,6 +385,17 @@ async fn wal_in_flight(
         )
         .await
         .on_master("copying the slave's replication slot to read what it has not applied")?;
+    Ok((master, copy))
+}
+
+/// Under WAL capture, the keys of the rows changed by the transactions the
+/// slave has not applied, up to `upto` (read after the master's snapshot),
+/// from the copy of its slot.
+async fn wal_in_flight(
+    (master, copy): (Client, String),
+    from: WalProgress,
+    upto: Lsn,
+) -> Result<HashMap<u32, HashSet<String>>, Error> {
     let mut changes = read::Changes::start(&master, &copy, upto, u64::MAX).await?;
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
     let mut unapplied = false;

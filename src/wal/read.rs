@@ -158,14 +158,16 @@ impl Changes {
                 (r.get::<_, u32>(0), Attached { key, was, now })
             })
             .collect();
+        // Not sent together with the keys: a query still waiting for its
+        // answer behind the stream would never get it.
         let limit = limit.clamp(1, i32::MAX as u64);
         let params: [&(dyn ToSql + Sync); 3] = [&slot, &PgLsn::from(upto.0), &(limit as i32)];
-        let rows = master
+        let changes = master
             .query_raw(PEEK_SQL, params)
             .await
             .on_master(&format!("reading replication slot {slot} on the master"))?;
         Ok(Changes {
-            rows: Box::pin(rows),
+            rows: Box::pin(changes),
             tables: HashMap::new(),
             attached,
             log: None,
