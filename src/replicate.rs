@@ -250,13 +250,6 @@ pub async fn wal_step(
             .await
             .on_slave("starting the slave's transaction")?;
         slave::lock_set(&slave_tx, &set.name).await?;
-        // Rows come one by one, as the master changed them: a statement that
-        // moved rows over each other's keys needs a deferrable key checked at
-        // commit, as on the master.
-        slave_tx
-            .batch_execute("SET CONSTRAINTS ALL DEFERRED")
-            .await
-            .on_slave("deferring the slave's deferrable constraints")?;
         let resolver = pipeline.resolver.as_ref();
         let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
         pipeline.adapter.begin();
