@@ -237,11 +237,7 @@ async fn changes_arrive_from_the_slot_and_the_master_logs_none() {
     )
     .await;
     // Nothing but the execute went through the master's log: the triggers stay off.
-    let logged: i64 = m
-        .query_one("SELECT count(*) FROM pgreplica.log WHERE ev_op <> 'X'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let logged = number(&m, "SELECT count(*) FROM pgreplica.log WHERE ev_op <> 'X'").await;
     assert_eq!(logged, 0);
     // The slot lets the applied WAL go: it is at the slave's position.
     let row = m
@@ -293,11 +289,7 @@ async fn a_slot_not_advanced_after_the_slaves_commit_applies_nothing_twice() {
     s.replicate("UPDATE items SET qty = qty + 1 WHERE id <= 10", ALL)
         .await;
     let slave = s.slave(0).await;
-    let conflicts: i64 = slave
-        .query_one("SELECT count(*) FROM pgreplica.conflicts", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let conflicts = number(&slave, "SELECT count(*) FROM pgreplica.conflicts").await;
     assert_eq!(conflicts, 0);
     assert_eq!(count(&slave, "items").await, 90);
 }
@@ -365,25 +357,15 @@ async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
 
     let w = Setup::wal(2, ITEMS).await;
     let m = w.master().await;
-    let listed: i64 = m
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let listed = number(
+        &m,
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%'",
+    )
+    .await;
     assert_eq!(listed, 2);
     let out = pgreplica(&["uninstall", "--dsn", &w.master.dsn("app")]);
     assert!(out.status.success(), "{}", output(&out));
-    let listed: i64 = m
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%') + (SELECT count(*) FROM pg_publication)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let listed = number(&m, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%') + (SELECT count(*) FROM pg_publication)").await;
     assert_eq!(listed, 0);
 }
 
@@ -405,11 +387,7 @@ async fn a_transaction_larger_than_a_batch_is_applied_in_steps_and_resumed_where
     let out = s.run_once();
     assert!(!out.status.success(), "{}", output(&out));
     assert_eq!(count(&slave, "items").await, 40);
-    let upto: i64 = slave
-        .query_one("SELECT upto FROM pgreplica.progress", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let upto = number(&slave, "SELECT upto FROM pgreplica.progress").await;
     assert_eq!(upto, 40);
     // The transaction is read again from its start; the 40 are not applied twice.
     slave
@@ -418,21 +396,22 @@ async fn a_transaction_larger_than_a_batch_is_applied_in_steps_and_resumed_where
         .unwrap();
     s.sync();
     s.assert_same(0, ALL).await;
-    let events: i64 = slave
-        .query_one("SELECT events FROM pgreplica.progress", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let events = number(&slave, "SELECT events FROM pgreplica.progress").await;
     assert_eq!(events, 100);
+}
+
+/// The one number `sql` returns.
+async fn number(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// The master's WAL position now.
 async fn wal_position(master: &tokio_postgres::Client) -> i64 {
-    master
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
-        .await
-        .unwrap()
-        .get(0)
+    number(
+        master,
+        "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -256,7 +256,8 @@ impl Changes {
                 if moved {
                     let delete = change(oid, &table, Op::Delete, Some(old.clone()), None);
                     let insert = change(oid, &table, Op::Insert, None, Some(new));
-                    return self.moving(&table, old, delete, insert);
+                    self.moving(&table, old, delete, insert);
+                    return Ok(());
                 }
                 change(oid, &table, Op::Update, Some(old), Some(new))
             }
@@ -294,13 +295,7 @@ impl Changes {
     /// other's keys by one statement (`SET id = id + 1`, under a deferrable
     /// key) never meet on the slave. A row moved again within the run moves
     /// its held insert.
-    fn moving(
-        &mut self,
-        table: &Arc<MasterTable>,
-        old: Fields,
-        delete: Item,
-        insert: Item,
-    ) -> Result<(), Error> {
+    fn moving(&mut self, table: &Arc<MasterTable>, old: Fields, delete: Item, insert: Item) {
         if self
             .moved
             .first()
@@ -319,7 +314,6 @@ impl Changes {
                 self.moved.push(insert);
             }
         }
-        Ok(())
     }
 
     /// Ends a run of moved rows: their inserts go out.
