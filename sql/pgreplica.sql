@@ -104,7 +104,36 @@ $$;
 -- The version of this file's functions and tables; the daemon refuses a master
 -- whose version is not its own and says to run `pgreplica install` again.
 CREATE OR REPLACE FUNCTION pgreplica.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 4 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 5 $$;
+
+-- This master's identity, made once at install. Each slave's progress names
+-- the master it follows: a slave whose set was switched over to another
+-- master, or a config pointed at the wrong one, is refused instead of read
+-- against a log it has nothing to do with.
+CREATE TABLE IF NOT EXISTS pgreplica.node (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    id  uuid    NOT NULL DEFAULT gen_random_uuid()
+);
+INSERT INTO pgreplica.node DEFAULT VALUES ON CONFLICT DO NOTHING;
+
+CREATE OR REPLACE FUNCTION pgreplica.node() RETURNS text
+LANGUAGE sql STABLE AS $$ SELECT id::text FROM pgreplica.node $$;
+
+-- Failovers to this node: the set's slave that was its master, and how far
+-- this node (then its slave) had applied that master. The daemon leaves that
+-- slave alone until `pgreplica failback` has made it a copy of this master;
+-- failback reports from the position what the old master had and this node
+-- never got.
+CREATE TABLE IF NOT EXISTS pgreplica.failover (
+    set_name   text        NOT NULL,
+    slave      integer     NOT NULL,
+    old_node   text,
+    snapshot   text        NOT NULL,
+    lsn        pg_lsn,
+    applied_at timestamptz,
+    at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (set_name, slave)
+);
 
 -- The node a change being logged came from: what pgreplica's apply marks in
 -- pgreplica.origin, in a session that applies changes from another node

@@ -18,15 +18,20 @@ CREATE TABLE IF NOT EXISTS pgreplica.progress (
 -- last event applied of it (NULL when the last batch was applied whole).
 -- Under WAL capture: where the last applied transaction's commit record ends
 -- on the master (the slot is advanced to it once this commits).
+-- The master the progress is of (its pgreplica.node()): a slave is never read
+-- against another master's log (after a switchover, or a config pointed
+-- elsewhere).
 -- (Only when missing: ALTER TABLE takes the table's strongest lock, which a
--- long `check` reading the progress would hold up, and every batch behind it.)
+-- long `check` reading the progress would hold up, and every batch behind it.
+-- `master` is the newest column: a slave that has it has the others.)
 DO $$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'pgreplica.progress'::regclass
-                      AND attname = 'lsn' AND NOT attisdropped) THEN
+                      AND attname = 'master' AND NOT attisdropped) THEN
         ALTER TABLE pgreplica.progress
             ADD COLUMN IF NOT EXISTS target text,
             ADD COLUMN IF NOT EXISTS upto   bigint,
-            ADD COLUMN IF NOT EXISTS lsn    pg_lsn;
+            ADD COLUMN IF NOT EXISTS lsn    pg_lsn,
+            ADD COLUMN IF NOT EXISTS master text;
     END IF;
 END $$;
 

@@ -11,7 +11,7 @@ pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
 pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 
 /// The version of `sql/pgreplica.sql` this binary ships (`pgreplica.version()`).
-pub const VERSION: i32 = 4;
+pub const VERSION: i32 = 5;
 
 /// What install did with one table.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -565,8 +565,9 @@ impl SlaveTask {
         slave::prepare(&slave_client).await?;
         slave::bound_waits(&slave_client, set.lock_timeout, set.batch_timeout).await?;
         let heartbeat = hub::heartbeat(&set);
-        let mut prev = self.hub.book.register(&slave_client, slave).await?;
-        let mut pipeline = Pipeline::new(&set, slave)?;
+        let registered = self.hub.book.register(&slave_client, slave).await?;
+        let mut pipeline = Pipeline::new(&set, slave, &registered.master)?;
+        let mut prev = registered.at;
         if set.capture == Capture::Wal {
             return self.wal_session(shutdown, slave_client, pipeline).await;
         }

@@ -188,6 +188,13 @@ pub async fn connect_listening(
         None => handshake(&config, NoTls, tx).await,
     }
     .map_err(failed)?;
+    // A master being switched over refuses writes to new sessions, and a
+    // slave may refuse them to applications (default_transaction_read_only):
+    // pgreplica's own sessions write its tables and apply the batches.
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     Ok((client, rx))
 }
 

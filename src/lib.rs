@@ -41,6 +41,7 @@ pub mod sequence;
 pub mod service;
 pub mod slave;
 pub mod status;
+pub mod switchover;
 pub mod throwaway;
 pub mod tls;
 pub mod transform;

@@ -276,6 +276,30 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             );
             Ok(true)
         }
+        Command::Switchover {
+            config,
+            slave,
+            timeout,
+            force,
+            write,
+        } => {
+            init_logging(1);
+            let options = cli::roles::options(slave, timeout, force);
+            cli::roles::switchover(&config, options, write).await
+        }
+        Command::Failover {
+            config,
+            slave,
+            force,
+            write,
+        } => {
+            init_logging(1);
+            cli::roles::failover(&config, slave, force, write).await
+        }
+        Command::Failback { config, slave } => {
+            init_logging(1);
+            cli::roles::failback(&config, slave).await
+        }
         Command::Demo => {
             // The daemon's log would flood the screen: it goes to a file.
             let path =

@@ -7,7 +7,7 @@ use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use crate::slave;
 use std::collections::BTreeMap;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, GenericClient, Row};
 
 const ENTER_SQL: &str = "
 INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, seen_at)
@@ -284,22 +284,65 @@ pub async fn lags(master: &Client, set: &str) -> Result<BTreeMap<u32, (i64, f64)
         .collect())
 }
 
+// A slave that was the master before a failover (see pgreplica.failover).
+const FAILED_OVER_SQL: &str =
+    "SELECT at::text FROM pgreplica.failover WHERE set_name = $1 AND slave = $2";
+
+/// The master's identity (`pgreplica.node()`), which each slave's progress
+/// names.
+pub async fn node(master: &impl GenericClient) -> Result<String, Error> {
+    master
+        .query_one("SELECT pgreplica.node()", &[])
+        .await
+        .on_master("reading the master's identity (pgreplica.node())")
+        .map(|r| r.get(0))
+}
+
+/// Where a registered slave resumes, and the master's identity.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// The end of the last batch it applied whole (or where it starts).
+    pub at: Snapshot,
+    /// The master's node, which its progress must name.
+    pub master: String,
+}
+
 /// Registers the slave on the master and returns where it resumes. The slave's
 /// own progress row is the truth; the master's copy only protects the log from
-/// being cleaned past this slave.
+/// being cleaned past this slave. A slave whose progress is of another master
+/// is refused.
 pub async fn register(
     master: &Client,
     slave_client: &Client,
     set: &Config,
     slave: u32,
-) -> Result<Snapshot, Error> {
-    let progress = slave::read_progress(slave_client, &set.name)
-        .await?
-        .map(|p| p.snapshot);
+) -> Result<Registered, Error> {
+    let node = node(master).await?;
+    let failed_over = master
+        .query_opt(FAILED_OVER_SQL, &[&set.name, &(slave as i32)])
+        .await
+        .on_master("reading the master's failovers")?;
+    if let Some(row) = failed_over {
+        return Err(Error::Invalid {
+            doing: "resuming the slave".into(),
+            message: format!(
+                "it was the master until the failover of {}: it may hold changes this master \
+                 never got, and nothing is applied to it until pgreplica failback {} --slave \
+                 {slave} has made it a copy of this master",
+                row.get::<_, String>(0),
+                set.path.display()
+            ),
+        });
+    }
+    let progress = slave::read_progress(slave_client, &set.name).await?;
+    if let Some(progress) = &progress {
+        progress.check_master(&set.name, &node)?;
+    }
+    let progress = progress.map(|p| p.snapshot);
     let start = progress.clone().unwrap_or_else(Snapshot::start);
     let dsn = &set.slaves[&slave];
     let registered = enter(master, &set.name, slave, dsn, &start).await?;
-    match progress {
+    let at = match progress {
         Some(progress) => {
             if let Some(below) = cleaned_below(master).await?
                 && progress.xmin < below
@@ -316,8 +359,9 @@ pub async fn register(
                 });
             }
             sync(master, &set.name, slave, &progress).await?;
-            Ok(progress)
+            progress
         }
-        None => Ok(registered),
-    }
+        None => registered,
+    };
+    Ok(Registered { at, master: node })
 }

@@ -28,6 +28,9 @@ pub struct Pipeline {
     pub statements: Statements,
     /// Events and bytes of row data after which a batch is cut into steps.
     pub limit: (u64, usize),
+    /// The master's node (`pgreplica.node()`), which the slave's progress
+    /// names.
+    pub master: String,
 }
 
 /// What one step did.
@@ -42,14 +45,16 @@ pub struct Step {
 }
 
 impl Pipeline {
-    /// The pipeline of slave `slave` of `set`; loads its transform scripts.
-    pub fn new(set: &Config, slave: u32) -> Result<Pipeline, Error> {
+    /// The pipeline of slave `slave` of `set`, from the master whose node is
+    /// `master`; loads its transform scripts.
+    pub fn new(set: &Config, slave: u32, master: &str) -> Result<Pipeline, Error> {
         Ok(Pipeline {
             origins: set.origins(slave),
             resolver: Resolver::new(set, slave),
             adapter: Adapter::new(set)?,
             statements: Statements::default(),
             limit: (set.batch_events, set.batch_bytes),
+            master: master.to_string(),
         })
     }
 }
@@ -95,6 +100,9 @@ pub async fn step(
         .await
         .on_slave("starting the slave's transaction")?;
     let (progress, cloning) = slave::lock_set(&slave_tx, set).await?;
+    if let Some(progress) = &progress {
+        progress.check_master(set, &pipeline.master)?;
+    }
     let (prev, partial) = match progress {
         Some(p) => (p.snapshot, p.partial),
         None => (prev.clone(), None),
@@ -148,7 +156,8 @@ pub async fn step(
     let step = match cut {
         true => {
             let partial = Some((&target, last));
-            slave::write_progress(&slave_tx, set, &prev, partial, applied.events).await?;
+            let whose = (set, pipeline.master.as_str());
+            slave::write_progress(&slave_tx, whose, &prev, partial, applied.events).await?;
             Step {
                 at: prev,
                 applied,
@@ -156,7 +165,8 @@ pub async fn step(
             }
         }
         false => {
-            slave::write_progress(&slave_tx, set, &target, None, applied.events).await?;
+            let whose = (set, pipeline.master.as_str());
+            slave::write_progress(&slave_tx, whose, &target, None, applied.events).await?;
             // Multi-master nodes keep disjoint ranges instead.
             if let Some(sequences) = &piece.sequences
                 && applied.events > 0
@@ -219,7 +229,12 @@ pub async fn wal_step(
         wal::confirmed(master, set, slave),
         slave::read_progress(&*slave_client, &set.name)
     );
-    let (head, confirmed, progress) = (head?, confirmed?, progress?);
+    // A slave switched over to another master says so before anything else.
+    let progress = progress?;
+    if let Some(progress) = &progress {
+        progress.check_master(&set.name, &pipeline.master)?;
+    }
+    let (head, confirmed) = (head?, confirmed?);
     let mut position = match progress.map(|p| p.wal) {
         None => WalProgress {
             at: confirmed,
@@ -249,7 +264,10 @@ pub async fn wal_step(
             .transaction()
             .await
             .on_slave("starting the slave's transaction")?;
-        slave::lock_set(&slave_tx, &set.name).await?;
+        let (locked, _) = slave::lock_set(&slave_tx, &set.name).await?;
+        if let Some(progress) = &locked {
+            progress.check_master(&set.name, &pipeline.master)?;
+        }
         let resolver = pipeline.resolver.as_ref();
         let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
         pipeline.adapter.begin();
@@ -303,7 +321,7 @@ pub async fn wal_step(
         if position != before || applied.events > 0 {
             slave::write_wal_progress(
                 &slave_tx,
-                &set.name,
+                (&set.name, &pipeline.master),
                 &step.snapshot,
                 position,
                 applied.events,

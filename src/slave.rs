@@ -19,14 +19,15 @@ pub const SETUP_SQL: &str = include_str!("../sql/slave.sql");
 const LOCK_KEY: &str = "hashtext('pgreplica'), hashtext($1)";
 
 const PROGRESS_READ_SQL: &str =
-    "SELECT snapshot, target, upto, lsn::text FROM pgreplica.progress WHERE set_name = $1";
+    "SELECT snapshot, target, upto, lsn::text, master FROM pgreplica.progress WHERE set_name = $1";
 
 const PROGRESS_WRITE_SQL: &str = "
-INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events, target, upto, lsn)
-VALUES ($1, $2, now(), $3, $4, $5, $6::text::pg_lsn)
+INSERT INTO pgreplica.progress (set_name, snapshot, applied_at, events, target, upto, lsn, master)
+VALUES ($1, $2, now(), $3, $4, $5, $6::text::pg_lsn, $7)
 ON CONFLICT (set_name) DO UPDATE
    SET snapshot = EXCLUDED.snapshot, applied_at = now(), events = progress.events + EXCLUDED.events,
-       target = EXCLUDED.target, upto = EXCLUDED.upto, lsn = EXCLUDED.lsn";
+       target = EXCLUDED.target, upto = EXCLUDED.upto, lsn = EXCLUDED.lsn,
+       master = EXCLUDED.master";
 
 /// How far a slave has applied a set.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,29 @@ pub struct Progress {
     pub partial: Option<(Snapshot, i64)>,
     /// Under WAL capture, where the slave is in the master's WAL.
     pub wal: Option<WalProgress>,
+    /// The master it is of (its `pgreplica.node()`; none: written before
+    /// masters had one).
+    pub master: Option<String>,
+}
+
+impl Progress {
+    /// Refuses a progress of another master than `master`: read against this
+    /// master's log it would skip or repeat changes.
+    pub fn check_master(&self, set: &str, master: &str) -> Result<(), Error> {
+        match &self.master {
+            Some(of) if of != master => Err(Error::Invalid {
+                doing: "resuming the slave".into(),
+                message: format!(
+                    "its progress in set {set} is of another master (node {of}) than the one \
+                     the set's file names (node {master}): the set was switched over to \
+                     another master, or the file points at the wrong server. Nothing is \
+                     applied; reload the daemon with the set's current file, or copy the \
+                     slave again with pgreplica clone --truncate"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// How far a slave has applied a set captured from the WAL.
@@ -268,15 +292,44 @@ pub async fn read_progress(
         snapshot,
         partial,
         wal,
+        master: row.get(4),
     }))
+}
+
+/// Forgets the slave's progress in `set` (a clone of every table starts it
+/// again).
+pub async fn forget_progress(client: &impl GenericClient, set: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "DELETE FROM pgreplica.progress WHERE set_name = $1",
+            &[&set],
+        )
+        .await
+        .on_slave("forgetting the slave's progress")
+        .map(|_| ())
+}
+
+/// Marks the progress in `set` of a slave that became a master as of
+/// another master (`node`, itself): a daemon still running the set's old
+/// file is refused there instead of applying to it.
+pub async fn disown(client: &impl GenericClient, set: &str, node: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE pgreplica.progress SET master = $2 WHERE set_name = $1",
+            &[&set, &node],
+        )
+        .await
+        .on_slave("marking the old slave's progress")
+        .map(|_| ())
 }
 
 /// Records the slave's progress for `set`, with `events` more applied: the
 /// batch up to `snapshot` applied whole, or (`partial`) in part, up to an event
-/// of the batch that ends at another snapshot.
+/// of the batch that ends at another snapshot; `master` is the master's
+/// node.
 pub async fn write_progress(
     tx: &Transaction<'_>,
-    set: &str,
+    (set, master): (&str, &str),
     snapshot: &Snapshot,
     partial: Option<(&Snapshot, i64)>,
     events: u64,
@@ -285,7 +338,7 @@ pub async fn write_progress(
         Some((target, upto)) => (Some(target.to_string()), Some(upto)),
         None => (None, None),
     };
-    write(tx, set, snapshot, (target, upto), None, events).await
+    write(tx, (set, master), snapshot, (target, upto), None, events).await
 }
 
 /// Records the slave's progress for a set captured from the WAL, with
@@ -293,7 +346,7 @@ pub async fn write_progress(
 /// which keeps the registry's place in the log.
 pub async fn write_wal_progress(
     tx: &Transaction<'_>,
-    set: &str,
+    (set, master): (&str, &str),
     snapshot: &Snapshot,
     progress: WalProgress,
     events: u64,
@@ -302,12 +355,20 @@ pub async fn write_wal_progress(
         Some((commit, upto)) => (Some(commit.to_string()), Some(upto)),
         None => (None, None),
     };
-    write(tx, set, snapshot, (commit, upto), Some(progress.at), events).await
+    write(
+        tx,
+        (set, master),
+        snapshot,
+        (commit, upto),
+        Some(progress.at),
+        events,
+    )
+    .await
 }
 
 async fn write(
     tx: &Transaction<'_>,
-    set: &str,
+    (set, master): (&str, &str),
     snapshot: &Snapshot,
     (target, upto): (Option<String>, Option<i64>),
     lsn: Option<Lsn>,
@@ -317,7 +378,15 @@ async fn write(
     let snapshot = snapshot.to_string();
     tx.execute(
         PROGRESS_WRITE_SQL,
-        &[&set, &snapshot, &(events as i64), &target, &upto, &lsn],
+        &[
+            &set,
+            &snapshot,
+            &(events as i64),
+            &target,
+            &upto,
+            &lsn,
+            &master,
+        ],
     )
     .await
     .on_slave("writing the slave's progress")

@@ -14,12 +14,7 @@ use std::time::{Duration, Instant};
 use support::{connect, pgbench, spawn_run};
 use tokio_postgres::Client;
 
-const TABLES: [&str; 4] = [
-    "SELECT * FROM pgbench_branches ORDER BY bid",
-    "SELECT * FROM pgbench_tellers ORDER BY tid",
-    "SELECT * FROM pgbench_accounts ORDER BY aid",
-    "SELECT * FROM pgbench_history ORDER BY id",
-];
+const TABLES: [&str; 4] = support::PGBENCH_TABLES;
 
 // pgbench's history has no key: one is added, everywhere the same.
 const KEYED: &str = "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY";

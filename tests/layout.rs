@@ -28,6 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["apply", "hub"],
     &["replicate", "status"],
     &["daemon", "clone", "check", "http", "throwaway"],
+    &["switchover"],
     &["demo"],
 ];
 

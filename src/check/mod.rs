@@ -20,9 +20,9 @@ use crate::error::{Context, Error, Side};
 use crate::event::{Op, Origins, Snapshot};
 use crate::ident::{TableName, quote_ident};
 use crate::pgoutput::Lsn;
-use crate::record;
 use crate::slave::{self, WalProgress};
 use crate::wal::{self, read};
+use crate::{record, registry};
 use std::collections::{HashMap, HashSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Transaction};
@@ -189,6 +189,9 @@ async fn check_slave(set: &Config, n: u32, only: &[String], mode: Mode) -> Resul
         .await
         .on_slave("reading the slave")?;
     let progress = slave::read_progress(&slave_tx, &set.name).await?;
+    if let Some(progress) = &progress {
+        progress.check_master(&set.name, &registry::node(&master).await?)?;
+    }
     let wal = progress.as_ref().and_then(|p| p.wal);
     let cloning: HashSet<String> = slave::cloning(&slave_tx, &set.name)
         .await?

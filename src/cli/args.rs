@@ -146,6 +146,50 @@ pub enum Command {
         /// The SQL to run, e.g. 'ALTER TABLE shop.orders ADD COLUMN note text'
         sql: String,
     },
+    /// Hand the master's role to a slave with nothing lost: the master stops
+    /// taking writes, every slave applies what it had, the roles swap
+    Switchover {
+        /// The set's config file
+        config: PathBuf,
+        /// The slave that becomes the master (the n of DSNn)
+        #[arg(long)]
+        slave: u32,
+        /// Seconds to wait for the master's open transactions, then for the slaves
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// End the master's transactions still open at the timeout
+        #[arg(long)]
+        force: bool,
+        /// Write the new file over CONFIG (the old one kept beside it, ending in
+        /// .before-switchover) instead of printing it
+        #[arg(long)]
+        write: bool,
+    },
+    /// The master is gone: make a slave the master; the old master waits for
+    /// failback
+    Failover {
+        /// The set's config file
+        config: PathBuf,
+        /// The slave that becomes the master (the n of DSNn)
+        #[arg(long)]
+        slave: u32,
+        /// Fail over even though the master answers
+        #[arg(long)]
+        force: bool,
+        /// Write the new file over CONFIG (the old one kept beside it, ending in
+        /// .before-failover) instead of printing it
+        #[arg(long)]
+        write: bool,
+    },
+    /// Make the old master of a failover a slave of the new master again: report
+    /// what it had that the new master never got, then repair it to a copy
+    Failback {
+        /// The set's config file as failover wrote it (the new master is DSN0)
+        config: PathBuf,
+        /// The old master's number (the n of DSNn)
+        #[arg(long)]
+        slave: u32,
+    },
     /// Start two throwaway local servers and replicate between them
     Demo,
 }

@@ -10,9 +10,9 @@ use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op};
 use crate::ident::{TableName, quote_ident};
 use crate::meter::Meter;
-use crate::record;
 use crate::replicate::{self, Pipeline};
 use crate::slave;
+use crate::{record, registry};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{HashMap, VecDeque};
@@ -174,7 +174,8 @@ struct Job {
 impl Job {
     async fn run(self) -> Result<(), Error> {
         let master = db::connect(&self.config.master, self.config.keepalive).await?;
-        let mut pipeline = Pipeline::new(&self.config, self.slave)?;
+        let node = registry::node(&master).await?;
+        let mut pipeline = Pipeline::new(&self.config, self.slave, &node)?;
         let mut slave = slave::writer(&self.config, self.slave).await?;
         // SET TRANSACTION SNAPSHOT takes no parameter; the id comes from the
         // master's pg_export_snapshot(), never from input.

@@ -114,6 +114,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     let mut slave_client = db::connect(dsn, set.keepalive).await?;
     slave::prepare(&slave_client).await?;
     let (tables, to_attach) = chosen_tables(&master, &options.tables).await?;
+    forget_other_master(set, &master, &slave_client, options).await?;
 
     // Tables copied by an earlier, interrupted clone are not copied again; the
     // ones it had begun are its own to empty.
@@ -156,6 +157,34 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     }
     handover(set, slave, master, slave_client).await?;
     Ok(())
+}
+
+/// A slave whose progress is of another master (the set was switched over)
+/// starts again from the copy of every table; a copy of some tables only
+/// would leave the others at a position of another master's log.
+async fn forget_other_master(
+    set: &Config,
+    master: &Client,
+    slave_client: &Client,
+    options: &Options,
+) -> Result<(), Error> {
+    let node = registry::node(master).await?;
+    let Some(progress) = slave::read_progress(slave_client, &set.name).await? else {
+        return Ok(());
+    };
+    if progress.check_master(&set.name, &node).is_ok() {
+        return Ok(());
+    }
+    if !options.tables.is_empty() {
+        return Err(Error::Invalid {
+            doing: "cloning the slave".into(),
+            message: "its progress is of another master than the set's: clone every table \
+                      (without --table, with --truncate)"
+                .into(),
+        });
+    }
+    tracing::info!("the slave followed another master: it starts again from this copy");
+    slave::forget_progress(slave_client, &set.name).await
 }
 
 /// The tables to clone: every replicated table, or those named; the named ones
@@ -279,7 +308,8 @@ async fn handover(
     mut slave_client: Client,
 ) -> Result<(), Error> {
     let doing = "handing the copied tables over to replication";
-    let mut pipeline = Pipeline::new(set, slave)?;
+    let node = registry::node(&master).await?;
+    let mut pipeline = Pipeline::new(set, slave, &node)?;
     // Batches to finish first come through a reader of their own.
     let hub = Hub::start(std::sync::Arc::new(set.clone()), false);
     loop {
@@ -361,7 +391,8 @@ async fn handover(
         }
         let applied = applier.finish().await?;
         if fresh {
-            slave::write_progress(&tx, &set.name, &target, None, applied.events).await?;
+            let whose = (set.name.as_str(), node.as_str());
+            slave::write_progress(&tx, whose, &target, None, applied.events).await?;
         }
         drop(master_tx);
         for (table, _) in &copied {

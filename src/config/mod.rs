@@ -8,6 +8,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 mod clash;
+pub mod roles;
 mod smtp;
 mod table;
 mod wal;

@@ -7,7 +7,7 @@ use super::{bounded, heartbeat};
 use crate::config::{Capture, Config};
 use crate::error::{Error, Side};
 use crate::event::Snapshot;
-use crate::registry::{self, Report};
+use crate::registry::{self, Registered, Report};
 use crate::{capture, db, wal};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,7 +56,7 @@ impl Book {
 
     /// Registers slave `slave` of the set (see [`registry::register`]) and
     /// returns where it resumes.
-    pub async fn register(&self, slave_client: &Client, slave: u32) -> Result<Snapshot, Error> {
+    pub async fn register(&self, slave_client: &Client, slave: u32) -> Result<Registered, Error> {
         let set = &self.session.set;
         let mut guard = self.session.client().await?;
         let result = match guard.as_ref() {

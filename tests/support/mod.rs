@@ -22,6 +22,14 @@ pub struct Setup {
     pub dir: PathBuf,
 }
 
+/// pgbench's tables in key order (its history gets a key: `id`).
+pub const PGBENCH_TABLES: [&str; 4] = [
+    "SELECT * FROM pgbench_branches ORDER BY bid",
+    "SELECT * FROM pgbench_tellers ORDER BY tid",
+    "SELECT * FROM pgbench_accounts ORDER BY aid",
+    "SELECT * FROM pgbench_history ORDER BY id",
+];
+
 /// What a master needs for WAL capture.
 pub const WAL_SETTINGS: &str =
     "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20";
@@ -75,11 +83,11 @@ pub fn oldest_major() -> u32 {
 }
 
 /// A slave's server: from `$PG_SLAVE_BIN` when set (a master and slaves of
-/// different PostgreSQL versions), else like [`server`].
-pub fn slave_server(timezone: &str) -> Server {
+/// different PostgreSQL versions), else like [`server`]; with `settings`.
+pub fn slave_server(timezone: &str, settings: &str) -> Server {
     match std::env::var_os("PG_SLAVE_BIN") {
-        Some(bin) => Server::start_in(bin.into(), timezone, ""),
-        None => Server::start(timezone),
+        Some(bin) => Server::start_in(bin.into(), timezone, settings),
+        None => Server::start_with(timezone, settings),
     }
     .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"))
 }
@@ -113,7 +121,8 @@ impl Setup {
         let master = Server::start_with("Europe/Madrid", settings)
             .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"));
         let slaves: Vec<Server> = (0..slaves)
-            .map(|_| slave_server("Pacific/Auckland"))
+            // Under WAL capture a slave can become the master (switchover).
+            .map(|_| slave_server("Pacific/Auckland", settings))
             .collect();
         for (pg, schema) in std::iter::once((&master, master_schema))
             .chain(slaves.iter().map(|s| (s, slave_schema)))
