@@ -264,6 +264,45 @@ async fn failover_with_the_master_killed_then_failback_reports_what_was_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn failover_under_pgbench_then_failback_counts_every_lost_transaction() {
+    let s = pgbench_pair().await;
+    let (first, second) = (s.master.dsn("app"), s.slaves[0].dsn("app"));
+    let mut daemon = s.spawn();
+    let load = tpcb(first.clone(), 5);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The daemon dies first: what the master commits from then on is lost
+    // to the slave when the master crashes under the load.
+    daemon.kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.master.stop("immediate").unwrap();
+    load.await.unwrap();
+    let conf = s.conf.to_str().unwrap();
+    let out = pgreplica(&["failover", conf, "--slave", "1", "--write"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let kept = count(&connect(&second).await, "pgbench_history").await;
+    let after = tpcb(second.clone(), 2).await.unwrap();
+
+    s.master.restart().unwrap();
+    let had = count(&connect(&first).await, "pgbench_history").await;
+    assert!(had > kept, "nothing was lost: {had} rows, {kept} kept");
+    let out = pgreplica(&["failback", conf, "--slave", "1"]);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    // TPC-B: three updates and one insert per transaction.
+    let lost = 4 * (had - kept);
+    assert!(
+        printed.contains(&format!("the old master had {lost} change(s)")),
+        "{printed}"
+    );
+    s.sync();
+    for query in TABLES {
+        s.assert_same(0, query).await;
+    }
+    let rows = count(&connect(&first).await, "pgbench_history").await;
+    assert_eq!(rows, kept + after);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_slave_whose_progress_is_of_another_master_is_refused() {
     let s = Setup::new(1, SCHEMA).await;
     s.replicate(
