@@ -3,7 +3,7 @@
 mod cli;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use cli::args::{Cli, Command, Service, SetFiles, sets_file};
 use cli::process::{
     init_logging, init_logging_to, notify_systemd, reload_on_hangup, shutdown_signal, start, stop,
@@ -171,7 +171,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                     serde_json::to_string_pretty(&all).context("writing JSON")?
                 );
             } else {
-                print_status(&all);
+                cli::print::status(&all);
             }
             Ok(all.iter().all(|s| s.state == "running"))
         }
@@ -300,6 +300,20 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             init_logging(1);
             cli::roles::failback(&config, slave).await
         }
+        Command::Man { dir } => {
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+            Ok(true)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "pgreplica",
+                &mut std::io::stdout(),
+            );
+            Ok(true)
+        }
         Command::Demo => {
             // The daemon's log would flood the screen: it goes to a file.
             let path =
@@ -308,30 +322,6 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             init_logging_to(1, false, Some(log));
             Ok(demo::run(&path).await?)
         }
-    }
-}
-
-fn print_status(all: &[status::SlaveStatus]) {
-    println!(
-        "{:<16} {:>5} {:<12} {:>10} {:>9} {:>10} {:<32} LAST ERROR",
-        "SET", "SLAVE", "STATE", "WAITING", "LAG(s)", "WAL(MB)", "LAST APPLY"
-    );
-    for s in all {
-        // Under WAL capture: what its slot keeps on the master.
-        let kept = s
-            .wal_kept_bytes
-            .map_or("-".into(), |b| format!("{:.1}", b as f64 / 1e6));
-        println!(
-            "{:<16} {:>5} {:<12} {:>10} {:>9.1} {:>10} {:<32} {}",
-            s.set,
-            s.slave,
-            s.state,
-            s.events_waiting,
-            s.lag_seconds,
-            kept,
-            s.last_apply.as_deref().unwrap_or("-"),
-            s.last_error.as_deref().unwrap_or("-")
-        );
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[command(
     name = "pgreplica",
     version,
-    about = "Trigger-based asynchronous replication for PostgreSQL"
+    about = "Asynchronous replication for PostgreSQL, captured by triggers or from the WAL"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -192,6 +192,17 @@ pub enum Command {
     },
     /// Start two throwaway local servers and replicate between them
     Demo,
+    /// Write the manual pages (pgreplica.1 and one per command), made from
+    /// these commands' definitions, into a folder
+    Man {
+        /// The folder
+        dir: PathBuf,
+    },
+    /// Print the shell completions for bash, zsh, fish, elvish or powershell
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How the daemon runs as a service.

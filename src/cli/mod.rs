@@ -3,5 +3,6 @@
 
 pub mod args;
 pub mod install;
+pub mod print;
 pub mod process;
 pub mod roles;
