@@ -37,12 +37,18 @@ pub fn bin_dir() -> Result<PathBuf, NotFound> {
 /// `$PG_DUMP`, or `pg_dump` of the newest installed PostgreSQL, or the one on
 /// the `PATH`.
 pub fn pg_dump() -> PathBuf {
-    if let Some(path) = std::env::var_os("PG_DUMP") {
-        return PathBuf::from(path);
+    match std::env::var_os("PG_DUMP") {
+        Some(path) => PathBuf::from(path),
+        None => client("pg_dump"),
     }
+}
+
+/// PostgreSQL's client program `name` (`psql`, `pg_dump`) of the newest
+/// installed PostgreSQL, or the one on the `PATH`.
+pub fn client(name: &str) -> PathBuf {
     bin_dir()
-        .map(|b| b.join("pg_dump"))
+        .map(|b| b.join(name))
         .ok()
         .filter(|p| p.exists())
-        .unwrap_or_else(|| "pg_dump".into())
+        .unwrap_or_else(|| name.into())
 }

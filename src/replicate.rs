@@ -223,18 +223,34 @@ pub async fn wal_step(
     exact: bool,
     committed: &mut (dyn FnMut(&Applied, Lsn, bool) + Send),
 ) -> Result<WalStep, Error> {
-    // Three questions, one round trip on each side.
-    let (head, confirmed, progress) = tokio::join!(
+    // The first questions, one round trip on each side.
+    let (head, confirmed, progress, cloning) = tokio::join!(
         read::head(master),
         wal::confirmed(master, set, slave),
-        slave::read_progress(&*slave_client, &set.name)
+        slave::read_progress(&*slave_client, &set.name),
+        slave::cloning(&*slave_client, &set.name)
     );
     // A slave switched over to another master says so before anything else.
     let progress = progress?;
     if let Some(progress) = &progress {
         progress.check_master(&set.name, &pipeline.master)?;
     }
-    let (head, confirmed) = (head?, confirmed?);
+    let (head, cloning) = (head?, cloning?);
+    // A clone is copying the slave's tables and makes its slot anew: the
+    // slave waits, where it was, without reading the slot.
+    if !cloning.is_empty() {
+        return Ok(WalStep {
+            at: progress
+                .as_ref()
+                .and_then(|p| p.wal)
+                .map_or(head.flush, |w| w.at),
+            snapshot: progress.map_or(head.snapshot, |p| p.snapshot),
+            seen: head.flush,
+            applied: Applied::default(),
+            more: false,
+        });
+    }
+    let confirmed = confirmed?;
     let mut position = match progress.map(|p| p.wal) {
         None => WalProgress {
             at: confirmed,

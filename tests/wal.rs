@@ -325,12 +325,19 @@ async fn a_slave_older_than_its_slot_stops_and_says_to_clone_it() {
         "{said}"
     );
     std::fs::write(&s.conf, wal_conf).unwrap();
-    // Clone says what to do instead, and changes nothing.
-    let out = pgreplica(&["clone", s.conf.to_str().unwrap(), "--truncate"]);
-    assert!(!out.status.success());
-    let said = output(&out);
-    assert!(said.contains("not available with CAPTURE = wal"), "{said}");
-    assert_eq!(count(&slave, "items").await, 1);
+    // Clone copies it again from a new slot, and replication carries on.
+    let conf = s.conf.to_str().unwrap();
+    let out = pgreplica(&["clone", conf, "--table", "public.items"]);
+    assert!(
+        output(&out).contains("leave out --table"),
+        "{}",
+        output(&out)
+    );
+    let out = pgreplica(&["clone", conf, "--truncate"]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(count(&slave, "items").await, 2);
+    s.replicate("INSERT INTO items VALUES (3, 'three', 3)", ALL)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -446,4 +453,46 @@ async fn an_idle_master_stays_idle_and_a_stopped_slave_shows_its_lag() {
     assert!(kept > 0, "{}", output(&out));
     let out = pgreplica(&["status", s.conf.to_str().unwrap()]);
     assert!(output(&out).contains("WAL(MB)"), "{}", output(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_killed_halfway_runs_again_from_a_new_slot_under_writers() {
+    use support::writers::{ACCOUNTS, ALL as ACCOUNTS_ALL, start_writers, stop_writers};
+    let ledger = "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric)";
+    let s = Setup::wal(1, &format!("{ACCOUNTS}; {ledger}")).await;
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO accounts SELECT g, 'owner', g, 'note' FROM generate_series(0, 399) g;
+             INSERT INTO ledger SELECT g, g / 7.0 FROM generate_series(1, 400000) g;",
+        )
+        .await
+        .unwrap();
+    let _daemon = s.spawn();
+    let (stop, handles) = start_writers(&s, 2).await;
+    let conf = s.conf.to_str().unwrap();
+    let mut clone = std::process::Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+        .args(["clone", conf, "--truncate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    clone.kill().unwrap();
+    clone.wait().unwrap();
+    let slave = s.slave(0).await;
+    let marked = count(&slave, "pgreplica.cloning").await;
+    assert!(marked > 0, "the clone ended before it was killed");
+    let out = pgreplica(&["clone", conf, "--truncate"]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert_eq!(count(&slave, "pgreplica.cloning").await, 0);
+    let written = stop_writers(stop, handles).await;
+    assert!(
+        written > 50,
+        "the writers wrote during the clones ({written})"
+    );
+    let limit = std::time::Duration::from_secs(60);
+    s.wait_same(0, ACCOUNTS_ALL, limit).await;
+    s.wait_same(0, "SELECT * FROM ledger ORDER BY id", limit)
+        .await;
 }

@@ -34,13 +34,15 @@ SELECT a.attname::text,
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attnum";
 
-/// Copies `tables` over `jobs` connection pairs that share one exported snapshot.
+/// Copies `tables` over `jobs` connection pairs that share one exported
+/// snapshot: `exported`, or one exported now.
 pub(super) async fn copy_tables(
     set: &Config,
     slave: u32,
     master: &Client,
     tables: Vec<Table>,
     options: &Options,
+    exported: Option<&str>,
 ) -> Result<(), Error> {
     let jobs = options.jobs.max(1);
     let doing = "exporting a snapshot of the master";
@@ -48,13 +50,23 @@ pub(super) async fn copy_tables(
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .on_master(doing)?;
-    let row = master
-        .query_one(
-            "SELECT txid_current_snapshot()::text, pg_export_snapshot()",
-            &[],
-        )
-        .await
-        .on_master(doing)?;
+    let row = match exported {
+        // A slot's exported snapshot: its name comes from the server, never
+        // from input (SET TRANSACTION SNAPSHOT takes no parameter).
+        Some(name) => {
+            master
+                .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"))
+                .await
+                .on_master("importing the slot's snapshot on the master")?;
+            let sql = "SELECT txid_current_snapshot()::text, $1::text";
+            master.query_one(sql, &[&name]).await
+        }
+        None => {
+            let sql = "SELECT txid_current_snapshot()::text, pg_export_snapshot()";
+            master.query_one(sql, &[]).await
+        }
+    }
+    .on_master(doing)?;
     let (snapshot, exported): (String, String) = (row.get(0), row.get(1));
     tracing::info!(
         "copying {} tables at master snapshot {snapshot}, {jobs} at a time",

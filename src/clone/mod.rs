@@ -16,6 +16,7 @@
 
 mod copy;
 mod ddl;
+mod wal;
 
 use crate::apply::Applier;
 use crate::batch::Batch;
@@ -29,7 +30,7 @@ use crate::ident::TableName;
 use crate::replicate::{self, Pipeline};
 use crate::{registry, slave};
 use std::collections::HashSet;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// What to clone.
 #[derive(Debug, Clone, Default)]
@@ -87,18 +88,11 @@ pub async fn abandon(set: &Config, slave: u32) -> Result<Vec<String>, Error> {
 
 /// Clones every slave of `set` (or the one in `options`).
 pub async fn clone(set: &Config, options: &Options) -> Result<(), Error> {
-    if set.capture == Capture::Wal {
-        return Err(Error::Invalid {
-            doing: "cloning".into(),
-            message: "clone is not available with CAPTURE = wal yet: drop the slave's slot \
-                      (SELECT pg_drop_replication_slot('pgreplica_N_set')), copy its tables \
-                      while the master takes no writes (pg_dump | psql), then make the slot \
-                      again with pgreplica install"
-                .into(),
-        });
-    }
     for slave in set.chosen_slaves(options.slave)? {
-        clone_slave(set, slave, options).await?;
+        match set.capture {
+            Capture::Trigger => clone_slave(set, slave, options).await?,
+            Capture::Wal => wal::clone_slave(set, slave, options).await?,
+        }
     }
     Ok(())
 }
@@ -131,13 +125,7 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     if !done.is_empty() {
         tracing::info!("{} tables were copied by an earlier run", done.len());
     }
-    let fresh: Vec<Table> = todo
-        .iter()
-        .filter(|t| !begun.contains(&t.name.quoted()))
-        .cloned()
-        .collect();
-    refuse_non_empty(set, &slave_client, &fresh, options.truncate).await?;
-    mark(&mut slave_client, &set.name, &todo).await?;
+    claim(set, &mut slave_client, &todo, &begun, options.truncate).await?;
     // Attached only now: the daemon already skips these tables' events.
     if !to_attach.is_empty() {
         for report in capture::install(&mut master, &to_attach, None).await? {
@@ -153,10 +141,29 @@ async fn clone_slave(set: &Config, slave: u32, options: &Options) -> Result<(), 
     capture::configure(&master, set).await?;
     registry::hold(&master, &set.name, slave, true).await?;
     if !todo.is_empty() {
-        copy::copy_tables(set, slave, &master, todo, options).await?;
+        copy::copy_tables(set, slave, &master, todo, options, None).await?;
     }
     handover(set, slave, master, slave_client).await?;
     Ok(())
+}
+
+/// Refuses the `tables` that no earlier clone had `begun` and that hold rows
+/// on the slave (unless `truncate`), then marks them all as being cloned:
+/// from then on the daemon leaves their events to the clone.
+async fn claim(
+    set: &Config,
+    slave_client: &mut Client,
+    tables: &[Table],
+    begun: &HashSet<String>,
+    truncate: bool,
+) -> Result<(), Error> {
+    let fresh: Vec<Table> = tables
+        .iter()
+        .filter(|t| !begun.contains(&t.name.quoted()))
+        .cloned()
+        .collect();
+    refuse_non_empty(set, slave_client, &fresh, truncate).await?;
+    mark(slave_client, &set.name, tables).await
 }
 
 /// A slave whose progress is of another master (the set was switched over)
@@ -299,6 +306,21 @@ async fn mark(slave: &mut Client, set: &str, tables: &[Table]) -> Result<(), Err
     tx.commit().await.on_slave(doing)
 }
 
+/// Adds the foreign keys of the copied `tables` and hands them over to the
+/// batches, in the slave's transaction `tx`.
+async fn finish(tx: &Transaction<'_>, set: &str, tables: &[&String]) -> Result<(), Error> {
+    for table in tables {
+        let deferred = slave::deferred(tx, set, table).await?;
+        if let Some(sql) = deferred.filter(|s| !s.trim().is_empty()) {
+            tx.batch_execute(&sql)
+                .await
+                .on_slave(&format!("adding the foreign keys of {table} on the slave"))?;
+        }
+        slave::mark_done(tx, set, table).await?;
+    }
+    Ok(())
+}
+
 /// Hands the copied tables over to the batches: each gets the events logged
 /// between its copy and the set's progress, under the set's lock.
 async fn handover(
@@ -395,15 +417,8 @@ async fn handover(
             slave::write_progress(&tx, whose, &target, None, applied.events).await?;
         }
         drop(master_tx);
-        for (table, _) in &copied {
-            let deferred = slave::deferred(&tx, &set.name, table).await?;
-            if let Some(sql) = deferred.filter(|s| !s.trim().is_empty()) {
-                tx.batch_execute(&sql)
-                    .await
-                    .on_slave(&format!("adding the foreign keys of {table} on the slave"))?;
-            }
-            slave::mark_done(&tx, &set.name, table).await?;
-        }
+        let tables: Vec<&String> = copied.iter().map(|(table, _)| table).collect();
+        finish(&tx, &set.name, &tables).await?;
         tx.commit().await.on_slave(doing)?;
         // The registry now protects the log for this slave from its progress on.
         registry::register(&master, &slave_client, set, slave).await?;

@@ -349,7 +349,8 @@ async fn start_at(
 
 /// Drops the old master's hold on its log and WAL for `set`: its registry
 /// entries and, under WAL capture, the slots (a slot left behind keeps WAL
-/// forever). A slot the old daemon is reading is tried again for a while.
+/// forever). A slot the old daemon is reading is tried again for a while
+/// ([`wal::drop_slots_when_free`]).
 async fn let_go(old_master: &Client, set: &Config) -> Result<(), Error> {
     old_master
         .execute(
@@ -361,23 +362,10 @@ async fn let_go(old_master: &Client, set: &Config) -> Result<(), Error> {
     if set.capture == Capture::Trigger {
         return Ok(());
     }
-    let mut tries = 0;
-    loop {
-        match wal::drop_slots(old_master, set).await {
-            Ok(dropped) => {
-                for slot in dropped {
-                    tracing::info!("old master: replication slot {slot} dropped");
-                }
-                return Ok(());
-            }
-            Err(e) if tries < 50 => {
-                tries += 1;
-                tracing::debug!("{e}: trying again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e),
-        }
+    for slot in wal::drop_slots_when_free(old_master, set).await? {
+        tracing::info!("old master: replication slot {slot} dropped");
     }
+    Ok(())
 }
 
 /// Hands the master of `set` to slave `options.slave` with nothing lost:

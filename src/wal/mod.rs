@@ -175,6 +175,23 @@ pub async fn drop_slots(master: &Client, set: &Config) -> Result<Vec<String>, Er
     Ok(dropped)
 }
 
+/// Drops the slots of `set`'s slaves like [`drop_slots`], trying again for up
+/// to 10 s while a round of a daemon still reads one (a slot in use cannot
+/// be dropped).
+pub async fn drop_slots_when_free(master: &Client, set: &Config) -> Result<Vec<String>, Error> {
+    let mut tries = 0;
+    loop {
+        match drop_slots(master, set).await {
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::debug!("{e}: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The confirmed position of slave `slave`'s slot: the WAL before it is
 /// released. An error when the slot is missing.
 pub async fn confirmed(master: &Client, set: &Config, slave: u32) -> Result<Lsn, Error> {
