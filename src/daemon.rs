@@ -294,11 +294,9 @@ async fn watch_lag(
             if !set.slaves.contains_key(&slave) {
                 continue;
             }
-            metrics.update(&set.name, slave, |m| {
-                m.lag_events = events;
-                m.lag_seconds = seconds;
-                m.wal_kept_bytes = kept.get(&slave).copied().unwrap_or(0);
-            });
+            metrics.sample(&set.name, slave, events, seconds);
+            let kept = kept.get(&slave).copied().unwrap_or(0);
+            metrics.update(&set.name, slave, |m| m.wal_kept_bytes = kept);
             let lags = SlaveStatus::lags(&set, events, seconds);
             if lags && lagging.insert(slave) {
                 let text = format!(
@@ -373,13 +371,7 @@ impl SlaveTask {
                 tracing::error!("{error}; retrying in {}s", self.backoff.as_secs());
             }
             self.metrics.update(&self.set.name, self.number, |m| {
-                let at = crate::metrics::now();
-                m.errors += 1;
-                m.state = "stopped";
-                m.last_error = Some((
-                    format!("{at}: {error}"),
-                    format!("{at}: {}", error.without_values()),
-                ));
+                m.stopped(error.to_string(), error.without_values())
             });
             if let Error::Conflict(conflict, _) = &error
                 && let Err(e) = slave::record_stop(&self.set, self.number, conflict).await
@@ -490,10 +482,13 @@ impl SlaveTask {
     /// resumed, the log line, the conflicts' mail.
     fn applied(&mut self, applied: &Applied, took: Duration, at: &dyn Display, more: bool) {
         let (set, slave) = (&self.set, self.number);
+        let metrics = &self.metrics;
         if applied.events > 0 {
-            let metrics = &self.metrics;
             metrics.batch(&set.name, slave, applied.events, applied.conflicts, took);
+            let tables = applied.tables.iter();
+            metrics.activity((&set.name, slave), tables, &applied.notes);
         }
+        metrics.update(&set.name, slave, |m| m.position = Some(at.to_string()));
         if let Some(error) = self.failing.take() {
             self.mailer.send(
                 Notice::Start,

@@ -130,7 +130,13 @@ async fn answer(
             let json = serde_json::to_string_pretty(&all).unwrap_or_else(|_| "[]".into());
             ("200 OK", "application/json", json)
         }
-        ("GET", "/metrics" | "/status") => (
+        ("GET", "/status/page") if allowed => {
+            let sets = sets.borrow().clone();
+            let page = status::page(&sets, &metrics.snapshot(), shown);
+            let json = serde_json::to_string(&page).unwrap_or_else(|_| "{}".into());
+            ("200 OK", "application/json", json)
+        }
+        ("GET", "/metrics" | "/status" | "/status/page") => (
             "401 Unauthorized",
             "text/plain",
             "send the daemon's HTTP_TOKEN: Authorization: Bearer TOKEN\n".into(),
@@ -172,86 +178,5 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The status page: a table of slaves with a lag sparkline, refreshed every 2 s.
-const PAGE: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>pgreplica</title>
-<style>
-body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; }
-th, td { padding: .35em .8em; border-bottom: 1px solid #ddd; text-align: left; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.running { color: #176f2c; } .stopped, .unknown { color: #b3261e; font-weight: bold; }
-.lagging { background: #fff4d6; }
-tr.summary td { font-weight: bold; background: #f2f4f7; }
-svg polyline { fill: none; stroke: #3467c2; stroke-width: 1.5; }
-#error { color: #b3261e; }
-</style></head>
-<body>
-<h1>pgreplica</h1>
-<p id="updated">loading…</p><p id="error"></p>
-<table><thead><tr><th>set</th><th>slave</th><th>state</th><th>waiting</th><th>lag (s)</th>
-<th>lag, last 2 min</th><th>last apply</th><th>last error</th></tr></thead>
-<tbody id="slaves"></tbody></table>
-<script>
-const history = {};
-function sparkline(points) {
-  const w = 120, h = 24, max = Math.max(1, ...points);
-  const xy = points.map((v, i) => `${(i * w / 59).toFixed(1)},${(h - 2 - v * (h - 4) / max).toFixed(1)}`);
-  return `<svg width="${w}" height="${h}" viewBox="0 0 ${w} ${h}"><polyline points="${xy.join(' ')}"/></svg>`;
-}
-function cell(text, cls) {
-  const td = document.createElement('td');
-  if (cls) td.className = cls;
-  td.textContent = text;
-  return td;
-}
-async function refresh() {
-  try {
-    const token = new URLSearchParams(location.hash.slice(1)).get('token');
-    const headers = token ? {Authorization: 'Bearer ' + token} : {};
-    const answer = await fetch('/status', {cache: 'no-store', headers});
-    if (!answer.ok) throw new Error(answer.status + ' ' + (await answer.text()));
-    const slaves = await answer.json();
-    const body = document.getElementById('slaves');
-    body.replaceChildren();
-    // One summary line per set, then its slaves: stopped first, then lagging,
-    // the most behind first, so that a set of hundreds shows its problems on top.
-    const sets = new Map();
-    for (const s of slaves) sets.set(s.set, (sets.get(s.set) || []).concat([s]));
-    const rank = s => s.state !== 'running' ? 0 : s.lagging ? 1 : 2;
-    for (const [name, list] of sets) {
-      const stopped = list.filter(s => rank(s) === 0).length;
-      const lagging = list.filter(s => rank(s) === 1).length;
-      const most = Math.max(...list.map(s => s.lag_seconds));
-      const summary = document.createElement('tr');
-      summary.className = 'summary' + (stopped ? ' stopped' : lagging ? ' lagging' : '');
-      const td = cell(`${name}: ${list.length} slave${list.length === 1 ? '' : 's'}, ` +
-        `${list.length - stopped} running, ${stopped} stopped, ${lagging} lagging; ` +
-        `most lag ${most.toFixed(1)} s`);
-      td.colSpan = 8;
-      summary.append(td);
-      body.append(summary);
-      list.sort((a, b) => rank(a) - rank(b) || b.lag_seconds - a.lag_seconds || a.slave - b.slave);
-      for (const s of list) {
-        const key = s.set + '/' + s.slave;
-        const points = (history[key] = (history[key] || []).concat([s.lag_seconds]).slice(-60));
-        const tr = document.createElement('tr');
-        if (s.lagging) tr.className = 'lagging';
-        tr.append(cell(s.set), cell(s.slave, 'n'), cell(s.state, s.state.replace(' ', '-')),
-                  cell(s.events_waiting, 'n'), cell(s.lag_seconds.toFixed(1), 'n'));
-        const spark = document.createElement('td');
-        spark.innerHTML = sparkline(points);
-        tr.append(spark, cell(s.last_apply || '-'), cell(s.last_error || '-'));
-        body.append(tr);
-      }
-    }
-    document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
-    document.getElementById('error').textContent = '';
-  } catch (e) {
-    document.getElementById('error').textContent = 'cannot read /status: ' + e;
-  }
-}
-refresh();
-setInterval(refresh, 2000);
-</script>
-</body></html>
-"#;
+/// The status page: it reads `/status/page` every few seconds.
+const PAGE: &str = include_str!("status.html");

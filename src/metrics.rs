@@ -1,6 +1,7 @@
 //! Counters and gauges per set and slave, shown as Prometheus text on `/metrics`.
 
-use std::collections::BTreeMap;
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,19 +35,82 @@ pub struct SlaveCounts {
     pub last_apply: Option<String>,
     /// The error that stopped it, with its time: whole, and without row values.
     pub last_error: Option<(String, String)>,
+    /// Where the slave is: the master snapshot (or WAL position) its last
+    /// batch ended at.
+    pub position: Option<String>,
+    /// The last hour, a sample at each lag check: the status page's charts.
+    pub history: VecDeque<Sample>,
+    /// Events applied per slave table.
+    pub tables: BTreeMap<String, u64>,
+    /// The latest conflicts, with their time: both rows' values.
+    pub recent_conflicts: VecDeque<(String, String)>,
+    /// The latest errors: the last time, whole, without row values, and how
+    /// many times in a row (retries of one error are one entry).
+    pub recent_errors: VecDeque<(String, String, String, u32)>,
     /// Batches per apply-time bucket (cumulative counts are made when shown).
     buckets: [u64; BUCKETS.len()],
     /// Sum of the batches' apply times.
     apply_seconds: f64,
 }
 
+/// One point of a slave's history.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Sample {
+    /// Seconds since the epoch.
+    pub at: i64,
+    /// Lag in seconds.
+    pub lag_seconds: f64,
+    /// Events waiting.
+    pub lag_events: i64,
+    /// Events applied since the daemon started.
+    pub events: u64,
+}
+
+/// How far back a slave's history reaches, and its most samples (a lag
+/// check every 10 s at most often fills an hour).
+const HISTORY_SECONDS: i64 = 3600;
+const HISTORY_SAMPLES: usize = 360;
+/// Conflicts and errors kept per slave for the status page.
+const RECENT: usize = 20;
+
+fn keep<T>(list: &mut VecDeque<T>, item: T, most: usize) {
+    list.push_back(item);
+    while list.len() > most {
+        list.pop_front();
+    }
+}
+
+impl SlaveCounts {
+    /// Records the error that stopped the slave: whole, and without row values.
+    pub fn stopped(&mut self, whole: String, bare: String) {
+        let at = now();
+        self.errors += 1;
+        self.state = "stopped";
+        match self.recent_errors.back_mut() {
+            Some(last) if last.1 == whole => {
+                last.0 = at.clone();
+                last.3 += 1;
+            }
+            _ => keep(
+                &mut self.recent_errors,
+                (at.clone(), whole.clone(), bare.clone(), 1),
+                RECENT,
+            ),
+        }
+        self.last_error = Some((format!("{at}: {whole}"), format!("{at}: {bare}")));
+    }
+}
+
 /// The time now as RFC 3339 in UTC, to the second.
 pub fn now() -> String {
-    rfc3339(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64),
-    )
+    rfc3339(epoch())
+}
+
+/// Seconds since the epoch now.
+pub fn epoch() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Seconds since the epoch as RFC 3339 in UTC.
@@ -101,6 +165,47 @@ impl Metrics {
             s.apply_seconds += seconds;
             if let Some(i) = BUCKETS.iter().position(|&b| seconds <= b) {
                 s.buckets[i] += 1;
+            }
+        });
+    }
+
+    /// Records what a batch applied per slave table, and its conflicts.
+    pub fn activity<'a>(
+        &self,
+        (set, slave): (&str, u32),
+        tables: impl Iterator<Item = (&'a String, &'a u64)>,
+        conflicts: &[String],
+    ) {
+        self.update(set, slave, |s| {
+            for (table, events) in tables {
+                *s.tables.entry(table.clone()).or_default() += events;
+            }
+            let at = now();
+            for note in conflicts {
+                keep(&mut s.recent_conflicts, (at.clone(), note.clone()), RECENT);
+            }
+        });
+    }
+
+    /// Records a lag check: the gauges, and a sample of the slave's history.
+    pub fn sample(&self, set: &str, slave: u32, lag_events: i64, lag_seconds: f64) {
+        self.update(set, slave, |s| {
+            s.lag_events = lag_events;
+            s.lag_seconds = lag_seconds;
+            let at = epoch();
+            let sample = Sample {
+                at,
+                lag_seconds,
+                lag_events,
+                events: s.events,
+            };
+            keep(&mut s.history, sample, HISTORY_SAMPLES);
+            while s
+                .history
+                .front()
+                .is_some_and(|f| f.at < at - HISTORY_SECONDS)
+            {
+                s.history.pop_front();
             }
         });
     }
@@ -218,6 +323,24 @@ fn escape(label: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_is_bounded_and_a_retried_error_is_one_entry() {
+        let metrics = Metrics::default();
+        for _ in 0..1000 {
+            metrics.sample("s", 1, 3, 0.5);
+        }
+        metrics.update("s", 1, |c| {
+            c.stopped("e".into(), "e".into());
+            c.stopped("e".into(), "e".into());
+            c.stopped("f".into(), "f".into());
+        });
+        let all = metrics.snapshot();
+        let counts = &all[&("s".to_string(), 1)];
+        assert_eq!(counts.history.len(), HISTORY_SAMPLES);
+        assert_eq!(counts.recent_errors.len(), 2);
+        assert_eq!((counts.recent_errors[0].3, counts.errors), (2, 3));
+    }
 
     #[test]
     fn batches_fill_counters_and_a_cumulative_histogram() {

@@ -2,7 +2,7 @@
 
 use crate::config::{Capture, Config};
 use crate::db::{self, redact};
-use crate::metrics::SlaveCounts;
+use crate::metrics::{Sample, SlaveCounts};
 use crate::{registry, wal};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -83,6 +83,124 @@ pub fn from_daemon(
         }
     }
     out
+}
+
+/// One slave as the status page draws it: its status, where it is, and what
+/// the daemon remembers of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlavePage {
+    /// What `/status` shows of it.
+    #[serde(flatten)]
+    pub status: SlaveStatus,
+    /// Its name in the graph: its `NODEn`, or its database and host.
+    pub node: String,
+    /// The master snapshot (or WAL position) its last batch ended at.
+    pub position: Option<String>,
+    /// The last hour, a sample at each lag check.
+    pub history: Vec<Sample>,
+    /// Events applied per table since the daemon started, the busiest first.
+    pub tables: Vec<(String, u64)>,
+    /// The latest conflicts: time and description (row values only with
+    /// `values`).
+    pub conflicts: Vec<(String, String)>,
+    /// The latest errors: time and message.
+    pub errors: Vec<(String, String)>,
+}
+
+/// One set as the status page draws it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetPage {
+    /// The set's name.
+    pub name: String,
+    /// `trigger` or `wal`.
+    pub capture: &'static str,
+    /// The master's name in the graph.
+    pub master: String,
+    /// Its slaves.
+    pub slaves: Vec<SlavePage>,
+}
+
+/// Everything the status page shows (`/status/page`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// Seconds since the epoch, for the charts' time axes.
+    pub now: i64,
+    /// The sets.
+    pub sets: Vec<SetPage>,
+}
+
+/// A server's name for the graph: `NODEn` of `set`, else `dbname@host` of
+/// its connection string.
+fn node_name(set: &Config, number: u32, dsn: &str) -> String {
+    if let Some(node) = set.nodes.get(&number) {
+        return node.clone();
+    }
+    let parsed = crate::dsn::Dsn::parse(dsn).ok();
+    let get = |key: &str| parsed.as_ref().and_then(|d| d.get(key).map(str::to_string));
+    let port = get("port").map_or(String::new(), |p| format!(":{p}"));
+    match (get("dbname"), get("host")) {
+        (Some(db), Some(host)) => format!("{db}@{host}{port}"),
+        (Some(db), None) => format!("{db}{port}"),
+        _ => format!("DSN{number} of {}", set.name),
+    }
+}
+
+/// The status page's data from the running daemon's memory. `values` keeps
+/// the row values of errors and conflicts.
+pub fn page(sets: &[Config], figures: &BTreeMap<(String, u32), SlaveCounts>, values: bool) -> Page {
+    let statuses = from_daemon(sets, figures, values);
+    let mut out = Vec::new();
+    for set in sets {
+        let mut slaves = Vec::new();
+        for status in statuses.iter().filter(|s| s.set == set.name) {
+            let f = figures
+                .get(&(set.name.clone(), status.slave))
+                .cloned()
+                .unwrap_or_default();
+            let mut tables: Vec<(String, u64)> = f.tables.into_iter().collect();
+            tables.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let conflicts = f.recent_conflicts.into_iter().rev().map(|(at, note)| {
+                let note = match values {
+                    true => note,
+                    false => note.split(", key ").next().unwrap_or_default().to_string(),
+                };
+                (at, note)
+            });
+            let errors = f
+                .recent_errors
+                .into_iter()
+                .rev()
+                .map(|(at, whole, bare, n)| {
+                    let text = if values { whole } else { bare };
+                    match n {
+                        1 => (at, text),
+                        n => (at, format!("{text} ({n} times, the last shown)")),
+                    }
+                });
+            slaves.push(SlavePage {
+                node: node_name(set, status.slave, &set.slaves[&status.slave]),
+                status: status.clone(),
+                position: f.position,
+                history: f.history.into_iter().collect(),
+                tables,
+                conflicts: conflicts.collect(),
+                errors: errors.collect(),
+            });
+        }
+        out.push(SetPage {
+            name: set.name.clone(),
+            capture: match set.capture {
+                Capture::Trigger => "trigger",
+                Capture::Wal => "wal",
+            },
+            master: node_name(set, 0, &set.master),
+            slaves,
+        });
+    }
+    Page {
+        now: crate::metrics::epoch(),
+        sets: out,
+    }
 }
 
 /// Reads every slave's status of a set from its master. A slave the daemon has

@@ -90,7 +90,12 @@ async fn metrics_status_and_page_are_served() {
 
     let (status, page) = get(port, "/");
     assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(page.contains("<title>pgreplica</title>") && page.contains("fetch('/status'"));
+    assert!(page.contains("<title>pgreplica</title>") && page.contains("fetch('/status/page'"));
+    let (status, body) = get(port, "/status/page");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["sets"][0]["capture"], "trigger");
+    assert_eq!(json["sets"][0]["slaves"][0]["tables"][0][1], 10);
     assert_eq!(get(port, "/nothing").0, "HTTP/1.1 404 Not Found");
 }
 
@@ -105,7 +110,7 @@ fn chromium() -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_status_page_renders_the_slaves_in_a_real_browser() {
+async fn the_status_page_draws_charts_tables_conflicts_and_the_graph_in_a_real_browser() {
     let s = Setup::new(2, ITEMS).await;
     // Slave 2 lacks the table: it stops on an error, and the page says so first.
     s.slave(1)
@@ -113,56 +118,99 @@ async fn the_status_page_renders_the_slaves_in_a_real_browser() {
         .batch_execute("DROP TABLE items")
         .await
         .unwrap();
+    // Conflicts are settled and remembered; the lag is sampled every second.
+    s.configure("CONFLICT=apply-remote\nLAG_WARNING=2\n");
     let (_daemon, port) = serving(&s);
-    s.arrives("INSERT INTO items VALUES (1, 'one', 1)", ALL)
-        .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.arrives(
+        "INSERT INTO items SELECT g, 'one', g FROM generate_series(1, 20) g",
+        ALL,
+    )
+    .await;
+    s.slave(0)
+        .await
+        .batch_execute("UPDATE items SET name = 'changed on the slave' WHERE id = 7")
+        .await
+        .unwrap();
+    s.arrives(
+        "UPDATE items SET name = 'changed on the master' WHERE id = 7",
+        ALL,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let dir = std::env::temp_dir().join(format!("pgreplica-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let shot = dir.join("status.png");
     let url = format!("http://127.0.0.1:{port}/");
-    let browser = |extra: &[&str]| {
+    let browser = |size: &str, extra: &[&str]| {
         Command::new(chromium())
             .args([
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
                 "--no-first-run",
+                "--hide-scrollbars",
             ])
             .arg(format!("--user-data-dir={}", dir.join("profile").display()))
-            .args(["--virtual-time-budget=5000", "--window-size=1200,400"])
+            .arg("--virtual-time-budget=5000")
+            .arg(format!("--window-size={size}"))
             .args(extra)
             .arg(&url)
             .output()
             .unwrap()
     };
-    // The DOM after the page's script has read /status.
-    let dom = browser(&["--dump-dom"]);
+    // The DOM after the page's script has read /status/page.
+    let dom = browser("1200,900", &["--dump-dom"]);
     let dom = String::from_utf8_lossy(&dom.stdout);
     for part in [
         "app: 2 slaves, 1 running, 1 stopped, 0 lagging",
         "<td>app</td>",
         "class=\"running\">running</td>",
-        "<svg",
+        "capture: trigger",
+        // A chart per figure, with its unit and time axis.
+        "class=\"chart\"",
+        "lag (s)",
+        "events waiting (events)",
+        "applied (events/s)",
+        // The last five minutes: the daemon has not run longer.
+        "-5 min",
+        ">now<",
+        "class=\"line\"",
+        // Per-table activity, the conflict (no row values without the token),
+        // the stopped slave's error, and the graph of the nodes.
+        "<td>\"public\".\"items\"</td><td class=\"n\">21</td>",
+        "conflict: update of a row changed on both sides on table",
+        "missing on the slave: create it there",
+        "class=\"graph\"",
+        "app@127.0.0.1",
+        "marker-end",
         "updated ",
     ] {
         assert!(dom.contains(part), "the page shows {part}:\n{dom}");
     }
+    assert!(
+        !dom.contains("changed on the slave"),
+        "row values without the token:\n{dom}"
+    );
     let (stopped, running) = (dom.find(">stopped</td>"), dom.find(">running</td>"));
     assert!(
         stopped.is_some() && stopped < running,
         "the stopped slave comes first:\n{dom}"
     );
-    // And a screenshot of it, kept for a look.
-    let out = browser(&[&format!("--screenshot={}", shot.display())]);
-    let png = std::fs::read(&shot)
-        .unwrap_or_else(|_| panic!("no screenshot:\n{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 5000,
-        "{} bytes",
-        png.len()
-    );
-    println!("screenshot of the status page: {}", shot.display());
+    // Screenshots at a normal and at a phone's width, kept for a look.
+    for (name, size) in [
+        ("status.png", "1200,1400"),
+        ("status-narrow.png", "400,2400"),
+    ] {
+        let shot = dir.join(name);
+        let out = browser(size, &[&format!("--screenshot={}", shot.display())]);
+        let png = std::fs::read(&shot)
+            .unwrap_or_else(|_| panic!("no screenshot:\n{}", String::from_utf8_lossy(&out.stderr)));
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 5000,
+            "{} bytes",
+            png.len()
+        );
+        println!("screenshot of the status page: {}", shot.display());
+    }
 }
 
 const TOKEN: &str = "0123456789abcdef-test-token";

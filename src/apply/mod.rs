@@ -21,7 +21,7 @@ use crate::slave;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, TryStreamExt};
 use sql::{copy_error_line, copy_escape, copy_statement, run_statement};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -124,6 +124,8 @@ pub struct Applied {
     pub conflicts: u64,
     /// The first conflicts described, for the warning mail.
     pub notes: Vec<String>,
+    /// Events applied per slave table.
+    pub tables: BTreeMap<String, u64>,
 }
 
 /// Conflicts described in full per batch; the rest are counted.
@@ -135,6 +137,8 @@ pub struct Applier<'t> {
     statements: &'t mut Statements,
     /// By master table definition (its address: each plan holds its definition alive).
     plans: HashMap<usize, Arc<Plan>>,
+    /// Events applied per table definition (the key of `plans`).
+    per_table: HashMap<usize, u64>,
     pending: VecDeque<Pending<'t>>,
     pending_events: usize,
     pending_bytes: usize,
@@ -168,6 +172,7 @@ impl<'t> Applier<'t> {
             tx,
             statements,
             plans: HashMap::new(),
+            per_table: HashMap::new(),
             pending: VecDeque::new(),
             pending_events: 0,
             pending_bytes: 0,
@@ -202,6 +207,10 @@ impl<'t> Applier<'t> {
         }
         let plan = self.plan(table).await?;
         self.counts.events += 1;
+        *self
+            .per_table
+            .entry(Arc::as_ptr(table) as usize)
+            .or_default() += 1;
         let event = match (self.resolver, event.op) {
             (Some(resolver), Op::Insert | Op::Update | Op::Delete) => {
                 match self.resolve(resolver, &plan, event).await? {
@@ -267,6 +276,7 @@ impl<'t> Applier<'t> {
         };
         ran.on_slave(&format!("running event {} on the slave ({sql})", event.id))?;
         slave::session(self.tx).await?;
+        self.count_tables();
         self.plans.clear();
         self.statements.0.clear();
         Ok(())
@@ -275,7 +285,21 @@ impl<'t> Applier<'t> {
     /// Sends what is queued, checks every result, and returns the counts.
     pub async fn finish(mut self) -> Result<Applied, Error> {
         self.flush().await?;
+        self.count_tables();
         Ok(self.counts)
+    }
+
+    /// Moves the events counted per table definition to the counts by name.
+    fn count_tables(&mut self) {
+        for (key, events) in self.per_table.drain() {
+            if let Some(plan) = self.plans.get(&key) {
+                *self
+                    .counts
+                    .tables
+                    .entry(plan.slave.to_string())
+                    .or_default() += events;
+            }
+        }
     }
 
     /// How `table` (one definition of a master table) lands on the slave.
