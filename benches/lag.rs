@@ -1,11 +1,13 @@
-//! Lag on an idle daemon: a probe changes one row on the master every 50 ms and
-//! times until the slave shows it, for pgreplica and, on the same servers and
-//! in the same run, for PostgreSQL's built-in logical replication. Prints p50,
-//! p90, p99 and max of each, and pgreplica's p50 and p99 as ratios to the
-//! built-in's.
+//! Lag: a probe changes one row on the master every 50 ms and times until the
+//! slave shows it, for pgreplica and, on the same servers and in the same run,
+//! for PostgreSQL's built-in logical replication; then how long
+//! `pgreplica.wait()` takes. Prints p50, p90, p99 and max of each, and
+//! pgreplica's p50 and p99 as ratios to the built-in's.
 //!
-//!     cargo bench --bench lag                 # SAMPLES=200
+//!     cargo bench --bench lag                 # SAMPLES=200, an idle master
 //!     CAPTURE=wal cargo bench --bench lag     # pgreplica capturing from the WAL
+//!     LOAD=pgbench cargo bench --bench lag    # under pgbench's TPC-B, 4 clients at
+//!                                             # 300 transactions/s, replicated too
 
 use pgreplica::throwaway::Server;
 use pgreplica::{Config, capture, db, wal};
@@ -104,9 +106,27 @@ async fn main() {
     )
     .unwrap();
     let set = Config::load(&conf).unwrap();
-    capture::install(&mut m, &["public.ours".into()], Some(&set))
-        .await
-        .unwrap();
+    // Under load pgbench's tables are replicated too: the daemon is busy.
+    let load = std::env::var("LOAD").is_ok_and(|l| l == "pgbench");
+    let pgbench = pgreplica::programs::bin_dir().unwrap().join("pgbench");
+    let mut tables = vec!["public.ours".to_string()];
+    if load {
+        for pg in [&master, &slave] {
+            let out = Command::new(&pgbench)
+                .args(["-i", "-q", "-s", "1", &pg.dsn("app")])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "pgbench -i failed");
+            let c = db::connect(&pg.dsn("app"), None).await.unwrap();
+            c.batch_execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+                .await
+                .unwrap();
+        }
+        for t in ["accounts", "branches", "tellers", "history"] {
+            tables.push(format!("public.pgbench_{t}"));
+        }
+    }
+    capture::install(&mut m, &tables, Some(&set)).await.unwrap();
     if capture == "wal" {
         wal::make_slots(&m, &set).await.unwrap();
     }
@@ -125,13 +145,30 @@ async fn main() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    // Both paths warmed up and idle before measuring.
+    let mut bench = load.then(|| {
+        Command::new(&pgbench)
+            .args(["-n", "-c", "4", "-j", "2", "-R", "300", "-T", "3600"])
+            .arg(master.dsn("app"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
+    // Both paths warmed up (and the load running) before measuring.
     probe(&m, &s, "ours", 5).await;
     probe(&m, &s, "builtin", 5).await;
     let ours = probe(&m, &s, "ours", samples).await;
     let builtin = probe(&m, &s, "builtin", samples).await;
     let waited = probe_wait(&m, &s, samples).await;
-    println!("idle lag, {samples} changes 50 ms apart (ms), pgreplica with CAPTURE={capture}\n");
+    if let Some(bench) = bench.as_mut() {
+        let _ = bench.kill();
+        let _ = bench.wait();
+    }
+    let under = match load {
+        true => "under pgbench TPC-B at 300 transactions/s from 4 clients",
+        false => "idle",
+    };
+    println!("lag {under}, {samples} changes 50 ms apart (ms), pgreplica with CAPTURE={capture}\n");
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>8}",
         "", "p50", "p90", "p99", "max"

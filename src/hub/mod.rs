@@ -197,8 +197,11 @@ async fn listener(set: Arc<Config>, wake: watch::Sender<u64>, listening: Arc<Ato
 /// session takes its NOTIFYs only outside a transaction, and takes all that
 /// wait in one pass, and each pass is a commit on the master. The listener
 /// holds a transaction open for [`GATHER`], doubling up to [`MAX_GATHER`]
-/// while NOTIFYs came meanwhile; between two holds the next one is already
-/// sent, so the pass that takes them is the only moment the session is idle.
+/// while NOTIFYs came meanwhile, and wakes the slave tasks every
+/// [`GATHER`] during a hold (commits are streaming in: they read what
+/// committed without waiting for its NOTIFY); between two holds the next one
+/// is already sent, so the pass that takes them is the only moment the
+/// session is idle.
 /// Under a stream of commits the listener costs the master about two commits
 /// per hold, not one per commit; the NOTIFY that wakes idle slaves is never
 /// held.
@@ -220,7 +223,16 @@ async fn gather(
     send("BEGIN").await?;
     let mut hold = GATHER;
     loop {
-        tokio::time::sleep(hold).await;
+        // Commits keep coming while the NOTIFYs are held: the slave tasks
+        // look every GATHER meanwhile, so a hold costs no lag.
+        let until = tokio::time::Instant::now() + hold;
+        loop {
+            tokio::time::sleep_until(until.min(tokio::time::Instant::now() + GATHER)).await;
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            wake.send_modify(|n| *n += 1);
+        }
         // The NOTIFYs held reach the session between the two.
         let (ended, began) = tokio::join!(send("COMMIT"), send("BEGIN"));
         ended?;
