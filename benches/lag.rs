@@ -8,6 +8,7 @@
 //!     CAPTURE=wal cargo bench --bench lag     # pgreplica capturing from the WAL
 //!     LOAD=pgbench cargo bench --bench lag    # under pgbench's TPC-B, 4 clients at
 //!                                             # 300 transactions/s, replicated too
+//!     SYNC=1 cargo bench --bench lag          # the set with SYNC = 1
 
 use pgreplica::throwaway::Server;
 use pgreplica::{Config, capture, db, wal};
@@ -96,10 +97,11 @@ async fn main() {
     let conf =
         std::env::temp_dir().join(format!("pgreplica-bench-lag-{}.conf", std::process::id()));
     let capture = std::env::var("CAPTURE").unwrap_or_else(|_| "trigger".into());
+    let sync = std::env::var("SYNC").unwrap_or_else(|_| "0".into());
     std::fs::write(
         &conf,
         format!(
-            "[MAIN]\nNAME=lag\nDSN0={}\nDSN1={}\nDEBUG_LEVEL=0\nCAPTURE={capture}\n",
+            "[MAIN]\nNAME=lag\nDSN0={}\nDSN1={}\nDEBUG_LEVEL=0\nCAPTURE={capture}\nSYNC={sync}\n",
             master.dsn("app"),
             slave.dsn("app")
         ),
@@ -168,7 +170,9 @@ async fn main() {
         true => "under pgbench TPC-B at 300 transactions/s from 4 clients",
         false => "idle",
     };
-    println!("lag {under}, {samples} changes 50 ms apart (ms), pgreplica with CAPTURE={capture}\n");
+    println!(
+        "lag {under}, {samples} changes 50 ms apart (ms), pgreplica with CAPTURE={capture} SYNC={sync}\n"
+    );
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>8}",
         "", "p50", "p90", "p99", "max"

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS pgreplica.slave (
 
 -- When a slave's position last moved (its lag under WAL capture).
 ALTER TABLE pgreplica.slave ADD COLUMN IF NOT EXISTS moved_at timestamptz;
+-- The set's SYNC: how many of its slaves pgreplica.wait() waits for by default.
+ALTER TABLE pgreplica.slave ADD COLUMN IF NOT EXISTS sync integer;
 
 -- How far the log was cleaned: the events of every transaction below `below`
 -- that had any are gone. A slave whose progress is older (restored from a
@@ -731,7 +733,7 @@ $$;
 -- trigger notes the session's writes, it waits for every transaction
 -- committed before the call.
 CREATE OR REPLACE FUNCTION pgreplica.wait(timeout interval DEFAULT '5 seconds',
-                                          slaves integer DEFAULT 1)
+                                          slaves integer DEFAULT NULL)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -758,9 +760,11 @@ BEGIN
                                 AND NOT EXISTS (SELECT FROM txid_snapshot_xip(r.snapshot) x
                                                  WHERE txid_visible_in_snapshot(x, now))
                            ELSE txid_visible_in_snapshot(target, r.snapshot) END) AS have,
-                       count(*) AS total
+                       count(*) AS total,
+                       -- The set's SYNC, or one slave.
+                       coalesce(nullif(max(r.sync), 0), 1) AS sync
                   FROM pgreplica.slave r WHERE r.slave > 0 GROUP BY r.set_name) s
-         WHERE s.have < least(wait.slaves, s.total);
+         WHERE s.have < least(coalesce(wait.slaves, s.sync), s.total);
         IF missing IS NULL THEN
             RETURN true;
         END IF;

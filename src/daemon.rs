@@ -458,7 +458,8 @@ impl SlaveTask {
                 busy = Instant::now();
             }
             loop {
-                let poll = match busy.elapsed() < WAL_BUSY_FOR {
+                // A SYNC set looks as often as a busy one.
+                let poll = match set.sync > 0 || busy.elapsed() < WAL_BUSY_FOR {
                     true => WAL_POLL_BUSY,
                     false => WAL_POLL,
                 };

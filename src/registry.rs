@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use tokio_postgres::{Client, GenericClient, Row};
 
 const ENTER_SQL: &str = "
-INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, seen_at)
-VALUES ($1, $2, $3, $4::text::txid_snapshot, now())
-ON CONFLICT (set_name, slave) DO UPDATE SET dsn = EXCLUDED.dsn, seen_at = now()
+INSERT INTO pgreplica.slave (set_name, slave, dsn, snapshot, seen_at, sync)
+VALUES ($1, $2, $3, $4::text::txid_snapshot, now(), $5)
+ON CONFLICT (set_name, slave) DO UPDATE SET dsn = EXCLUDED.dsn, seen_at = now(), sync = $5
 RETURNING snapshot::text";
 
 const SYNC_SQL: &str = "UPDATE pgreplica.slave SET snapshot = $3::text::txid_snapshot
@@ -137,16 +137,17 @@ SELECT s.slave, 0::int8,
 /// returns the position the registry holds for it.
 pub async fn enter(
     master: &Client,
-    set: &str,
+    set: &Config,
     slave: u32,
-    dsn: &str,
     start: &Snapshot,
 ) -> Result<Snapshot, Error> {
     let doing = "registering the slave on the master";
+    let dsn = redact(&set.slaves[&slave]);
+    let sync = set.sync as i32;
     let row = master
         .query_one(
             ENTER_SQL,
-            &[&set, &(slave as i32), &redact(dsn), &start.to_string()],
+            &[&set.name, &(slave as i32), &dsn, &start.to_string(), &sync],
         )
         .await
         .on_master(doing)?;
@@ -340,8 +341,7 @@ pub async fn register(
     }
     let progress = progress.map(|p| p.snapshot);
     let start = progress.clone().unwrap_or_else(Snapshot::start);
-    let dsn = &set.slaves[&slave];
-    let registered = enter(master, &set.name, slave, dsn, &start).await?;
+    let registered = enter(master, set, slave, &start).await?;
     let at = match progress {
         Some(progress) => {
             if let Some(below) = cleaned_below(master).await?

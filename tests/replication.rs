@@ -732,6 +732,57 @@ async fn a_table_renamed_or_moved_on_the_master_without_execute_stops_nothing() 
     assert_eq!(on_slave, on_master);
 }
 
+/// Inserts row `id` into `t` on the master and waits (3 s at most) for
+/// `pgreplica.wait()` in the same session.
+async fn insert_and_wait(s: &Setup, id: i32) -> bool {
+    let master = s.master().await;
+    master
+        .batch_execute(&format!("INSERT INTO t VALUES ({id}, 'x')"))
+        .await
+        .unwrap();
+    master
+        .query_one("SELECT pgreplica.wait('3 seconds')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_n_makes_wait_count_n_slaves_of_the_set() {
+    let s = Setup::new(2, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    // Slave 2 cannot apply: it lacks the table.
+    s.slave(1)
+        .await
+        .batch_execute("DROP TABLE t")
+        .await
+        .unwrap();
+    let conf = std::fs::read_to_string(&s.conf).unwrap();
+    // Without SYNC, wait() counts one slave.
+    let mut daemon = s.spawn();
+    assert!(insert_and_wait(&s, 1).await, "one slave has it");
+    daemon.terminate();
+    // SYNC = 2: both must have it.
+    s.configure("SYNC=2\n");
+    let mut daemon = s.spawn();
+    assert!(!insert_and_wait(&s, 2).await, "only one slave has it");
+    s.slave(1)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    assert!(insert_and_wait(&s, 3).await, "both slaves have it");
+    assert_eq!(count(&s.slave(1).await, "t").await, 3);
+    daemon.terminate();
+    // More than the set's slaves is refused with the file, line and key.
+    std::fs::write(&s.conf, format!("{conf}SYNC=3\n")).unwrap();
+    let out = s.run_once();
+    let said = text(&out);
+    assert!(
+        said.contains(": SYNC: 3 slaves, but the set has 2"),
+        "{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn wait_returns_once_the_slaves_have_the_sessions_last_write() {
     let s = Setup::new(

@@ -96,6 +96,9 @@ pub struct Config {
     /// `BATCH_MB` (in bytes here): a batch with more row data is applied in
     /// steps of about this much.
     pub batch_bytes: usize,
+    /// `SYNC`: the slaves `pgreplica.wait()` waits for by default (0: one),
+    /// and this set's changes are read and reported without gathering.
+    pub sync: u32,
     /// `TRANSFORM_TIME_LIMIT`: the longest one call of a transform may run.
     pub transform_time: Duration,
     /// `TRANSFORM_MEMORY_LIMIT` (MB): the memory all of a set's transforms may use.
@@ -319,6 +322,7 @@ impl Config {
             batch_timeout: DEFAULT_BATCH_TIMEOUT,
             batch_events: DEFAULT_BATCH_EVENTS,
             batch_bytes: DEFAULT_BATCH_MB << 20,
+            sync: 0,
             transform_time: DEFAULT_TRANSFORM_TIME,
             transform_memory: DEFAULT_TRANSFORM_MEMORY,
             warnings: Vec::new(),
@@ -430,6 +434,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(&line) = seen.get(&("MAIN".to_string(), "SYNC".to_string()))
+            && config.sync as usize > config.slaves.len()
+        {
+            let message = format!(
+                "{} slaves, but the set has {}",
+                config.sync,
+                config.slaves.len()
+            );
+            return Err(line_err(line, "SYNC", message));
+        }
         if config.capture == Capture::Wal {
             wal_limits(&config, &seen).map_err(|(line, key, m)| line_err(line, &key, m))?;
         }
@@ -500,6 +514,11 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
         "LOCK_TIMEOUT" => config.lock_timeout = parse_positive_seconds(&value)?,
         "BATCH_TIMEOUT" => config.batch_timeout = parse_positive_seconds(&value)?,
+        "SYNC" => {
+            config.sync = value
+                .parse()
+                .map_err(|_| format!("'{value}' is not a number of slaves"))?
+        }
         "BATCH_EVENTS" => {
             config.batch_events = value
                 .parse()
@@ -560,7 +579,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), CAPTURE, SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), CAPTURE, SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, SYNC, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());

@@ -230,7 +230,10 @@ async fn reporter(session: Arc<Session>, mut notes: mpsc::UnboundedReceiver<Note
             true => Ok(()),
             false => {
                 let written = session.write(&reports).await;
-                tokio::time::sleep(REPORT_EVERY).await;
+                // A SYNC set's waiters hear of each batch at once.
+                if session.set.sync == 0 {
+                    tokio::time::sleep(REPORT_EVERY).await;
+                }
                 written
             }
         };

@@ -305,10 +305,10 @@ async fn start_slaves(
     position: &Position,
     skip: Option<u32>,
 ) -> Result<(), Error> {
-    for (&number, dsn) in set.slaves.iter().filter(|(n, _)| Some(**n) != skip) {
+    for &number in set.slaves.keys().filter(|n| Some(**n) != skip) {
         let at = &position.snapshot;
         start_at(set, number, &position.node, at, position.lsn).await?;
-        registry::enter(new_master, &set.name, number, dsn, at).await?;
+        registry::enter(new_master, set, number, at).await?;
         registry::sync(new_master, &set.name, number, at).await?;
         tracing::info!("slave {number} follows the new master from {at}");
     }
