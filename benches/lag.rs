@@ -110,7 +110,7 @@ async fn main() {
     let set = Config::load(&conf).unwrap();
     // Under load pgbench's tables are replicated too: the daemon is busy.
     let load = std::env::var("LOAD").is_ok_and(|l| l == "pgbench");
-    let pgbench = pgreplica::programs::bin_dir().unwrap().join("pgbench");
+    let pgbench = pgreplica::programs::client("pgbench");
     let mut tables = vec!["public.ours".to_string()];
     if load {
         for pg in [&master, &slave] {

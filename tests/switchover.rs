@@ -41,7 +41,7 @@ async fn pgbench_pair() -> Setup {
 /// switchover).
 fn tpcb(dsn: String, seconds: u64) -> tokio::task::JoinHandle<i64> {
     tokio::task::spawn_blocking(move || {
-        let bin = pgreplica::programs::bin_dir().unwrap().join("pgbench");
+        let bin = pgreplica::programs::client("pgbench");
         let out = Command::new(bin)
             .args(["-n", "-c", "4", "-T", &seconds.to_string(), "-R", "150"])
             .arg(&dsn)

@@ -462,7 +462,7 @@ pub fn pgreplica_within(args: &[&str], limit: Duration) -> Option<Output> {
 
 /// The newest installed PostgreSQL's pgbench.
 pub fn pgbench(dsn: &str, args: &[&str]) {
-    let bin = pgreplica::programs::bin_dir().unwrap().join("pgbench");
+    let bin = pgreplica::programs::client("pgbench");
     let out = Command::new(&bin)
         .args(args)
         .arg(dsn)
