@@ -496,3 +496,35 @@ async fn a_clone_killed_halfway_runs_again_from_a_new_slot_under_writers() {
     s.wait_same(0, "SELECT * FROM ledger ORDER BY id", limit)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operations_and_columns_of_table_sections_apply_to_decoded_changes() {
+    let sales = "CREATE TABLE sales (id int PRIMARY KEY, region text, amount numeric, notes text);
+                 CREATE TABLE regions (id int PRIMARY KEY, name text, secret text)";
+    let s = Setup::wal(1, sales).await;
+    s.configure(
+        "[TABLE public.sales]\nOPERATIONS=insert, update\nEXCLUDE_COLUMNS=notes\n\
+         [TABLE public.regions]\nCOLUMNS=id, name\n",
+    );
+    let out = pgreplica(&["install", s.conf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", output(&out));
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO sales VALUES (1, 'north', 10, 'secret'), (2, 'south', 20, 'secret');
+             UPDATE sales SET amount = amount + 1;
+             DELETE FROM sales WHERE id = 1;
+             TRUNCATE regions;
+             INSERT INTO regions VALUES (1, 'north', 'hidden');
+             UPDATE regions SET secret = 'still hidden', name = 'North';",
+        )
+        .await
+        .unwrap();
+    s.sync();
+    let sales =
+        String::from_utf8(s.text(Some(0), "SELECT * FROM sales ORDER BY id").await).unwrap();
+    // No delete, no notes.
+    assert_eq!(sales, "1\tnorth\t11\t\\N\n2\tsouth\t21\t\\N\n");
+    let regions = String::from_utf8(s.text(Some(0), "SELECT * FROM regions").await).unwrap();
+    assert_eq!(regions, "1\tNorth\t\\N\n");
+}

@@ -25,17 +25,22 @@ use tokio_postgres::{Client, GenericClient, RowStream};
 const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot()::text";
 
 // The attached tables' keys, by oid (under replica identity full every column
-// is part of the identity the WAL describes), and the names they were
-// attached under.
+// is part of the identity the WAL describes), the names they were attached
+// under, and what their [TABLE] sections capture of them (columns and
+// operations, as the trigger would).
 const KEYS_SQL: &str = "
 SELECT t.reloid, pgreplica.key_columns(t.reloid), t.layout->>'schema', t.layout->>'name',
-       n.nspname::text, c.relname::text, pgreplica.logged_columns(t.reloid)
+       n.nspname::text, c.relname::text, pgreplica.logged_columns(t.reloid), t.operations
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
   JOIN pg_namespace n ON n.oid = c.relnamespace";
 
 /// What the master's catalog says of an attached table.
 struct Attached {
     key: Vec<String>,
+    /// The columns captured (`COLUMNS`, `EXCLUDE_COLUMNS`).
+    logged: Vec<String>,
+    /// The operations captured, as letters of `IUDT` (`OPERATIONS`).
+    operations: String,
     /// The name it was attached under.
     was: Option<TableName>,
     /// As the catalog has it now, for a change the WAL has not described
@@ -105,6 +110,9 @@ pub struct Changes {
     rows: Pin<Box<RowStream>>,
     /// The tables described so far in this read, by oid.
     tables: HashMap<u32, Arc<MasterTable>>,
+    /// Of each table described, the places of its captured columns among
+    /// the WAL's, when some are left out.
+    kept: HashMap<u32, Vec<usize>>,
     /// The attached tables, by oid.
     attached: HashMap<u32, Attached>,
     /// The oid of `pgreplica.log`, once described.
@@ -154,8 +162,17 @@ impl Changes {
                         .collect(),
                     columns,
                 };
+                let logged = now.columns.clone();
                 let now = Arc::new(now);
-                (r.get::<_, u32>(0), Attached { key, was, now })
+                let operations = r.get(7);
+                let attached = Attached {
+                    key,
+                    logged,
+                    operations,
+                    was,
+                    now,
+                };
+                (r.get::<_, u32>(0), attached)
             })
             .collect();
         // Not sent together with the keys: a query still waiting for its
@@ -169,6 +186,7 @@ impl Changes {
         Ok(Changes {
             rows: Box::pin(changes),
             tables: HashMap::new(),
+            kept: HashMap::new(),
             attached,
             log: None,
             time: 0.0,
@@ -235,11 +253,13 @@ impl Changes {
             Message::Insert { table, new } if Some(table) == self.log => {
                 return self.execute(id, new);
             }
+            Message::Insert { table: oid, .. } if !self.captures(oid, 'I') => return Ok(()),
             Message::Insert { table: oid, new } => {
                 let table = self.table(oid)?;
-                let new = fields(&table, new, None)?;
+                let new = fields(&table, self.keep(oid, new), None)?;
                 change(oid, &table, Op::Insert, None, Some(new))
             }
+            Message::Update { table: oid, .. } if !self.captures(oid, 'U') => return Ok(()),
             Message::Update {
                 table: oid,
                 old,
@@ -248,10 +268,10 @@ impl Changes {
             } => {
                 let table = self.table(oid)?;
                 let old = match (old, key_only) {
-                    (Some(old), false) => fields(&table, old, None)?,
+                    (Some(old), false) => fields(&table, self.keep(oid, old), None)?,
                     _ => return Err(no_old_row(&table)),
                 };
-                let new = fields(&table, new, Some(&old))?;
+                let new = fields(&table, self.keep(oid, new), Some(&old))?;
                 let moved = table.key.iter().any(|&k| old.get(k) != new.get(k));
                 if moved {
                     let delete = change(oid, &table, Op::Delete, Some(old.clone()), None);
@@ -261,6 +281,7 @@ impl Changes {
                 }
                 change(oid, &table, Op::Update, Some(old), Some(new))
             }
+            Message::Delete { table: oid, .. } if !self.captures(oid, 'D') => return Ok(()),
             Message::Delete {
                 table: oid,
                 old,
@@ -270,11 +291,15 @@ impl Changes {
                 if key_only {
                     return Err(no_old_row(&table));
                 }
-                let old = fields(&table, old, None)?;
+                let old = fields(&table, self.keep(oid, old), None)?;
                 change(oid, &table, Op::Delete, Some(old), None)
             }
             Message::Truncate { tables, .. } => {
                 self.settle();
+                let tables: Vec<u32> = tables
+                    .into_iter()
+                    .filter(|&oid| self.captures(oid, 'T'))
+                    .collect();
                 for oid in tables {
                     let table = self.table(oid)?;
                     let truncate = change(oid, &table, Op::Truncate, None, None);
@@ -328,11 +353,21 @@ impl Changes {
             schema: relation.schema,
             name: relation.name,
         };
-        let columns: Vec<String> = relation.columns.iter().map(|c| c.name.clone()).collect();
+        let mut columns: Vec<String> = relation.columns.iter().map(|c| c.name.clone()).collect();
         if name.schema == "pgreplica" && name.name == "log" {
             self.log = Some(relation.oid);
         }
         let attached = self.attached.get(&relation.oid);
+        // The columns its [TABLE] section leaves out are dropped here.
+        let kept: Vec<usize> = (0..columns.len())
+            .filter(|&i| attached.is_none_or(|a| a.logged.contains(&columns[i])))
+            .collect();
+        if kept.len() < columns.len() {
+            columns = kept.iter().map(|&i| columns[i].clone()).collect();
+            self.kept.insert(relation.oid, kept);
+        } else {
+            self.kept.remove(&relation.oid);
+        }
         let key = match attached {
             Some(Attached { key, .. }) => key
                 .iter()
@@ -365,6 +400,28 @@ impl Changes {
         };
         self.tables.insert(relation.oid, Arc::new(table));
         Ok(())
+    }
+
+    /// Whether operation `op` (a letter of `IUDT`) of table `oid` is
+    /// captured (its `[TABLE]` section's `OPERATIONS`).
+    fn captures(&self, oid: u32, op: char) -> bool {
+        self.attached
+            .get(&oid)
+            .is_none_or(|a| a.operations.contains(op))
+    }
+
+    /// A row's values in the WAL, without the columns its table's `[TABLE]`
+    /// section leaves out.
+    fn keep(&self, oid: u32, values: Vec<Value>) -> Vec<Value> {
+        match self.kept.get(&oid) {
+            None => values,
+            Some(kept) => values
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| kept.contains(i))
+                .map(|(_, v)| v)
+                .collect(),
+        }
     }
 
     fn table(&self, oid: u32) -> Result<Arc<MasterTable>, Error> {
