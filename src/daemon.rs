@@ -282,6 +282,7 @@ async fn watch_lag(
         (l / 2).clamp(Duration::from_secs(1), LAG_CHECK)
     });
     let mut lagging: HashSet<u32> = HashSet::new();
+    let mut keeping: HashSet<u32> = HashSet::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -297,6 +298,10 @@ async fn watch_lag(
             metrics.sample(&set.name, slave, events, seconds);
             let kept = kept.get(&slave).copied().unwrap_or(0);
             metrics.update(&set.name, slave, |m| m.wal_kept_bytes = kept);
+            if let Some(text) = wal_warning(&set, slave, kept, &mut keeping) {
+                tracing::warn!("{text}");
+                mailer.send(Notice::Warning, text);
+            }
             let lags = SlaveStatus::lags(&set, events, seconds);
             if lags && lagging.insert(slave) {
                 let text = format!(
@@ -322,6 +327,32 @@ async fn watch_lag(
                 mailer.send(Notice::Warning, text);
             }
         }
+    }
+}
+
+/// Under WAL capture, the warning when slave `slave`'s slot passes the set's
+/// `WAL_WARNING` (`kept` bytes), and when it is back under; `keeping` holds
+/// the slaves over it.
+fn wal_warning(set: &Config, slave: u32, kept: i64, keeping: &mut HashSet<u32>) -> Option<String> {
+    let limit = set.wal_warning << 20;
+    let over = set.capture == Capture::Wal && limit > 0 && kept as u64 > limit;
+    let mb = kept as f64 / (1 << 20) as f64;
+    if over && keeping.insert(slave) {
+        Some(format!(
+            "Slave {slave} of set {}: its replication slot keeps {mb:.0} MB of WAL on the master \
+             (WAL_WARNING={} MB). The slot keeps what the slave has not applied, also while it \
+             is away, until the master's disk fills: look at `pgreplica status {}`.",
+            set.name,
+            set.wal_warning,
+            set.path.display()
+        ))
+    } else if !over && keeping.remove(&slave) {
+        Some(format!(
+            "Slave {slave} of set {}: its replication slot is back under WAL_WARNING ({mb:.0} MB).",
+            set.name
+        ))
+    } else {
+        None
     }
 }
 

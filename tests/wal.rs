@@ -528,3 +528,91 @@ async fn operations_and_columns_of_table_sections_apply_to_decoded_changes() {
     let regions = String::from_utf8(s.text(Some(0), "SELECT * FROM regions").await).unwrap();
     assert_eq!(regions, "1\tNorth\t\\N\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_invalidated_by_max_slot_wal_keep_size_stops_the_slave_and_says_to_clone() {
+    let s = Setup::wal(1, ITEMS).await;
+    s.replicate("INSERT INTO items VALUES (1, 'one', 1)", ALL)
+        .await;
+    let master = s.master().await;
+    let each = |statements: &'static [&'static str]| {
+        let master = &master;
+        async move {
+            for sql in statements {
+                master.batch_execute(sql).await.unwrap();
+            }
+        }
+    };
+    each(&[
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+        "INSERT INTO items VALUES (2, 'two', 2)",
+    ])
+    .await;
+    // More WAL than the slot may keep, while no daemon reads it.
+    for _ in 0..4 {
+        each(&[
+            "CREATE TABLE junk AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 40000) g",
+            "DROP TABLE junk",
+            "SELECT pg_switch_wal()",
+            "CHECKPOINT",
+        ])
+        .await;
+    }
+    let status: String = master
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "lost");
+    let out = s.run_once();
+    let said = output(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("was invalidated"), "{said}");
+    assert!(said.contains("pgreplica clone"), "{said}");
+    // Clone makes a new slot and copies the rows the slot lost.
+    each(&[
+        "ALTER SYSTEM RESET max_slot_wal_keep_size",
+        "SELECT pg_reload_conf()",
+    ])
+    .await;
+    let out = pgreplica(&["clone", s.conf.to_str().unwrap(), "--truncate"]);
+    assert!(out.status.success(), "{}", output(&out));
+    s.replicate("INSERT INTO items VALUES (3, 'three', 3)", ALL)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_kept_past_wal_warning_is_reported() {
+    let s = Setup::wal(1, ITEMS).await;
+    s.configure("WAL_WARNING=1\nLAG_WARNING=2\n");
+    // The slave cannot apply: its slot keeps the WAL from here on.
+    s.slave(0)
+        .await
+        .batch_execute("DROP TABLE items")
+        .await
+        .unwrap();
+    let _daemon = s.spawn();
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO items VALUES (1, 'one', 1);
+             CREATE TABLE junk AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 10000) g;",
+        )
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !s.daemon_log().contains("WAL_WARNING") {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no warning:\n{}",
+            s.daemon_log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let log = s.daemon_log();
+    assert!(log.contains("its replication slot keeps"), "{log}");
+}

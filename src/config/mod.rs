@@ -99,6 +99,9 @@ pub struct Config {
     /// `SYNC`: the slaves `pgreplica.wait()` waits for by default (0: one),
     /// and this set's changes are read and reported without gathering.
     pub sync: u32,
+    /// `WAL_WARNING` (MB): under WAL capture, a slot keeping more WAL on the
+    /// master is warned of (0: never).
+    pub wal_warning: u64,
     /// `TRANSFORM_TIME_LIMIT`: the longest one call of a transform may run.
     pub transform_time: Duration,
     /// `TRANSFORM_MEMORY_LIMIT` (MB): the memory all of a set's transforms may use.
@@ -323,6 +326,7 @@ impl Config {
             batch_events: DEFAULT_BATCH_EVENTS,
             batch_bytes: DEFAULT_BATCH_MB << 20,
             sync: 0,
+            wal_warning: 1024,
             transform_time: DEFAULT_TRANSFORM_TIME,
             transform_memory: DEFAULT_TRANSFORM_MEMORY,
             warnings: Vec::new(),
@@ -514,6 +518,11 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
         "LOGFILE" => config.logfile = Some(PathBuf::from(value)),
         "LOCK_TIMEOUT" => config.lock_timeout = parse_positive_seconds(&value)?,
         "BATCH_TIMEOUT" => config.batch_timeout = parse_positive_seconds(&value)?,
+        "WAL_WARNING" => {
+            config.wal_warning = value
+                .parse()
+                .map_err(|_| format!("'{value}' is not a number of MB (0: off)"))?
+        }
         "SYNC" => {
             config.sync = value
                 .parse()
@@ -579,7 +588,7 @@ fn main_key(config: &mut Config, key: &str, value: String, line: usize) -> Resul
                 .strip_prefix("DSN")
                 .and_then(|n| n.parse::<u32>().ok())
                 .ok_or_else(|| {
-                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), CAPTURE, SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, SYNC, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
+                    "unknown key; [MAIN] takes NAME, DSN0 (master), DSN1, DSN2, … (slaves), CAPTURE, SKIP_USER, KEEPALIVE, DEBUG_LEVEL, LAG_WARNING, LAG_WARNING_EVENTS, LOCK_TIMEOUT, BATCH_EVENTS, BATCH_MB, SYNC, WAL_WARNING, LOG_FORMAT, LOGFILE, USER, HTTP, TRANSFORM_TIME_LIMIT, TRANSFORM_MEMORY_LIMIT, NODE0, NODE1, …, FORWARD, CONFLICT, PRIORITY, LOG_KEEP".to_string()
                 })?;
             if value.is_empty() {
                 return Err("empty connection string".into());

@@ -26,7 +26,8 @@ SELECT current_setting('wal_level'), current_setting('max_replication_slots')::i
        current_user::text";
 
 const SLOT_SQL: &str = "
-SELECT database, plugin, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
+SELECT database, plugin, confirmed_flush_lsn::text, wal_status
+  FROM pg_replication_slots WHERE slot_name = $1";
 
 const CREATE_SQL: &str = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
 
@@ -106,6 +107,15 @@ async fn slot(master: &Client, name: &str) -> Result<Option<(String, Lsn)>, Erro
     };
     let (database, plugin, at): (Option<String>, Option<String>, Option<String>) =
         (row.get(0), row.get(1), row.get(2));
+    // The server let go of WAL the slot still needed (max_slot_wal_keep_size).
+    if row.get::<_, Option<String>>(3).as_deref() == Some("lost") {
+        return Err(Error::Invalid {
+            doing,
+            message: format!(
+                "the slot was invalidated: the master removed WAL it still kept                  (max_slot_wal_keep_size), and the changes in it are gone. Nothing is applied;                  copy the slave again with pgreplica clone CONF --slave N --truncate, which                  makes a new slot (SELECT pg_drop_replication_slot('{name}') first when the                  clone cannot drop it)"
+            ),
+        });
+    }
     match (
         database,
         plugin.as_deref(),
