@@ -96,8 +96,8 @@ pub struct Config {
     /// `BATCH_MB` (in bytes here): a batch with more row data is applied in
     /// steps of about this much.
     pub batch_bytes: usize,
-    /// `SYNC`: the slaves `pgreplica.wait()` waits for by default (0: one),
-    /// and this set's changes are read and reported without gathering.
+    /// `SYNC`: the slaves `pgreplica.wait()` waits for by default (0: one);
+    /// this set's progress is reported at once, and its slots looked at often.
     pub sync: u32,
     /// `WAL_WARNING` (MB): under WAL capture, a slot keeping more WAL on the
     /// master is warned of (0: never).

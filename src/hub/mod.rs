@@ -163,11 +163,6 @@ async fn listener(set: Arc<Config>, wake: watch::Sender<u64>, listening: Arc<Ato
                         note = notes.recv() => match note {
                             Some(_) => {
                                 wake.send_modify(|n| *n += 1);
-                                // A SYNC set takes each NOTIFY as it comes (a
-                                // commit on the master for each).
-                                if set.sync > 0 {
-                                    continue;
-                                }
                                 if let Err(e) = gather(&client, &mut notes, &wake, every * 2).await {
                                     break e;
                                 }
