@@ -9,7 +9,7 @@ use super::{
 use crate::config::{Capture, Config, roles};
 use crate::error::{Context, Error};
 use crate::{check, db, slave, wal};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio_postgres::Client;
 
 /// How long failover tries the master before it counts it gone.
@@ -202,7 +202,7 @@ pub async fn failback(set: &Config, slave: u32) -> Result<Failback, Error> {
         timeout: Duration::ZERO,
         force: true,
     };
-    drain(&old, SystemTime::now() + Duration::from_millis(1), &end_all).await?;
+    drain(&old, &end_all).await?;
     tracing::info!("old master: read-only for applications, their sessions ended");
     let_go(&old, set).await?;
     let alone = only(set, slave);

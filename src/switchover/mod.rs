@@ -112,15 +112,17 @@ async fn read_only(client: &Client, on: bool) -> Result<(), Error> {
     ))
 }
 
-/// Ends the sessions that could still write on the master: those between
-/// transactions at once (they hold nothing), those inside one once it ends;
-/// at the timeout the rest with `force`, else an error naming them.
-async fn drain(
-    master: &Client,
-    since: std::time::SystemTime,
-    options: &Options,
-) -> Result<(), Error> {
+/// Ends the sessions that could still write on the master, once new ones
+/// may not: those between transactions at once (they hold nothing), those
+/// inside one once it ends; at the timeout the rest with `force`, else an
+/// error naming them. Sessions are told apart by the server's own clock.
+async fn drain(master: &Client, options: &Options) -> Result<(), Error> {
     let doing = "ending the master's sessions opened before writes were refused";
+    let since: std::time::SystemTime = master
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .on_master(doing)?
+        .get(0);
     let started = Instant::now();
     loop {
         let rows = master
@@ -388,10 +390,9 @@ pub async fn switchover(set: &Config, options: &Options) -> Result<String, Error
         wal::check_ready(&new_master, &reversed).await?;
     }
     read_only(&master, true).await?;
-    let since = std::time::SystemTime::now() + Duration::from_millis(1);
     tracing::info!("master: new sessions are read-only (default_transaction_read_only = on)");
     let ready = async {
-        drain(&master, since, options).await?;
+        drain(&master, options).await?;
         catch_up(set, &master, options.timeout).await?;
         let raised = sequence::raise(&new_master, &sequence::read(&master).await?).await?;
         tracing::info!("new master: {raised} sequence(s) raised to the master's values");
