@@ -292,11 +292,19 @@ const FAILED_OVER_SQL: &str =
 /// The master's identity (`pgreplica.node()`), which each slave's progress
 /// names.
 pub async fn node(master: &impl GenericClient) -> Result<String, Error> {
-    master
-        .query_one("SELECT pgreplica.node()", &[])
-        .await
-        .on_master("reading the master's identity (pgreplica.node())")
-        .map(|r| r.get(0))
+    let doing = "reading the master's identity (pgreplica.node())";
+    match master.query_one("SELECT pgreplica.node()", &[]).await {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) => {
+            Err(Error::Invalid {
+                doing: doing.into(),
+                message: "pgreplica on the master is older than this binary: run pgreplica \
+                          install on the master (it upgrades in place and keeps the log)"
+                    .into(),
+            })
+        }
+        Err(e) => Err(e).on_master(doing),
+    }
 }
 
 /// Where a registered slave resumes, and the master's identity.
