@@ -152,6 +152,10 @@ async fn switchover_and_back_under_pgbench_keeps_every_transaction() {
 
     // pgbench's own count: one history row per transaction it saw commit.
     let done = done_before + done_after + done_back + done_last;
+    println!(
+        "pgbench: {done} transactions ({done_before} before the switchover, {done_after} on the \
+         new master, {done_back} before switching back, {done_last} after)"
+    );
     for dsn in [&first, &second] {
         let rows = count(&connect(dsn).await, "pgbench_history").await;
         assert_eq!(rows, done, "history rows on {dsn}");
@@ -290,6 +294,9 @@ async fn failover_under_pgbench_then_failback_counts_every_lost_transaction() {
     assert!(out.status.success(), "{printed}");
     // TPC-B: three updates and one insert per transaction.
     let lost = 4 * (had - kept);
+    println!(
+        "failover: {had} transactions on the old master, {kept} on the new one: {lost} changes lost"
+    );
     assert!(
         printed.contains(&format!("the old master had {lost} change(s)")),
         "{printed}"
