@@ -180,9 +180,30 @@ impl Server {
         )
     }
 
-    /// Starts the server again on the same port.
+    /// Starts the server again on the same port; after [`Server::kill9`],
+    /// once its last processes are gone.
     pub fn restart(&self) -> Result<(), ServerError> {
-        self.pg_ctl_start()
+        let mut tries = 0;
+        loop {
+            match self.pg_ctl_start() {
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    tracing::debug!("starting the server again: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Kills the server's postmaster with SIGKILL: a crash with no warning
+    /// to anyone (its backends end when they notice it gone).
+    pub fn kill9(&self) -> Result<(), ServerError> {
+        let path = PathBuf::from(self.data()).join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ServerError(format!("{}: {e}", path.display())))?;
+        let pid = text.lines().next().unwrap_or_default().trim().to_string();
+        self.run("kill", &["-9", &pid], false)
     }
 
     /// Writes `files` (name and contents) into the server's data folder,

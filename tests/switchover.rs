@@ -229,7 +229,7 @@ async fn failover_with_the_master_killed_then_failback_reports_what_was_lost() {
     let conf = s.conf.to_str().unwrap();
     let out = pgreplica(&["failover", conf, "--slave", "1", "--write"]);
     assert!(text(&out).contains("the master answers"), "{}", text(&out));
-    s.master.stop("immediate").unwrap();
+    s.master.kill9().unwrap();
     let out = pgreplica(&["failover", conf, "--slave", "1", "--write"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(writable(&second).await);
@@ -278,7 +278,7 @@ async fn failover_under_pgbench_then_failback_counts_every_lost_transaction() {
     // to the slave when the master crashes under the load.
     daemon.kill9();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    s.master.stop("immediate").unwrap();
+    s.master.kill9().unwrap();
     load.await.unwrap();
     let conf = s.conf.to_str().unwrap();
     let out = pgreplica(&["failover", conf, "--slave", "1", "--write"]);
