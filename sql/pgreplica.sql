@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS pgreplica.log (
     ev_txid   bigint      NOT NULL DEFAULT txid_current(),
     ev_time   timestamptz NOT NULL DEFAULT now(),
     ev_table  oid         NOT NULL,
-    ev_op     "char"      NOT NULL,   -- I insert, U update, D delete, T truncate, X execute
+    ev_op     "char"      NOT NULL,   -- I insert, U update, D delete, T truncate, X execute,
+                                      -- O origin of the transaction's changes (WAL capture)
     ev_origin text,                   -- node the change came from (NULL: this one)
     ev_old    text,                   -- row before the change (U, D)
     ev_new    text                    -- row after the change (I, U)

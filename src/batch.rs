@@ -32,6 +32,7 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND ($7::text IS NULL OR ev_origin IS DISTINCT FROM $7)
   AND (NOT $8 OR ev_origin IS NULL)
   AND ev_id > $9
+  AND ev_op <> 'O'
 ORDER BY ev_id";
 
 // A table of the log: from the catalog, or, when it was dropped since, from

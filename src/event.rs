@@ -123,6 +123,16 @@ pub struct Origins {
     pub local_only: bool,
 }
 
+impl Origins {
+    /// Whether the slave takes `event`: never a change that came from its own
+    /// node, and with `local_only` only the master's own changes. (Trigger
+    /// capture asks the same of the log in SQL.)
+    pub fn takes(&self, event: &Event) -> bool {
+        let returning = self.slave.is_some() && event.origin == self.slave;
+        !returning && (!self.local_only || event.origin == self.master)
+    }
+}
+
 /// A master table as the log describes it: its name, columns in row order, and key.
 #[derive(Debug, Default)]
 pub struct MasterTable {

@@ -270,7 +270,9 @@ pub async fn wal_step(
         return Ok(step);
     }
     let slot = wal::slot_name(&set.name, slave);
-    let mut changes = read::Changes::start(master, &slot, head.flush, pipeline.limit.0).await?;
+    let node = pipeline.origins.master.clone();
+    let mut changes =
+        read::Changes::start(master, (&slot, node), head.flush, pipeline.limit.0).await?;
     // The transaction being read: its commit, its changes seen, and those of
     // them applied before.
     let mut txn: Option<(Lsn, i64, i64)> = None;
@@ -308,7 +310,7 @@ pub async fn wal_step(
                         continue;
                     };
                     *seen += 1;
-                    if *seen <= *done {
+                    if *seen <= *done || !pipeline.origins.takes(&event) {
                         continue;
                     }
                     (events, bytes) = (events + 1, bytes + event.size());

@@ -162,9 +162,31 @@ pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
     }
 }
 
+/// On a node that captures from the WAL (multi-master), marks the changes of
+/// the transaction with the origin set in `pgreplica.origin`: a row of
+/// `pgreplica.log` that the WAL reader of the node's own set reads before
+/// them, so that they never go back to where they came from. Nothing on a
+/// node that captures with triggers (they stamp each change) or not at all.
+/// The insert is planned only where the log exists.
+const MARK_ORIGIN_SQL: &str = "DO $$ BEGIN
+  IF pg_catalog.to_regclass('pgreplica.log') IS NOT NULL AND EXISTS (
+         SELECT FROM pg_catalog.pg_publication WHERE pubname = 'pgreplica_log') THEN
+    INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin)
+    SELECT 0, 'O', o FROM pgreplica.origin() o WHERE o IS NOT NULL;
+  END IF;
+END $$";
+
+/// Marks the changes of `tx` with the origin its session set (see [`MARK_ORIGIN_SQL`]).
+pub async fn mark_origin(tx: &impl GenericClient) -> Result<(), Error> {
+    tx.batch_execute(MARK_ORIGIN_SQL)
+        .await
+        .on_slave("marking the changes' origin on the slave")
+}
+
 /// A session on slave `slave` that writes outside of batches (clone, repair).
 /// On a node that captures too (multi-master), what it writes is logged with
-/// the master's node as its origin, so that it never goes back there.
+/// the master's node as its origin, so that it never goes back there (on a
+/// node that captures from the WAL, each transaction calls [`mark_origin`]).
 pub async fn writer(set: &Config, slave: u32) -> Result<Client, Error> {
     let client = db::connect(&set.slaves[&slave], set.keepalive).await?;
     session(&client).await?;

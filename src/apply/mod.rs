@@ -200,6 +200,7 @@ impl<'t> Applier<'t> {
                 .execute(ORIGIN_SQL, &[&event.origin])
                 .await
                 .on_slave("marking the changes' origin on the slave")?;
+            slave::mark_origin(self.tx).await?;
             self.origin = event.origin.clone();
         }
         if event.op == Op::Execute {

@@ -52,6 +52,7 @@ pub(super) async fn repair(
     let mut changing = 0;
     for chunk in keys.chunks(CHUNK) {
         let tx = slave.transaction().await.on_slave("starting a repair")?;
+        slave::mark_origin(&tx).await?;
         let (progress, cloning) = slave::lock_set(&tx, &set.name).await?;
         if cloning.contains(&name.quoted()) {
             println!("{name}: being cloned now, not repaired");

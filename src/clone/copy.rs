@@ -152,6 +152,7 @@ async fn work(
             .transaction()
             .await
             .on_slave("preparing a table on the slave")?;
+        slave::mark_origin(&tx).await?;
         let ddl = prepare(&tx, set, &t.name, exported).await?;
         tx.commit()
             .await
@@ -232,6 +233,7 @@ impl Job {
             .transaction()
             .await
             .on_slave("starting the slave's transaction")?;
+        slave::mark_origin(&tx).await?;
         let ddl = prepare(&tx, &self.config, &t.name, &self.exported).await?;
         self.stream(master, &tx, t, None).await?;
         self.finish(tx, t, ddl.as_ref()).await
@@ -249,6 +251,7 @@ impl Job {
     ) -> Result<(), Error> {
         let doing = format!("copying part of {} on the slave", t.name);
         let tx = slave.transaction().await.on_slave(&doing)?;
+        slave::mark_origin(&tx).await?;
         self.stream(master, &tx, t, Some(pages)).await?;
         tx.commit().await.on_slave(&doing)?;
         if split.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -385,6 +388,7 @@ impl Job {
             .transaction()
             .await
             .on_slave("starting the slave's transaction")?;
+        slave::mark_origin(&tx).await?;
         let exists: bool = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&target.quoted()])
             .await

@@ -1,7 +1,7 @@
 //! `CAPTURE=`: where a set's changes are read on the master, and what capture
 //! from the WAL does not do yet.
 
-use super::Config;
+use super::{Config, Policy};
 use std::collections::BTreeMap;
 
 /// Where a set's changes are read on the master (`CAPTURE=`).
@@ -16,9 +16,12 @@ pub enum Capture {
 }
 
 /// What `CAPTURE = wal` does not do yet: a `[TABLE]` section's `FILTER` (an
-/// SQL condition the master's trigger evaluates) and multi-master (a slave's
-/// own changes would come back to it). `OPERATIONS`, `COLUMNS` and
-/// `EXCLUDE_COLUMNS` are applied to the changes as they are decoded.
+/// SQL condition the master's trigger evaluates), and the conflict policies
+/// `newest` and `priority`, which read when and where a node's row last
+/// changed in the node's own log (the WAL keeps no such record of a deleted
+/// row). `OPERATIONS`, `COLUMNS` and `EXCLUDE_COLUMNS` are applied to the
+/// changes as they are decoded; in multi-master each apply marks its origin
+/// for the WAL reader.
 pub(super) fn wal_limits(
     config: &Config,
     seen: &BTreeMap<(String, String), usize>,
@@ -28,8 +31,20 @@ pub(super) fn wal_limits(
         let key = format!("[TABLE {}] FILTER", t.table);
         return Err((t.line, key, reason.into()));
     }
-    if let Some(((_, key), line)) = seen.iter().find(|((_, k), _)| k.starts_with("NODE")) {
-        return Err((*line, key.clone(), format!("(multi-master) {reason}")));
+    let reads_log = |p: Option<Policy>| matches!(p, Some(Policy::Newest | Policy::Priority));
+    let policy = match config.tables.iter().find(|t| reads_log(t.conflict)) {
+        Some(t) => Some((t.line, format!("[TABLE {}] CONFLICT", t.table))),
+        None if reads_log(config.conflict) => seen
+            .get(&("MAIN".to_string(), "CONFLICT".to_string()))
+            .map(|&line| (line, "CONFLICT".to_string())),
+        None => None,
+    };
+    if let Some((line, key)) = policy {
+        let reason = format!(
+            "{reason} (newest and priority read the node's own log of its changes; \
+             stop, keep-local and apply-remote work with both)"
+        );
+        return Err((line, key, reason));
     }
     Ok(())
 }
@@ -52,8 +67,10 @@ mod tests {
             "{e}"
         );
         let nodes = format!("{base}NODE0=a\nNODE1=b\n");
-        let e = Config::parse(Path::new("s.conf"), &nodes).unwrap_err();
-        assert!(e.to_string().contains("s.conf:6: NODE0"), "{e}");
+        assert!(Config::parse(Path::new("s.conf"), &nodes).is_ok());
+        let newest = format!("{nodes}CONFLICT=newest\n");
+        let e = Config::parse(Path::new("s.conf"), &newest).unwrap_err();
+        assert!(e.to_string().contains("s.conf:8: CONFLICT"), "{e}");
         let bad = base.replace("wal", "logical");
         let e = Config::parse(Path::new("s.conf"), &bad).unwrap_err();
         assert!(e.to_string().contains("not trigger or wal"), "{e}");

@@ -119,6 +119,11 @@ pub struct Changes {
     log: Option<u32>,
     /// The commit time of the transaction being read.
     time: f64,
+    /// The master's node name: the origin of the changes made on it.
+    node: Option<String>,
+    /// The node the transaction being read applied changes from, as its
+    /// marker in `pgreplica.log` says (multi-master; see `slave::mark_origin`).
+    origin: Option<String>,
     /// Items decoded and not handed out yet (a truncate of many tables).
     queue: VecDeque<Item>,
     /// The inserts of a run of rows moved to new keys (see `moving`).
@@ -131,9 +136,10 @@ pub struct Changes {
 impl Changes {
     /// Starts reading slot `slot` on `master` up to `upto`, for about `limit`
     /// changes (whole transactions: the last one may go past it).
+    /// `node` is the master's node name, the origin of its own changes.
     pub async fn start(
         master: &Client,
-        slot: &str,
+        (slot, node): (&str, Option<String>),
         upto: Lsn,
         limit: u64,
     ) -> Result<Changes, Error> {
@@ -190,6 +196,8 @@ impl Changes {
             attached,
             log: None,
             time: 0.0,
+            node,
+            origin: None,
             queue: VecDeque::new(),
             moved: Vec::new(),
             read: 0,
@@ -226,6 +234,7 @@ impl Changes {
     /// Queues what one message says.
     fn take(&mut self, id: i64, message: Message) -> Result<(), Error> {
         let time = self.time;
+        let origin = self.origin.clone().or_else(|| self.node.clone());
         let change = |oid: u32, table: &Arc<MasterTable>, op, old, new| {
             let event = Event {
                 id,
@@ -233,7 +242,7 @@ impl Changes {
                 op,
                 old,
                 new,
-                origin: None,
+                origin: origin.clone(),
                 time: Some(time),
             };
             Item::Change(table.clone(), event)
@@ -243,6 +252,7 @@ impl Changes {
                 final_lsn, time, ..
             } => {
                 self.time = time as f64 / 1e6 + PG_EPOCH;
+                self.origin = None;
                 Item::Begin { commit: final_lsn }
             }
             Message::Commit { end_lsn, .. } => Item::Commit { end: end_lsn },
@@ -450,11 +460,18 @@ impl Changes {
             op: Op::Execute,
             old: None,
             new: Some(vec![column("ev_new")]),
-            origin: None,
+            origin: column("ev_origin")
+                .or_else(|| self.origin.clone())
+                .or_else(|| self.node.clone()),
             time: Some(self.time),
         };
         let table = match column("ev_op").as_deref() {
             Some("X") => log,
+            // The transaction applies changes from another node (multi-master).
+            Some("O") => {
+                self.origin = column("ev_origin");
+                return Ok(());
+            }
             // A partition's truncate: its rows, by the partition's constraint.
             Some("T") => {
                 let oid = column("ev_table").and_then(|t| t.parse().ok());

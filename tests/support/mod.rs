@@ -32,7 +32,7 @@ pub const PGBENCH_TABLES: [&str; 4] = [
 
 /// What a master needs for WAL capture.
 pub const WAL_SETTINGS: &str =
-    "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20";
+    "wal_level = logical\nmax_replication_slots = 40\nmax_wal_senders = 20";
 
 /// Whether the tests' sets capture from the WAL: `PGREPLICA_CAPTURE=wal`
 /// (else with triggers).
