@@ -616,3 +616,56 @@ async fn wal_kept_past_wal_warning_is_reported() {
     let log = s.daemon_log();
     assert!(log.contains("its replication slot keeps"), "{log}");
 }
+
+/// The README's way to switch a running set between the capture modes, both
+/// ways, while applications write: the file's `CAPTURE` changed, `pgreplica
+/// install` run again, `pgreplica clone --truncate`, the daemon restarted.
+/// Nothing is lost or applied twice: the slave ends equal to the master.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_set_switched_to_triggers_and_back_to_the_wal_under_writers_ends_equal() {
+    use support::writers::{ACCOUNTS, ALL as ACCOUNTS_ALL, start_writers, stop_writers};
+    let s = Setup::wal(1, ACCOUNTS).await;
+    s.master()
+        .await
+        .batch_execute(
+            "INSERT INTO accounts SELECT g, 'owner', g, 'note' FROM generate_series(0, 399) g",
+        )
+        .await
+        .unwrap();
+    let conf = s.conf.to_str().unwrap();
+    let mut daemon = s.spawn();
+    let (stop, handles) = start_writers(&s, 2).await;
+    let master = s.master().await;
+    for (from, to) in [("wal", "trigger"), ("trigger", "wal")] {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let text = std::fs::read_to_string(&s.conf).unwrap();
+        let switched = text.replace(&format!("CAPTURE={from}"), &format!("CAPTURE={to}"));
+        assert_ne!(text, switched);
+        std::fs::write(&s.conf, switched).unwrap();
+        daemon.terminate();
+        for step in [vec!["install", conf], vec!["clone", conf, "--truncate"]] {
+            let out = pgreplica(&step);
+            assert!(out.status.success(), "{step:?} to {to}: {}", output(&out));
+        }
+        daemon = s.spawn();
+        let slots = number(
+            &master,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgreplica%'",
+        )
+        .await;
+        assert_eq!(
+            slots,
+            i64::from(to == "wal"),
+            "slots after switching to {to}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let written = stop_writers(stop, handles).await;
+    assert!(
+        written > 50,
+        "the writers wrote during the switches ({written})"
+    );
+    let limit = std::time::Duration::from_secs(60);
+    s.wait_same(0, ACCOUNTS_ALL, limit).await;
+    daemon.terminate();
+}
