@@ -439,10 +439,16 @@ impl SlaveTask {
             let master = db::connect(&set.master, set.keepalive).await?;
             capture::check_version(&master).await?;
             capture::check_mode(&master, &set).await?;
+            // The [TABLE] sections' options, as the trigger mode's reader sets them.
+            if !set.tables.is_empty() {
+                capture::configure(&master, &set).await?;
+            }
             read::session(&master).await?;
             Ok(master)
         };
         let master = hub::bounded(connect, Side::Master, heartbeat * 2).await?;
+        let filters = crate::wal::filter::session(&set.master, set.keepalive, &master);
+        pipeline.filters = hub::bounded(filters, Side::Master, heartbeat * 2).await?;
         let mut checked = Instant::now();
         let mut unreported = (0, 0);
         let mut reported: Option<Instant> = None;

@@ -31,6 +31,9 @@ pub struct Pipeline {
     /// The master's node (`pgreplica.node()`), which the slave's progress
     /// names.
     pub master: String,
+    /// Under WAL capture, a second master session that evaluates the tables'
+    /// `FILTER`s, when the master has any (see [`crate::wal::filter`]).
+    pub filters: Option<std::sync::Arc<tokio_postgres::Client>>,
 }
 
 /// What one step did.
@@ -55,6 +58,7 @@ impl Pipeline {
             statements: Statements::default(),
             limit: (set.batch_events, set.batch_bytes),
             master: master.to_string(),
+            filters: None,
         })
     }
 }
@@ -271,8 +275,13 @@ pub async fn wal_step(
     }
     let slot = wal::slot_name(&set.name, slave);
     let node = pipeline.origins.master.clone();
-    let mut changes =
-        read::Changes::start(master, (&slot, node), head.flush, pipeline.limit.0).await?;
+    let mut changes = read::Changes::start(
+        master,
+        (&slot, node, pipeline.filters.clone()),
+        head.flush,
+        pipeline.limit.0,
+    )
+    .await?;
     // The transaction being read: its commit, its changes seen, and those of
     // them applied before.
     let mut txn: Option<(Lsn, i64, i64)> = None;

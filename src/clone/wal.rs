@@ -149,6 +149,8 @@ pub(super) async fn clone_slave(set: &Config, slave: u32, options: &Options) -> 
     let master = db::connect(&set.master, set.keepalive).await?;
     capture::check_version(&master).await?;
     capture::check_mode(&master, set).await?;
+    // The [TABLE] sections' options, which the copy follows as the slot does.
+    capture::configure(&master, set).await?;
     let mut slave_client = db::connect(dsn, set.keepalive).await?;
     slave::prepare(&slave_client).await?;
     let (tables, _) = chosen_tables(&master, &[]).await?;

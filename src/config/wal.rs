@@ -15,22 +15,17 @@ pub enum Capture {
     Wal,
 }
 
-/// What `CAPTURE = wal` does not do yet: a `[TABLE]` section's `FILTER` (an
-/// SQL condition the master's trigger evaluates), and the conflict policies
-/// `newest` and `priority`, which read when and where a node's row last
-/// changed in the node's own log (the WAL keeps no such record of a deleted
-/// row). `OPERATIONS`, `COLUMNS` and `EXCLUDE_COLUMNS` are applied to the
-/// changes as they are decoded; in multi-master each apply marks its origin
-/// for the WAL reader.
+/// What `CAPTURE = wal` does not do yet: the conflict policies `newest` and
+/// `priority`, which read when and where a node's row last changed in the
+/// node's own log (the WAL keeps no such record of a deleted row). A
+/// `[TABLE]` section's `OPERATIONS`, `COLUMNS`, `EXCLUDE_COLUMNS` and
+/// `FILTER` are applied to the changes as they are decoded; in multi-master
+/// each apply marks its origin for the WAL reader.
 pub(super) fn wal_limits(
     config: &Config,
     seen: &BTreeMap<(String, String), usize>,
 ) -> Result<(), (usize, String, String)> {
     let reason = "is not supported with CAPTURE = wal yet: remove it, or use CAPTURE = trigger";
-    if let Some(t) = config.tables.iter().find(|t| t.filter.is_some()) {
-        let key = format!("[TABLE {}] FILTER", t.table);
-        return Err((t.line, key, reason.into()));
-    }
     let reads_log = |p: Option<Policy>| matches!(p, Some(Policy::Newest | Policy::Priority));
     let policy = match config.tables.iter().find(|t| reads_log(t.conflict)) {
         Some(t) => Some((t.line, format!("[TABLE {}] CONFLICT", t.table))),
@@ -60,12 +55,7 @@ mod tests {
         let ok = Config::parse(Path::new("s.conf"), base).unwrap();
         assert_eq!(ok.capture, Capture::Wal);
         let filtered = format!("{base}[TABLE public.t]\nSLAVE_TABLE=public.u\nFILTER=new.a > 0\n");
-        let e = Config::parse(Path::new("s.conf"), &filtered).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("s.conf:6: [TABLE \"public\".\"t\"] FILTER"),
-            "{e}"
-        );
+        assert!(Config::parse(Path::new("s.conf"), &filtered).is_ok());
         let nodes = format!("{base}NODE0=a\nNODE1=b\n");
         assert!(Config::parse(Path::new("s.conf"), &nodes).is_ok());
         let newest = format!("{nodes}CONFLICT=newest\n");

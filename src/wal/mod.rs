@@ -9,6 +9,7 @@
 //! with `pgreplica.execute` come as the inserts into `pgreplica.log` of the
 //! publication `pgreplica_log`, at their point in the stream.
 
+pub mod filter;
 pub mod read;
 
 use crate::config::Config;

@@ -8,6 +8,7 @@
 //! update's values left alone out of line (TOAST) are taken from it, never
 //! written as NULL.
 
+use super::filter::Filters;
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op, Snapshot};
 use crate::ident::TableName;
@@ -30,7 +31,8 @@ const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot
 // operations, as the trigger would).
 const KEYS_SQL: &str = "
 SELECT t.reloid, pgreplica.key_columns(t.reloid), t.layout->>'schema', t.layout->>'name',
-       n.nspname::text, c.relname::text, pgreplica.logged_columns(t.reloid), t.operations
+       n.nspname::text, c.relname::text, pgreplica.logged_columns(t.reloid), t.operations,
+       t.filter
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
   JOIN pg_namespace n ON n.oid = c.relnamespace";
 
@@ -41,6 +43,8 @@ struct Attached {
     logged: Vec<String>,
     /// The operations captured, as letters of `IUDT` (`OPERATIONS`).
     operations: String,
+    /// The SQL condition a change must meet (`FILTER`).
+    filter: Option<String>,
     /// The name it was attached under.
     was: Option<TableName>,
     /// As the catalog has it now, for a change the WAL has not described
@@ -113,6 +117,10 @@ pub struct Changes {
     /// Of each table described, the places of its captured columns among
     /// the WAL's, when some are left out.
     kept: HashMap<u32, Vec<usize>>,
+    /// Of each filtered table described, all its columns in the WAL.
+    all_columns: HashMap<u32, Vec<String>>,
+    /// The `FILTER`s of the tables, evaluated on the master.
+    filters: Filters,
     /// The attached tables, by oid.
     attached: HashMap<u32, Attached>,
     /// The oid of `pgreplica.log`, once described.
@@ -136,10 +144,12 @@ pub struct Changes {
 impl Changes {
     /// Starts reading slot `slot` on `master` up to `upto`, for about `limit`
     /// changes (whole transactions: the last one may go past it).
-    /// `node` is the master's node name, the origin of its own changes.
+    /// `node` is the master's node name, the origin of its own changes;
+    /// `filters` a second master session for the tables' `FILTER`s (without
+    /// it every change is kept).
     pub async fn start(
         master: &Client,
-        (slot, node): (&str, Option<String>),
+        (slot, node, filters): (&str, Option<String>, Option<Arc<Client>>),
         upto: Lsn,
         limit: u64,
     ) -> Result<Changes, Error> {
@@ -175,6 +185,7 @@ impl Changes {
                     key,
                     logged,
                     operations,
+                    filter: r.get(8),
                     was,
                     now,
                 };
@@ -193,6 +204,8 @@ impl Changes {
             rows: Box::pin(changes),
             tables: HashMap::new(),
             kept: HashMap::new(),
+            all_columns: HashMap::new(),
+            filters: Filters::new(filters),
             attached,
             log: None,
             time: 0.0,
@@ -227,12 +240,12 @@ impl Changes {
                 doing: "decoding the slot's changes".into(),
                 message: e.to_string(),
             })?;
-            self.take(u64::from(lsn) as i64, message)?;
+            self.take(u64::from(lsn) as i64, message).await?;
         }
     }
 
     /// Queues what one message says.
-    fn take(&mut self, id: i64, message: Message) -> Result<(), Error> {
+    async fn take(&mut self, id: i64, message: Message) -> Result<(), Error> {
         let time = self.time;
         let origin = self.origin.clone().or_else(|| self.node.clone());
         let change = |oid: u32, table: &Arc<MasterTable>, op, old, new| {
@@ -266,6 +279,9 @@ impl Changes {
             Message::Insert { table: oid, .. } if !self.captures(oid, 'I') => return Ok(()),
             Message::Insert { table: oid, new } => {
                 let table = self.table(oid)?;
+                if !self.passes(oid, Some(&new), None).await? {
+                    return Ok(());
+                }
                 let new = fields(&table, self.keep(oid, new), None)?;
                 change(oid, &table, Op::Insert, None, Some(new))
             }
@@ -277,16 +293,34 @@ impl Changes {
                 new,
             } => {
                 let table = self.table(oid)?;
-                let old = match (old, key_only) {
-                    (Some(old), false) => fields(&table, self.keep(oid, old), None)?,
+                let raw_old = match (old, key_only) {
+                    (Some(old), false) => old,
                     _ => return Err(no_old_row(&table)),
                 };
-                let new = fields(&table, self.keep(oid, new), Some(&old))?;
+                // The values the update left alone, from the old row.
+                let raw_new: Vec<Value> = new
+                    .into_iter()
+                    .zip(&raw_old)
+                    .map(|(n, o)| match n {
+                        Value::Unchanged => o.clone(),
+                        n => n,
+                    })
+                    .collect();
+                let old = fields(&table, self.keep(oid, raw_old.clone()), None)?;
+                let new = fields(&table, self.keep(oid, raw_new.clone()), Some(&old))?;
                 let moved = table.key.iter().any(|&k| old.get(k) != new.get(k));
                 if moved {
-                    let delete = change(oid, &table, Op::Delete, Some(old.clone()), None);
-                    let insert = change(oid, &table, Op::Insert, None, Some(new));
+                    // As the trigger pairs rows by key: the old row and the
+                    // new one are two changes, each filtered by itself.
+                    let gone = self.passes(oid, None, Some(&raw_old)).await?;
+                    let came = self.passes(oid, Some(&raw_new), None).await?;
+                    let delete =
+                        gone.then(|| change(oid, &table, Op::Delete, Some(old.clone()), None));
+                    let insert = came.then(|| change(oid, &table, Op::Insert, None, Some(new)));
                     self.moving(&table, old, delete, insert);
+                    return Ok(());
+                }
+                if !self.passes(oid, Some(&raw_new), Some(&raw_old)).await? {
                     return Ok(());
                 }
                 change(oid, &table, Op::Update, Some(old), Some(new))
@@ -300,6 +334,9 @@ impl Changes {
                 let table = self.table(oid)?;
                 if key_only {
                     return Err(no_old_row(&table));
+                }
+                if !self.passes(oid, None, Some(&old)).await? {
+                    return Ok(());
                 }
                 let old = fields(&table, self.keep(oid, old), None)?;
                 change(oid, &table, Op::Delete, Some(old), None)
@@ -330,7 +367,14 @@ impl Changes {
     /// other's keys by one statement (`SET id = id + 1`, under a deferrable
     /// key) never meet on the slave. A row moved again within the run moves
     /// its held insert.
-    fn moving(&mut self, table: &Arc<MasterTable>, old: Fields, delete: Item, insert: Item) {
+    /// Under a `FILTER` either may be left out.
+    fn moving(
+        &mut self,
+        table: &Arc<MasterTable>,
+        old: Fields,
+        delete: Option<Item>,
+        insert: Option<Item>,
+    ) {
         if self
             .moved
             .first()
@@ -338,15 +382,18 @@ impl Changes {
         {
             self.settle();
         }
-        let again = self.moved.iter_mut().find(|held| match held {
+        let again = self.moved.iter().position(|held| match held {
             Item::Change(_, e) => e.new.as_ref() == Some(&old),
             _ => false,
         });
-        match again {
-            Some(held) => *held = insert,
-            None => {
-                self.queue.push_back(delete);
-                self.moved.push(insert);
+        match (again, insert) {
+            (Some(at), Some(insert)) => self.moved[at] = insert,
+            (Some(at), None) => {
+                self.moved.remove(at);
+            }
+            (None, insert) => {
+                self.queue.extend(delete);
+                self.moved.extend(insert);
             }
         }
     }
@@ -368,6 +415,9 @@ impl Changes {
             self.log = Some(relation.oid);
         }
         let attached = self.attached.get(&relation.oid);
+        if attached.is_some_and(|a| a.filter.is_some()) {
+            self.all_columns.insert(relation.oid, columns.clone());
+        }
         // The columns its [TABLE] section leaves out are dropped here.
         let kept: Vec<usize> = (0..columns.len())
             .filter(|&i| attached.is_none_or(|a| a.logged.contains(&columns[i])))
@@ -410,6 +460,26 @@ impl Changes {
         };
         self.tables.insert(relation.oid, Arc::new(table));
         Ok(())
+    }
+
+    /// Whether a change of table `oid` with these rows (all the WAL's
+    /// columns) passes its `[TABLE]` section's `FILTER`, if it has one.
+    async fn passes(
+        &mut self,
+        oid: u32,
+        new: Option<&[Value]>,
+        old: Option<&[Value]>,
+    ) -> Result<bool, Error> {
+        let Some(filter) = self.attached.get(&oid).and_then(|a| a.filter.as_deref()) else {
+            return Ok(true);
+        };
+        let (Some(table), Some(columns)) = (self.tables.get(&oid), self.all_columns.get(&oid))
+        else {
+            return Ok(true);
+        };
+        self.filters
+            .passes((oid, &table.name, filter), columns, new, old)
+            .await
     }
 
     /// Whether operation `op` (a letter of `IUDT`) of table `oid` is
