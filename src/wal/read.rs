@@ -306,21 +306,30 @@ impl Changes {
                         n => n,
                     })
                     .collect();
-                let old = fields(&table, self.keep(oid, raw_old.clone()), None)?;
-                let new = fields(&table, self.keep(oid, raw_new.clone()), Some(&old))?;
+                // Whole rows are kept for a FILTER only.
+                let rows = self
+                    .filtered(oid)
+                    .then(|| (raw_old.clone(), raw_new.clone()));
+                let (raw_old, raw_new) = (self.keep(oid, raw_old), self.keep(oid, raw_new));
+                let old = fields(&table, raw_old, None)?;
+                let new = fields(&table, raw_new, Some(&old))?;
+                let (raw_old, raw_new) = match &rows {
+                    Some((o, n)) => (Some(o.as_slice()), Some(n.as_slice())),
+                    None => (None, None),
+                };
                 let moved = table.key.iter().any(|&k| old.get(k) != new.get(k));
                 if moved {
                     // As the trigger pairs rows by key: the old row and the
                     // new one are two changes, each filtered by itself.
-                    let gone = self.passes(oid, None, Some(&raw_old)).await?;
-                    let came = self.passes(oid, Some(&raw_new), None).await?;
+                    let gone = self.passes(oid, None, raw_old).await?;
+                    let came = self.passes(oid, raw_new, None).await?;
                     let delete =
                         gone.then(|| change(oid, &table, Op::Delete, Some(old.clone()), None));
                     let insert = came.then(|| change(oid, &table, Op::Insert, None, Some(new)));
                     self.moving(&table, old, delete, insert);
                     return Ok(());
                 }
-                if !self.passes(oid, Some(&raw_new), Some(&raw_old)).await? {
+                if !self.passes(oid, raw_new, raw_old).await? {
                     return Ok(());
                 }
                 change(oid, &table, Op::Update, Some(old), Some(new))
@@ -460,6 +469,11 @@ impl Changes {
         };
         self.tables.insert(relation.oid, Arc::new(table));
         Ok(())
+    }
+
+    /// Whether table `oid` has a `FILTER`.
+    fn filtered(&self, oid: u32) -> bool {
+        self.attached.get(&oid).is_some_and(|a| a.filter.is_some())
     }
 
     /// Whether a change of table `oid` with these rows (all the WAL's
