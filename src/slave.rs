@@ -176,7 +176,8 @@ const MARK_ORIGIN_SQL: &str = "DO $$ BEGIN
   END IF;
 END $$";
 
-/// Marks the changes of `tx` with the origin its session set (see [`MARK_ORIGIN_SQL`]).
+/// Marks the changes of `tx` with the origin its session set: a row of
+/// `pgreplica.log` on a node that captures from the WAL, nothing elsewhere.
 pub async fn mark_origin(tx: &impl GenericClient) -> Result<(), Error> {
     tx.batch_execute(MARK_ORIGIN_SQL)
         .await
