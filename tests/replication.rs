@@ -764,6 +764,24 @@ async fn sync_n_makes_wait_count_n_slaves_of_the_set() {
     // SYNC = 2: both must have it.
     s.configure("SYNC=2\n");
     let mut daemon = s.spawn();
+    // The new SYNC counts once the daemon has registered the slaves with it.
+    let master = s.master().await;
+    let started = std::time::Instant::now();
+    loop {
+        let sync: Option<i32> = master
+            .query_one("SELECT max(sync) FROM pgreplica.slave", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if sync == Some(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "SYNC=2 never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!insert_and_wait(&s, 2).await, "only one slave has it");
     s.slave(1)
         .await
