@@ -477,10 +477,23 @@ async fn a_clone_killed_halfway_runs_again_from_a_new_slot_under_writers() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Killed while it copies: once it has marked its tables (a loaded
+    // machine takes longer to get there than an idle one).
+    let slave = s.slave(0).await;
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        let marked = slave
+            .query_one("SELECT count(*) FROM pgreplica.cloning", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) > 0);
+        if marked {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     clone.kill().unwrap();
     clone.wait().unwrap();
-    let slave = s.slave(0).await;
     let marked = count(&slave, "pgreplica.cloning").await;
     assert!(marked > 0, "the clone ended before it was killed");
     let out = pgreplica(&["clone", conf, "--truncate"]);
