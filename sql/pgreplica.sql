@@ -79,7 +79,11 @@ ALTER TABLE pgreplica.tables
     ADD COLUMN IF NOT EXISTS exclude    text[], -- these columns are not logged
     -- Its definition when last attached (pgreplica.layout), to read the events
     -- that wait in the log after the table was dropped.
-    ADD COLUMN IF NOT EXISTS layout     jsonb;
+    ADD COLUMN IF NOT EXISTS layout     jsonb,
+    -- Under WAL capture: since when the table's deletes are logged (its delete
+    -- trigger enabled), for conflict policies newest and priority, which look
+    -- up when and where a row this node no longer has was deleted. NULL: not.
+    ADD COLUMN IF NOT EXISTS deletes_kept_since timestamptz;
 
 -- The columns of a table that are logged, in row order: all of them, or those
 -- its options keep. The key is always among them (set_options makes sure).
@@ -107,7 +111,7 @@ $$;
 -- The version of this file's functions and tables; the daemon refuses a master
 -- whose version is not its own and says to run `pgreplica install` again.
 CREATE OR REPLACE FUNCTION pgreplica.version() RETURNS integer
-LANGUAGE sql IMMUTABLE AS $$ SELECT 5 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 6 $$;
 
 -- This master's identity, made once at install. Each slave's progress names
 -- the master it follows: a slave whose set was switched over to another
@@ -373,7 +377,8 @@ DECLARE
     pinned boolean := false;
     qualified text;
 BEGIN
-    SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude
+    SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude,
+           t.deletes_kept_since IS NOT NULL AS keeps_deletes
       INTO opts
       FROM (SELECT 1) AS one LEFT JOIN pgreplica.tables t ON t.reloid = root;
     SELECT array_agg(quote_ident(k.c) ORDER BY k.n) INTO keys
@@ -542,11 +547,14 @@ $body$, k1, pairing, NULL,
     -- WAL capture the triggers stay, disabled (they cost nothing), and the
     -- table logs its whole old row in the WAL, which conflicts and the values
     -- an update leaves alone need; but a partition's TRUNCATE, which the WAL
-    -- does not give as its partitioned table's, is still logged.
+    -- does not give as its partitioned table's, is still logged, and so are
+    -- deletes where the table's deletes are kept (the WAL reader passes over
+    -- them: the delete itself comes from the WAL).
     FOR trig IN SELECT t.tgname FROM pg_trigger t
                  WHERE t.tgrelid = tbl AND t.tgname LIKE 'pgreplica\_%' LOOP
         EXECUTE format('ALTER TABLE %s %s TRIGGER %I', tbl,
                        CASE WHEN pgreplica.wal() AND (tbl = root OR trig <> 'pgreplica_truncate')
+                                 AND NOT (opts.keeps_deletes AND trig = 'pgreplica_delete')
                             THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trig);
     END LOOP;
     IF pgreplica.wal() THEN
@@ -637,6 +645,20 @@ BEGIN
         VALUES (0, 'X', pgreplica.origin(), before::text, '');
     END IF;
     RETURN true;
+END
+$$;
+
+-- Under WAL capture, keeps a table's deletes in the log or stops keeping them
+-- (see pgreplica.tables.deletes_kept_since); what is kept stays until cleaned.
+CREATE OR REPLACE FUNCTION pgreplica.keep_deletes(tbl regclass, keep boolean) RETURNS void
+LANGUAGE plpgsql SET client_min_messages = warning AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pgreplica.tables t WHERE t.reloid = tbl
+                  AND (t.deletes_kept_since IS NOT NULL) <> keep) THEN
+        UPDATE pgreplica.tables SET deletes_kept_since = CASE WHEN keep THEN now() END
+         WHERE reloid = tbl;
+        PERFORM pgreplica.attach(tbl);
+    END IF;
 END
 $$;
 

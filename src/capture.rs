@@ -1,9 +1,9 @@
 //! Capture on a master: installs the log and attaches triggers (runs the `sql/` files).
 
-use crate::config::{Capture, Config};
+use crate::config::{Capture, Config, Policy};
 use crate::error::{Context, Error};
 use crate::ident::TableName;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 /// The capture schema, as shipped in `sql/pgreplica.sql`.
 pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
@@ -11,7 +11,7 @@ pub const INSTALL_SQL: &str = include_str!("../sql/pgreplica.sql");
 pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 
 /// The version of `sql/pgreplica.sql` this binary ships (`pgreplica.version()`).
-pub const VERSION: i32 = 5;
+pub const VERSION: i32 = 6;
 
 /// What install did with one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,9 +70,39 @@ pub async fn install(
         )
         .await
         .on_master("setting up the capture mode (CAPTURE)")?;
+        keep_deletes(&tx, set).await?;
     }
     tx.commit().await.on_master("installing capture")?;
     Ok(reports)
+}
+
+const ATTACHED_SQL: &str = "
+SELECT n.nspname::text, c.relname::text, t.reloid
+  FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
+  JOIN pg_namespace n ON n.oid = c.relnamespace";
+
+/// Under WAL capture, keeps in the log the deletes of the tables whose
+/// conflicts `set` settles by `newest` or `priority`: where this node, as the
+/// slave of the set in the other direction, finds when and where a row it no
+/// longer has was deleted. Other tables' deletes stop being kept.
+async fn keep_deletes(tx: &Transaction<'_>, set: &Config) -> Result<(), Error> {
+    let doing = "keeping deletes for the conflict policy (CONFLICT)";
+    for row in tx.query(ATTACHED_SQL, &[]).await.on_master(doing)? {
+        let table = TableName {
+            schema: row.get(0),
+            name: row.get(1),
+        };
+        let keep =
+            set.capture == Capture::Wal && set.policy(&table).is_some_and(Policy::reads_history);
+        let oid: u32 = row.get(2);
+        tx.execute(
+            "SELECT pgreplica.keep_deletes($1::oid::regclass, $2)",
+            &[&oid, &keep],
+        )
+        .await
+        .on_master(doing)?;
+    }
+    Ok(())
 }
 
 /// Checks that the master runs this binary's version of the capture schema.

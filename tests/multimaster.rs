@@ -429,18 +429,12 @@ async fn node_0_wins_with_apply_remote_one_way_and_keep_local_the_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn node_0_wins_by_priority_on_both_sides() {
-    if support::trigger_only("newest and priority read a node's own log of its changes") {
-        return;
-    }
     let policy = "CONFLICT=priority\nPRIORITY=n0, n1\n";
     settles([policy, policy], NODE_0_WINS).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_newest_change_wins_on_both_sides() {
-    if support::trigger_only("newest and priority read a node's own log of its changes") {
-        return;
-    }
     let policy = "CONFLICT=newest\nPRIORITY=n0, n1\n";
     let nodes = conflicting([policy, policy]).await;
     // One direction after the other: node 1's changes reach node 0 (and are
@@ -457,9 +451,6 @@ async fn the_newest_change_wins_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn newest_agrees_on_both_sides_when_a_nodes_own_change_is_far_back_in_its_log() {
-    if support::trigger_only("newest and priority read a node's own log of its changes") {
-        return;
-    }
     let policy = "CONFLICT=newest\nPRIORITY=n0, n1\n";
     let nodes = conflicting([policy, policy]).await;
     // Node 1 writes many rows after its conflicting changes, so that they lie

@@ -376,6 +376,63 @@ async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
     assert_eq!(listed, 0);
 }
 
+/// Whether the master's trigger that logs deletes of `items` fires.
+async fn deletes_logged(master: &tokio_postgres::Client) -> bool {
+    let enabled: String = master
+        .query_one(
+            "SELECT tgenabled::text FROM pg_trigger
+              WHERE tgrelid = 'items'::regclass AND tgname = 'pgreplica_delete'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    enabled == "A"
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn newest_and_priority_keep_the_nodes_deletes_and_newest_needs_commit_times() {
+    let s = Setup::wal(1, ITEMS).await;
+    let m = s.master().await;
+    let conf = s.conf.to_str().unwrap();
+    let before = std::fs::read_to_string(&s.conf).unwrap();
+    s.configure("NODE0=a\nNODE1=b\nCONFLICT=priority\nPRIORITY=a, b\n");
+    let out = pgreplica(&["install", conf]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert!(deletes_logged(&m).await);
+    // The delete is kept in the log, and reaches the slave once, from the WAL.
+    s.replicate(
+        "INSERT INTO items VALUES (1, 'one', 1), (2, 'two', 2); DELETE FROM items WHERE id = 1",
+        ALL,
+    )
+    .await;
+    let kept = number(&m, "SELECT count(*) FROM pgreplica.log WHERE ev_op = 'D'").await;
+    assert_eq!(kept, 1);
+    let events = number(&s.slave(0).await, "SELECT events FROM pgreplica.progress").await;
+    assert_eq!(events, 3);
+    // Another policy: deletes are no longer kept.
+    std::fs::write(&s.conf, &before).unwrap();
+    s.configure("CONFLICT=keep-local\n");
+    let out = pgreplica(&["install", conf]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert!(!deletes_logged(&m).await);
+    // newest reads commit times: without them install says how to keep them.
+    m.batch_execute("ALTER SYSTEM SET track_commit_timestamp = off")
+        .await
+        .unwrap();
+    s.master.stop("fast").unwrap();
+    s.master.restart().unwrap();
+    std::fs::write(&s.conf, &before).unwrap();
+    s.configure("NODE0=a\nNODE1=b\nCONFLICT=newest\n");
+    let out = pgreplica(&["install", conf]);
+    assert!(!out.status.success());
+    assert!(
+        output(&out).contains("ALTER SYSTEM SET track_commit_timestamp = on"),
+        "{}",
+        output(&out)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_larger_than_a_batch_is_applied_in_steps_and_resumed_where_it_stopped() {
     let s = Setup::wal(1, ITEMS).await;

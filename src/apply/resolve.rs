@@ -29,10 +29,48 @@ const OWN_CHANGES_ROWS: i32 = 1_000;
 
 /// For a table the slave logs: a time every change of it that its log no
 /// longer holds precedes (the newest change cleaned from the log, or the
-/// table's attachment to capture).
+/// table's attachment to capture). Under WAL capture the log holds only the
+/// deletes, since they are kept (infinity: they are not).
 const FORGOTTEN_SQL: &str = "
-SELECT extract(epoch FROM greatest((SELECT newest FROM pgreplica.cleaned), t.attached_at))::float8
+SELECT extract(epoch FROM greatest((SELECT newest FROM pgreplica.cleaned),
+           CASE WHEN NOT pgreplica.wal() THEN t.attached_at
+                ELSE coalesce(t.deletes_kept_since, 'infinity') END))::float8
   FROM pgreplica.tables t WHERE t.reloid = $1::text::regclass";
+
+const WAL_SQL: &str = "SELECT pgreplica.wal()";
+
+/// Under WAL capture, when and on which node the slave's row with `xmin` $1
+/// last changed: its transaction's commit time (`track_commit_timestamp`; the
+/// start of this one when the batch wrote it), and the node that the
+/// transaction's origin markers name, when they name one (none: this node).
+/// Last, whether commit times are kept.
+const ROW_VERSION_SQL: &str = "
+WITH x AS (
+    SELECT m.xmax - ((m.xmax - $1::text::bigint) % 4294967296 + 4294967296) % 4294967296 AS xid,
+           txid_current_if_assigned() AS mine,
+           current_setting('track_commit_timestamp')::bool AS timed
+      FROM (SELECT txid_snapshot_xmax(txid_current_snapshot()) AS xmax) m
+)
+SELECT CASE WHEN x.xid = x.mine THEN extract(epoch FROM now())::float8
+            WHEN x.timed THEN extract(epoch FROM pg_xact_commit_timestamp($1::text::xid))::float8
+        END,
+       CASE WHEN x.xid = x.mine THEN pgreplica.origin()
+            ELSE (SELECT CASE WHEN count(DISTINCT l.ev_origin) = 1 THEN min(l.ev_origin) END
+                    FROM pgreplica.log l WHERE l.ev_op = 'O' AND l.ev_txid = x.xid)
+        END,
+       x.timed
+  FROM x";
+
+/// Why `newest` could not judge, by what the slave lacked.
+const OLDER_THAN_LOG: &str = "CONFLICT=newest cannot tell which change is the newer: the \
+                              slave's own change of the row is older than its log";
+const NO_COMMIT_TIMES: &str = "CONFLICT=newest cannot tell which change is the newer: the \
+                               slave captures from the WAL and keeps no commit times \
+                               (ALTER SYSTEM SET track_commit_timestamp = on; then restart it)";
+const NO_DELETES: &str = "CONFLICT=newest cannot tell which change is the newer: the slave \
+                          captures from the WAL and keeps no record of its deletes (give the \
+                          set it is the master of CONFLICT=newest, and run pgreplica install \
+                          with it)";
 
 impl Applier<'_> {
     /// Settles a change under the set's conflict policy before it is applied:
@@ -61,7 +99,7 @@ impl Applier<'_> {
         };
         self.flush().await?;
         let master = &plan.master;
-        let local = Self::local_row(self.tx, plan, row).await?;
+        let (local, xmin) = Self::local_row(self.tx, plan, row).await?.unzip();
         // An update is compared on the columns it changes, a delete on all.
         let compared: Vec<usize> = (0..row.len())
             .filter(|&i| !plan.generated[i] && (event.op == Op::Delete || row[i] != remote[i]))
@@ -87,9 +125,9 @@ impl Applier<'_> {
             remote: Some(columns_text(master, remote, &all)),
         };
         let policy = resolver.policy(&master.name);
-        let local_version = match policy {
-            Policy::Newest | Policy::Priority => Self::local_version(self.tx, plan, row).await?,
-            _ => Version::unknown(),
+        let (local_version, unknown) = match policy.reads_history() {
+            true => Self::local_version(self.tx, plan, row, xmin).await?,
+            false => (Version::unknown(), OLDER_THAN_LOG),
         };
         let remote_version = Version {
             time: event.time,
@@ -100,10 +138,7 @@ impl Applier<'_> {
             Some(winner) => (winner, format!("{policy:?}").to_lowercase()),
             None => {
                 let why = match policy {
-                    Policy::Newest => {
-                        "CONFLICT=newest cannot tell which change is the newer: the slave's own \
-                         change of the row is older than its log"
-                    }
+                    Policy::Newest => unknown,
                     _ => "CONFLICT=stop",
                 };
                 (
@@ -138,12 +173,13 @@ impl Applier<'_> {
         })
     }
 
-    /// The slave's row with `row`'s key, locked, as text in the master's columns.
+    /// The slave's row with `row`'s key, locked, as text in the master's
+    /// columns, and its `xmin`.
     async fn local_row(
         tx: &Transaction<'_>,
         plan: &Plan,
         row: &Fields,
-    ) -> Result<Option<Fields>, Error> {
+    ) -> Result<Option<(Fields, String)>, Error> {
         let master = &plan.master;
         let list: Vec<String> = master
             .columns
@@ -162,7 +198,7 @@ impl Applier<'_> {
             .map(|(n, &k)| format!("${}::text::{}", n + 1, plan.types[k]))
             .collect();
         let sql = format!(
-            "SELECT {} FROM {} WHERE ({}) = ({}) FOR UPDATE",
+            "SELECT {}, xmin::text FROM {} WHERE ({}) = ({}) FOR UPDATE",
             list.join(", "),
             plan.slave,
             keys.join(", "),
@@ -173,17 +209,22 @@ impl Applier<'_> {
             "reading the slave's row of a conflict in {}",
             plan.slave
         ))?;
-        Ok(found.map(|r| (0..master.columns.len()).map(|i| r.get(i)).collect()))
+        let width = master.columns.len();
+        Ok(found.map(|r| ((0..width).map(|i| r.get(i)).collect(), r.get(width))))
     }
 
-    /// When and on which node the slave's row last changed, from the slave's
-    /// own log (multi-master): its latest event for the key. When the log no
-    /// longer holds one, a time the change precedes.
+    /// When and on which node the slave's row last changed (multi-master),
+    /// and why `newest` cannot judge when that is not known well enough. From
+    /// the slave's own log, its latest event for the key; when the log no
+    /// longer holds one, a time the change precedes. Under WAL capture the
+    /// slave's row (its `xmin`) tells; a row it no longer has, the deletes
+    /// its log keeps.
     async fn local_version(
         tx: &Transaction<'_>,
         plan: &Plan,
         row: &Fields,
-    ) -> Result<Version, Error> {
+        xmin: Option<String>,
+    ) -> Result<(Version, &'static str), Error> {
         let doing = "reading the slave's log for a conflict";
         let captures: bool = tx
             .query_one(CAPTURES_SQL, &[])
@@ -191,7 +232,21 @@ impl Applier<'_> {
             .on_slave(doing)?
             .get(0);
         if !captures {
-            return Ok(Version::unknown());
+            return Ok((Version::unknown(), OLDER_THAN_LOG));
+        }
+        let wal: bool = tx.query_one(WAL_SQL, &[]).await.on_slave(doing)?.get(0);
+        if let (true, Some(xmin)) = (wal, xmin) {
+            let r = tx
+                .query_one(ROW_VERSION_SQL, &[&xmin])
+                .await
+                .on_slave(doing)?;
+            let timed: bool = r.get(2);
+            let version = Version {
+                time: r.get(0),
+                node: r.get(1),
+                before: (!timed).then_some(f64::INFINITY),
+            };
+            return Ok((version, NO_COMMIT_TIMES));
         }
         let name = plan.slave.quoted();
         let logged: Vec<String> = tx
@@ -212,7 +267,7 @@ impl Applier<'_> {
             })
             .collect()
         else {
-            return Ok(Version::unknown());
+            return Ok((Version::unknown(), OLDER_THAN_LOG));
         };
         // The server keeps only rows whose text holds a key value; a value
         // with a quote or backslash is escaped in row text, so it can't be used.
@@ -235,26 +290,32 @@ impl Applier<'_> {
                     continue;
                 };
                 if fields.len() == logged.len() && key.iter().all(|(at, v)| fields[*at] == **v) {
-                    return Ok(Version {
+                    let version = Version {
                         time: r.get(0),
                         node: r.get(1),
                         before: None,
-                    });
+                    };
+                    return Ok((version, OLDER_THAN_LOG));
                 }
             }
             if rows.len() < OWN_CHANGES_ROWS as usize {
                 break;
             }
         }
-        let before = tx
+        let before: Option<f64> = tx
             .query_opt(FORGOTTEN_SQL, &[&name])
             .await
             .on_slave(doing)?
             .and_then(|r| r.get(0));
-        Ok(Version {
+        let why = match before {
+            Some(b) if b.is_infinite() => NO_DELETES,
+            _ => OLDER_THAN_LOG,
+        };
+        let version = Version {
             before,
             ..Version::unknown()
-        })
+        };
+        Ok((version, why))
     }
 
     /// The DBA's resolution of a conflict under policy `stop`, or the error

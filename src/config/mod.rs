@@ -19,7 +19,6 @@ pub use smtp::{DEFAULT_DIGEST, Smtp, SmtpTls};
 pub use table::TableConfig;
 use table::table_section;
 pub use wal::Capture;
-use wal::wal_limits;
 
 /// Default `LAG_WARNING`.
 pub const DEFAULT_LAG_WARNING: Duration = Duration::from_secs(300);
@@ -140,6 +139,12 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Whether the policy reads when and on which node the slave's row last
+    /// changed (`newest`, `priority`).
+    pub fn reads_history(self) -> bool {
+        matches!(self, Policy::Newest | Policy::Priority)
+    }
+
     /// Reads a policy's name as the config file writes it.
     pub fn parse(text: &str) -> Result<Policy, String> {
         Ok(match text.trim().to_ascii_lowercase().as_str() {
@@ -226,6 +231,20 @@ impl Config {
     /// The `[TABLE]` section of a master table, if any.
     pub fn section(&self, table: &TableName) -> Option<&TableConfig> {
         self.tables.iter().find(|t| t.table == *table)
+    }
+
+    /// The conflict policy of a master table: its section's, or the set's.
+    pub fn policy(&self, table: &TableName) -> Option<Policy> {
+        self.section(table)
+            .and_then(|t| t.conflict)
+            .or(self.conflict)
+    }
+
+    /// The conflict policies the set names, in `[MAIN]` and its sections.
+    pub fn policies(&self) -> impl Iterator<Item = Policy> + '_ {
+        self.conflict
+            .into_iter()
+            .chain(self.tables.iter().filter_map(|t| t.conflict))
     }
 
     /// Which of the master's events slave `slave` takes, by origin. PyReplica's
@@ -421,11 +440,8 @@ impl Config {
         if config.slaves.is_empty() {
             return Err(missing("DSN1", "at least one slave's connection string"));
         }
-        let needs_history =
-            |p: Option<Policy>| matches!(p, Some(Policy::Newest | Policy::Priority));
         if !seen.contains_key(&("MAIN".to_string(), "LOG_KEEP".to_string()))
-            && (needs_history(config.conflict)
-                || config.tables.iter().any(|t| needs_history(t.conflict)))
+            && config.policies().any(Policy::reads_history)
         {
             config.log_keep = DEFAULT_LOG_KEEP;
         }
@@ -447,9 +463,6 @@ impl Config {
                 config.slaves.len()
             );
             return Err(line_err(line, "SYNC", message));
-        }
-        if config.capture == Capture::Wal {
-            wal_limits(&config, &seen).map_err(|(line, key, m)| line_err(line, &key, m))?;
         }
         if let Some(smtp) = &config.smtp
             && (smtp.server.is_empty() || smtp.from.is_empty() || smtp.to.is_empty())

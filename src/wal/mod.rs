@@ -12,7 +12,7 @@
 pub mod filter;
 pub mod read;
 
-use crate::config::Config;
+use crate::config::{Config, Policy};
 use crate::error::{Context, Error};
 use crate::pgoutput::Lsn;
 use std::collections::BTreeMap;
@@ -24,7 +24,7 @@ const READY_SQL: &str = "
 SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int,
        (SELECT count(*)::int FROM pg_replication_slots),
        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
-       current_user::text";
+       current_user::text, current_setting('track_commit_timestamp')::bool";
 
 const SLOT_SQL: &str = "
 SELECT database, plugin, confirmed_flush_lsn::text, wal_status
@@ -79,6 +79,14 @@ pub async fn check_ready(master: &Client, set: &Config) -> Result<(), Error> {
              per slave: ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL",
             needed + 2
         ));
+    }
+    if set.policies().any(|p| p == Policy::Newest) && !row.get::<_, bool>(5) {
+        missing.push(
+            "track_commit_timestamp is off; CONFLICT=newest reads when this node's rows last \
+             changed from their commit times: ALTER SYSTEM SET track_commit_timestamp = on; \
+             then restart PostgreSQL"
+                .to_string(),
+        );
     }
     if may_replicate != Some(true) {
         missing.push(format!(

@@ -31,8 +31,8 @@ pub const PGBENCH_TABLES: [&str; 4] = [
 ];
 
 /// What a master needs for WAL capture.
-pub const WAL_SETTINGS: &str =
-    "wal_level = logical\nmax_replication_slots = 40\nmax_wal_senders = 20";
+pub const WAL_SETTINGS: &str = "wal_level = logical\nmax_replication_slots = 40\n\
+     max_wal_senders = 20\ntrack_commit_timestamp = on";
 
 /// Whether the tests' sets capture from the WAL: `PGREPLICA_CAPTURE=wal`
 /// (else with triggers).
