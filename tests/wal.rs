@@ -410,6 +410,19 @@ async fn newest_and_priority_keep_the_nodes_deletes_and_newest_needs_commit_time
     assert_eq!(kept, 1);
     let events = number(&s.slave(0).await, "SELECT events FROM pgreplica.progress").await;
     assert_eq!(events, 3);
+    // What is kept is cleaned once LOG_KEEP has passed.
+    s.configure("LOG_KEEP=0\n");
+    let daemon = s.spawn();
+    let mut left = 1;
+    for _ in 0..300 {
+        left = number(&m, "SELECT count(*) FROM pgreplica.log WHERE ev_op = 'D'").await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(daemon);
+    assert_eq!(left, 0, "{}", s.daemon_log());
     // Another policy: deletes are no longer kept.
     std::fs::write(&s.conf, &before).unwrap();
     s.configure("CONFLICT=keep-local\n");
