@@ -7,15 +7,27 @@
 //! transaction's events simply wait for a later one. Inside a batch events go in id
 //! order, which row locks make consistent with commit order for any one row.
 
+use crate::db::Prepared;
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op, Origins, Snapshot};
 use crate::ident::TableName;
 use crate::record::{self, Fields};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Portal, Statement, Transaction};
 
 const SNAPSHOT_SQL: &str = "SELECT txid_current_snapshot()::text";
+
+/// The types of a batch's range: the two snapshots, the transactions running
+/// at the first, and the two ends (the other parameters' are the server's).
+const RANGE_TYPES: [Type; 5] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8_ARRAY,
+    Type::INT8,
+    Type::INT8,
+];
 
 // Two index-friendly ranges: the transactions that were running at the previous
 // snapshot, and those that started since. Visibility then keeps exactly the ones
@@ -91,7 +103,10 @@ fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, E
 /// The master's current snapshot, read in `tx`.
 pub async fn current_snapshot(tx: &Transaction<'_>) -> Result<Snapshot, Error> {
     let doing = "taking a snapshot of the master";
-    let row = tx.query_one(SNAPSHOT_SQL, &[]).await.on_master(doing)?;
+    let row = tx
+        .query_typed_one(SNAPSHOT_SQL, &[])
+        .await
+        .on_master(doing)?;
     let text: String = row.get(0);
     Snapshot::parse(&text).ok_or_else(|| Error::Invalid {
         doing: doing.into(),
@@ -148,6 +163,7 @@ impl<'t> Batch<'t> {
     /// table `table` when one is given, and only those `origins` lets through.
     pub async fn between(
         tx: &'t Transaction<'t>,
+        prepared: &mut Prepared,
         prev: &Snapshot,
         snapshot: Snapshot,
         after: i64,
@@ -163,20 +179,24 @@ impl<'t> Batch<'t> {
             &prev.xmax,
             &snapshot.xmax,
         ];
+        let executes = prepared
+            .get(tx, EXECUTES_SQL, &RANGE_TYPES)
+            .await
+            .on_master(doing)?;
         let mut layouts = Vec::new();
-        for row in tx.query(EXECUTES_SQL, &range).await.on_master(doing)? {
+        for row in tx.query(&executes, &range).await.on_master(doing)? {
             let id: i64 = row.get(0);
             let text: Option<String> = row.get(1);
             layouts.push((id, read_layouts(id, text.as_deref().unwrap_or("{}"))?));
         }
-        let stmt = tx.prepare(EVENTS_SQL).await.on_master(doing)?;
+        let stmt = prepared.get(tx, EVENTS_SQL, &[]).await.on_master(doing)?;
         let mut params = range.to_vec();
         params.push(&table);
         params.push(&origins.slave);
         params.push(&origins.local_only);
         params.push(&after);
         let portal = tx.bind(&stmt, &params).await.on_master(doing)?;
-        let table_stmt = tx.prepare(TABLE_SQL).await.on_master(doing)?;
+        let table_stmt = prepared.get(tx, TABLE_SQL, &[]).await.on_master(doing)?;
         Ok(Batch {
             tx,
             portal,

@@ -4,6 +4,7 @@ use crate::dsn::Dsn;
 pub use crate::dsn::redact;
 use crate::tls::{self, Tls};
 use futures_util::future::poll_fn;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -11,12 +12,47 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
+use tokio_postgres::types::Type;
+use tokio_postgres::{AsyncMessage, Client, Connection, GenericClient, NoTls, Socket, Statement};
 
 /// Session settings under which a value's text form is the same as the capture
 /// trigger's, so that texts read back from a slave compare equal.
 pub const SESSION_SQL: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres';
 SET extra_float_digits = 3; SET timezone = 'UTC'; SET bytea_output = 'hex'";
+
+/// Statements prepared on one session, by their SQL text: each later use is
+/// one round trip, planned once. Kept as long as the session, and forgotten
+/// when its schema changes under them.
+#[derive(Default)]
+pub struct Prepared(HashMap<String, Statement>);
+
+impl Prepared {
+    /// `sql`, if it was prepared.
+    pub fn cached(&self, sql: &str) -> Option<Statement> {
+        self.0.get(sql).cloned()
+    }
+
+    /// `sql` prepared on `client`'s session with `types` for its first
+    /// parameters (the server infers the rest), from the cache or now.
+    pub async fn get(
+        &mut self,
+        client: &impl GenericClient,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.cached(sql) {
+            return Ok(statement);
+        }
+        let statement = client.prepare_typed(sql, types).await?;
+        self.0.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Forgets every statement.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// A connection that could not be made.
 #[derive(Debug, Error)]

@@ -2,9 +2,10 @@
 //! its events, apply them with the new progress in one slave transaction.
 
 use crate::adapt::Adapter;
-use crate::apply::{Applied, Applier, Statements};
+use crate::apply::{Applied, Applier};
 use crate::config::Config;
 use crate::conflict::Resolver;
+use crate::db::Prepared;
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Origins, Snapshot};
 use crate::hub::{Ask, Hub};
@@ -25,7 +26,10 @@ pub struct Pipeline {
     /// Renames and transforms of the set's `[TABLE]` sections.
     pub adapter: Adapter,
     /// Statements prepared on the slave connection.
-    pub statements: Statements,
+    pub statements: Prepared,
+    /// Under WAL capture, statements prepared on the slave's master session
+    /// (which lasts as long as the pipeline).
+    pub master_statements: Prepared,
     /// Events and bytes of row data after which a batch is cut into steps.
     pub limit: (u64, usize),
     /// The master's node (`pgreplica.node()`), which the slave's progress
@@ -55,7 +59,8 @@ impl Pipeline {
             origins: set.origins(slave),
             resolver: Resolver::new(set, slave),
             adapter: Adapter::new(set)?,
-            statements: Statements::default(),
+            statements: Prepared::default(),
+            master_statements: Prepared::default(),
             limit: (set.batch_events, set.batch_bytes),
             master: master.to_string(),
             filters: None,
@@ -360,7 +365,8 @@ pub async fn wal_step(
         // disjoint ranges instead).
         let applied_any = applied.events > 0 || step.applied.events > 0;
         if ended && applied_any && pipeline.origins.master.is_none() {
-            sequence::raise(&slave_tx, &sequence::read(master).await?).await?;
+            let values = sequence::read(master, &mut pipeline.master_statements).await?;
+            sequence::raise(&slave_tx, &values).await?;
         }
         slave_tx
             .commit()

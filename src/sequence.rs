@@ -4,6 +4,7 @@
 //! The sequences concerned are those owned by replicated tables (serial and
 //! identity columns).
 
+use crate::db::Prepared;
 use crate::error::{Context, Error};
 use tokio_postgres::GenericClient;
 
@@ -29,11 +30,16 @@ SELECT count(setval(to_regclass(name), value))
    AND coalesce(pg_sequence_last_value(to_regclass(name)), value - 1) < value";
 
 /// The master's owned sequences and their last values.
-pub async fn read(master: &impl GenericClient) -> Result<(Vec<String>, Vec<i64>), Error> {
-    let rows = master
-        .query(OWNED_SQL, &[])
+pub async fn read(
+    master: &impl GenericClient,
+    prepared: &mut Prepared,
+) -> Result<(Vec<String>, Vec<i64>), Error> {
+    let doing = "reading the master's sequences";
+    let owned = prepared
+        .get(master, OWNED_SQL, &[])
         .await
-        .on_master("reading the master's sequences")?;
+        .on_master(doing)?;
+    let rows = master.query(&owned, &[]).await.on_master(doing)?;
     Ok(rows
         .iter()
         .filter_map(|r| Some((r.get(0), r.get::<_, Option<i64>>(3)?)))

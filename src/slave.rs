@@ -9,6 +9,7 @@ use crate::event::Snapshot;
 use crate::pgoutput::Lsn;
 use std::collections::HashSet;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 /// The slave's side, as shipped in `sql/slave.sql`.
@@ -240,9 +241,9 @@ pub async fn lock_set(
     tx: &Transaction<'_>,
     set: &str,
 ) -> Result<(Option<Progress>, HashSet<String>), Error> {
-    tx.execute(
+    tx.execute_typed(
         &format!("SELECT pg_advisory_xact_lock({LOCK_KEY})"),
-        &[&set],
+        &[(&set, Type::TEXT)],
     )
     .await
     .on_slave("locking the set's progress on the slave")?;
@@ -277,7 +278,7 @@ pub async fn read_progress(
 ) -> Result<Option<Progress>, Error> {
     let doing = "reading the slave's progress";
     let Some(row) = client
-        .query_opt(PROGRESS_READ_SQL, &[&set])
+        .query_typed_opt(PROGRESS_READ_SQL, &[(&set, Type::TEXT)])
         .await
         .on_slave(doing)?
     else {
@@ -399,16 +400,16 @@ async fn write(
 ) -> Result<(), Error> {
     let lsn = lsn.map(|l| l.to_string());
     let snapshot = snapshot.to_string();
-    tx.execute(
+    tx.execute_typed(
         PROGRESS_WRITE_SQL,
         &[
-            &set,
-            &snapshot,
-            &(events as i64),
-            &target,
-            &upto,
-            &lsn,
-            &master,
+            (&set, Type::TEXT),
+            (&snapshot, Type::TEXT),
+            (&(events as i64), Type::INT8),
+            (&target, Type::TEXT),
+            (&upto, Type::INT8),
+            (&lsn, Type::TEXT),
+            (&master, Type::TEXT),
         ],
     )
     .await
@@ -443,7 +444,7 @@ pub async fn cloning(
     set: &str,
 ) -> Result<Vec<(String, Option<String>)>, Error> {
     Ok(client
-        .query(CLONING_SQL, &[&set])
+        .query_typed(CLONING_SQL, &[(&set, Type::TEXT)])
         .await
         .on_slave("reading the clone's state on the slave")?
         .iter()

@@ -14,6 +14,7 @@ mod resolve;
 mod sql;
 
 use crate::conflict::Resolver;
+use crate::db::Prepared;
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op};
 use crate::ident::TableName;
@@ -62,10 +63,6 @@ const RUN_ROWS: usize = 5000;
 const RUN_BYTES: usize = 1 << 20;
 /// Bytes of COPY data sent at a time while a COPY streams.
 const COPY_CHUNK: usize = 64 << 10;
-
-/// Prepared statements of one slave connection, by SQL text.
-#[derive(Default)]
-pub struct Statements(HashMap<String, Statement>);
 
 /// How a master table lands on the slave: the slave's type for each master column.
 struct Plan {
@@ -134,7 +131,7 @@ const NOTES: usize = 20;
 /// Applies one batch's events inside a slave transaction.
 pub struct Applier<'t> {
     tx: &'t Transaction<'t>,
-    statements: &'t mut Statements,
+    statements: &'t mut Prepared,
     /// By master table definition (its address: each plan holds its definition alive).
     plans: HashMap<usize, Arc<Plan>>,
     /// Events applied per table definition (the key of `plans`).
@@ -164,7 +161,7 @@ impl<'t> Applier<'t> {
     /// names its event (see [`Error::ApplyRun`]).
     pub fn new(
         tx: &'t Transaction<'t>,
-        statements: &'t mut Statements,
+        statements: &'t mut Prepared,
         exact: bool,
         resolver: Option<&'t Resolver>,
     ) -> Applier<'t> {
@@ -279,7 +276,7 @@ impl<'t> Applier<'t> {
         slave::session(self.tx).await?;
         self.count_tables();
         self.plans.clear();
-        self.statements.0.clear();
+        self.statements.clear();
         Ok(())
     }
 
@@ -312,11 +309,11 @@ impl<'t> Applier<'t> {
         // The catalog query cannot pass a COPY in progress on the connection.
         self.flush_rows().await?;
         let mut slave = table.name.clone();
-        let mut rows = slave_columns(self.tx, &slave).await?;
+        let mut rows = slave_columns(self.tx, self.statements, &slave).await?;
         // Renamed or moved on the master without execute: the slave's copy
         // keeps its name until the DBA renames it there too.
         if let Some(was) = table.was.as_ref().filter(|_| rows.is_empty()) {
-            rows = slave_columns(self.tx, was).await?;
+            rows = slave_columns(self.tx, self.statements, was).await?;
             if !rows.is_empty() && RENAMED.lock().is_ok_and(|mut r| r.insert(was.quoted())) {
                 tracing::warn!(
                     "table {was} was renamed or moved on the master (to {slave}) without \
@@ -513,20 +510,17 @@ impl<'t> Applier<'t> {
     }
 
     async fn statement(&mut self, sql: &str, params: usize) -> Result<Statement, Error> {
-        if let Some(s) = self.statements.0.get(sql) {
-            return Ok(s.clone());
+        if let Some(s) = self.statements.cached(sql) {
+            return Ok(s);
         }
         // Rare (once per statement shape): settle what is in flight first, so that
         // no earlier result waits unread behind this one.
         self.drain().await?;
         let types = vec![Type::TEXT_ARRAY; params];
-        let statement = self
-            .tx
-            .prepare_typed(sql, &types)
+        self.statements
+            .get(self.tx, sql, &types)
             .await
-            .on_slave(&format!("preparing a statement on the slave ({sql})"))?;
-        self.statements.0.insert(sql.to_string(), statement.clone());
-        Ok(statement)
+            .on_slave(&format!("preparing a statement on the slave ({sql})"))
     }
 
     async fn check_oldest(&mut self) -> Result<(), Error> {
@@ -659,10 +653,19 @@ fn apply_error(plan: &Plan, key: String, event: i64, e: tokio_postgres::Error) -
 }
 
 /// The slave's columns of `table`: name, qualified type, generated.
-async fn slave_columns(tx: &Transaction<'_>, table: &TableName) -> Result<Vec<Row>, Error> {
-    tx.query(SLAVE_TABLE_SQL, &[&table.quoted()])
+async fn slave_columns(
+    tx: &Transaction<'_>,
+    statements: &mut Prepared,
+    table: &TableName,
+) -> Result<Vec<Row>, Error> {
+    let doing = "reading the slave's catalog";
+    let statement = statements
+        .get(tx, SLAVE_TABLE_SQL, &[])
         .await
-        .on_slave("reading the slave's catalog")
+        .on_slave(doing)?;
+    tx.query(&statement, &[&table.quoted()])
+        .await
+        .on_slave(doing)
 }
 
 fn malformed(event: &Event, what: &str) -> Error {

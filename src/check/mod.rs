@@ -15,7 +15,7 @@ mod repair;
 
 use crate::batch::{Batch, current_snapshot};
 use crate::config::Config;
-use crate::db::{self, SESSION_SQL, redact};
+use crate::db::{self, Prepared, SESSION_SQL, redact};
 use crate::error::{Context, Error, Side};
 use crate::event::{Op, Origins, Snapshot};
 use crate::ident::{TableName, quote_ident};
@@ -362,7 +362,9 @@ async fn in_flight(
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
     // Every origin: a row in flight is left out whichever node changed it.
     let all = Origins::default();
-    let mut events = Batch::between(master, position, snapshot.clone(), 0, None, &all).await?;
+    let mut prepared = Prepared::default();
+    let to = snapshot.clone();
+    let mut events = Batch::between(master, &mut prepared, position, to, 0, None, &all).await?;
     while let Some((table, event)) = events.next().await? {
         if event.op == Op::Execute {
             continue;

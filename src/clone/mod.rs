@@ -22,7 +22,7 @@ use crate::apply::Applier;
 use crate::batch::Batch;
 use crate::capture;
 use crate::config::{Capture, Config};
-use crate::db::{self, redact};
+use crate::db::{self, Prepared, redact};
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use crate::hub::Hub;
@@ -404,8 +404,9 @@ async fn handover(
                 .await
                 .on_master(doing)?
                 .get(0);
-            let mut events =
-                Batch::between(&master_tx, since, target.clone(), 0, oid, origins).await?;
+            let mut prepared = Prepared::default();
+            let (tx, to) = (&master_tx, target.clone());
+            let mut events = Batch::between(tx, &mut prepared, since, to, 0, oid, origins).await?;
             adapter.begin();
             while let Some((t, event)) = events.next().await? {
                 replicate::pipe(adapter, &mut applier, &t, event).await?;

@@ -18,6 +18,7 @@
 use super::{Ask, Piece, Request, alive, bounded, heartbeat};
 use crate::batch::{Batch, current_snapshot};
 use crate::config::Config;
+use crate::db::Prepared;
 use crate::error::{Context, Error, Side};
 use crate::event::{Origins, Snapshot};
 use crate::{capture, db, sequence};
@@ -99,6 +100,8 @@ struct Reader {
     /// those that came from itself).
     origins: Origins,
     client: Option<Client>,
+    /// The statements prepared on `client`'s session.
+    prepared: Prepared,
     /// The newest end of a batch handed out, the NOTIFYs seen before it was
     /// taken, and when.
     head: Option<(Snapshot, u64, Instant)>,
@@ -124,6 +127,7 @@ pub(super) async fn serve(
         daemon,
         origins,
         client: None,
+        prepared: Prepared::default(),
         head: None,
         wake,
         cache: Cache::default(),
@@ -195,7 +199,10 @@ impl Reader {
             // A server that takes the connection and never answers is given
             // up on like a silent session.
             match bounded(self.connect(), Side::Master, every * 2).await {
-                Ok(client) => self.client = Some(client),
+                Ok(client) => {
+                    self.client = Some(client);
+                    self.prepared.clear();
+                }
                 Err(e) => return Err(refuse(first, e)),
             }
         }
@@ -214,6 +221,7 @@ impl Reader {
             Err(e) => return Err(refuse(first, e)),
         };
         let (head, cache, origins) = (&mut self.head, &mut self.cache, &self.origins);
+        let prepared = &mut self.prepared;
         let wake = &self.wake;
         let mut streams: Vec<Stream<'_>> = Vec::new();
         let began = Instant::now();
@@ -238,7 +246,8 @@ impl Reader {
                         // not answer it within the heartbeat has gone silent.
                         let target = target(&tx, head, wake, &ask, seen);
                         let target = bounded(target, Side::Master, every * 2).await?;
-                        read(&tx, &mut streams, target, cache, origins, ask).await
+                        let at = (target, ask);
+                        read(&tx, prepared, &mut streams, at, cache, origins).await
                     };
                     let result = bounded(read, Side::Master, limit).await;
                     failed = result.as_ref().err().map(ToString::to_string);
@@ -341,11 +350,11 @@ fn fresh(newest: &Snapshot, after: u64, ask: &Ask, seen: u64) -> bool {
 /// an open cursor or a new one.
 async fn read<'t>(
     tx: &'t Transaction<'t>,
+    prepared: &mut Prepared,
     streams: &mut Vec<Stream<'t>>,
-    target: Snapshot,
+    (target, ask): (Snapshot, Ask),
     cache: &mut Cache,
     origins: &Origins,
-    ask: Ask,
 ) -> Result<Arc<Piece>, Error> {
     if target.same_as(&ask.prev) {
         return Ok(Arc::new(Piece {
@@ -373,8 +382,16 @@ async fn read<'t>(
     let mut stream = match open {
         Some(at) => streams.remove(at),
         None => {
-            let mut batch =
-                Batch::between(tx, &key.prev, target.clone(), key.after, None, origins).await?;
+            let mut batch = Batch::between(
+                tx,
+                prepared,
+                &key.prev,
+                target.clone(),
+                key.after,
+                None,
+                origins,
+            )
+            .await?;
             batch.skip(key.skip.iter().cloned().collect());
             Stream {
                 key: key.clone(),
@@ -404,7 +421,7 @@ async fn read<'t>(
         }
     }
     if piece.done && key.sequences {
-        piece.sequences = Some(sequence::read(tx).await?);
+        piece.sequences = Some(sequence::read(tx, prepared).await?);
     }
     if !piece.done {
         streams.push(stream);

@@ -12,6 +12,7 @@ mod failover;
 pub use failover::{Failback, failback, failover};
 
 use crate::config::{Capture, Config, roles};
+use crate::db::Prepared;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use crate::ident::quote_ident;
@@ -394,7 +395,8 @@ pub async fn switchover(set: &Config, options: &Options) -> Result<String, Error
     let ready = async {
         drain(&master, options).await?;
         catch_up(set, &master, options.timeout).await?;
-        let raised = sequence::raise(&new_master, &sequence::read(&master).await?).await?;
+        let values = sequence::read(&master, &mut Prepared::default()).await?;
+        let raised = sequence::raise(&new_master, &values).await?;
         tracing::info!("new master: {raised} sequence(s) raised to the master's values");
         master
             .query(
