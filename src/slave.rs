@@ -7,6 +7,7 @@ use crate::db;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use crate::pgoutput::Lsn;
+use futures_util::future::try_join3;
 use std::collections::HashSet;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
@@ -241,18 +242,17 @@ pub async fn lock_set(
     tx: &Transaction<'_>,
     set: &str,
 ) -> Result<(Option<Progress>, HashSet<String>), Error> {
-    tx.execute_typed(
-        &format!("SELECT pg_advisory_xact_lock({LOCK_KEY})"),
-        &[(&set, Type::TEXT)],
-    )
-    .await
-    .on_slave("locking the set's progress on the slave")?;
-    let progress = read_progress(tx, set).await?;
-    let cloning = cloning(tx, set)
-        .await?
-        .into_iter()
-        .map(|(table, _)| table)
-        .collect();
+    let sql = format!("SELECT pg_advisory_xact_lock({LOCK_KEY})");
+    let lock = async {
+        tx.execute_typed(&sql, &[(&set, Type::TEXT)])
+            .await
+            .on_slave("locking the set's progress on the slave")
+    };
+    // One round trip: each statement goes out whole when its future is first
+    // polled, and try_join3 polls them in this order, so the server runs the
+    // reads after the lock is taken, as if one waited for the other.
+    let (_, progress, cloning) = try_join3(lock, read_progress(tx, set), cloning(tx, set)).await?;
+    let cloning = cloning.into_iter().map(|(table, _)| table).collect();
     Ok((progress, cloning))
 }
 
