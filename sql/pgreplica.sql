@@ -85,27 +85,34 @@ ALTER TABLE pgreplica.tables
     -- up when and where a row this node no longer has was deleted. NULL: not.
     ADD COLUMN IF NOT EXISTS deletes_kept_since timestamptz;
 
--- The columns of a table that are logged, in row order: all of them, or those
--- its options keep. The key is always among them (set_options makes sure).
+-- Each table's columns that are logged, in row order (all of them, or those
+-- its options keep; the key is always among them, set_options makes sure),
+-- and its primary key's columns in the key's order (a key declared (b, a)
+-- gives {b,a}; empty when it has none). Every path that needs them reads them
+-- here: a view, which the daemon's prepared statements plan once, where a
+-- function's body would be planned again at every call.
+CREATE OR REPLACE VIEW pgreplica.described AS
+SELECT c.oid AS reloid,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                AND (t.columns IS NULL OR a.attname = ANY (t.columns))
+                AND (t.exclude IS NULL OR a.attname <> ALL (t.exclude))
+              ORDER BY a.attnum) AS logged,
+       ARRAY(SELECT a.attname::text FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = c.oid AND i.indisprimary
+              ORDER BY k.n) AS key
+  FROM pg_class c LEFT JOIN pgreplica.tables t ON t.reloid = c.oid;
+
 CREATE OR REPLACE FUNCTION pgreplica.logged_columns(tbl regclass) RETURNS text[]
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}')
-      FROM pg_attribute a LEFT JOIN pgreplica.tables t ON t.reloid = a.attrelid
-     WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
-       AND (t.columns IS NULL OR a.attname = ANY (t.columns))
-       AND (t.exclude IS NULL OR a.attname <> ALL (t.exclude))
+    SELECT coalesce((SELECT logged FROM pgreplica.described WHERE reloid = tbl), '{}')
 $$;
 
--- The primary key's columns of a table, in the key's order (a key declared
--- (b, a) gives {b,a}); empty when it has none. Every path that needs a key
--- reads it here.
 CREATE OR REPLACE FUNCTION pgreplica.key_columns(tbl regclass) RETURNS text[]
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(array_agg(a.attname::text ORDER BY k.n), '{}')
-      FROM pg_index i
-     CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = tbl AND i.indisprimary
+    SELECT coalesce((SELECT key FROM pgreplica.described WHERE reloid = tbl), '{}')
 $$;
 
 -- The version of this file's functions and tables; the daemon refuses a master
