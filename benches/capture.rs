@@ -1,4 +1,5 @@
-//! Capture overhead: PyReplica's own benchmark and a bulk variant, with pgreplica's
+//! Capture overhead: PyReplica's own benchmark, a bulk variant and single-row
+//! updates in a session that made a bulk one, with pgreplica's
 //! capture against no trigger, on one throwaway server. Prints medians of RUNS runs
 //! (default 5) as ratios to the no-trigger baseline measured in the same run, and
 //! the added cost of a row filter. WAL capture (`CAPTURE = wal`: a publication,
@@ -22,7 +23,19 @@ BEGIN
     FOR i IN 1..n LOOP
         INSERT INTO test (t, n, f, b) VALUES (random()::text, random(), now(), True);
     END LOOP;
+END $$;
+CREATE OR REPLACE FUNCTION bench_update(rows int) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..rows LOOP
+        UPDATE test SET n = n + 1 WHERE id = i;
+    END LOOP;
 END $$;";
+
+/// 100,000 rows, and one statement that updates them all.
+const BULK: [&str; 2] = [
+    "INSERT INTO test (t, n, f, b) SELECT random()::text, random(), now(), true FROM generate_series(1, 100000)",
+    "UPDATE test SET n = n + 1",
+];
 
 /// What the master does on writes to `test`.
 #[derive(Clone, Copy, PartialEq)]
@@ -35,8 +48,9 @@ enum Capture {
     Wal(&'static str),
 }
 
-/// Seconds taken by `work` on a fresh `test` table.
-async fn timed(client: &mut Client, capture: Capture, work: &[&str]) -> f64 {
+/// Seconds taken by `work` on a fresh `test` table, after `before` (not timed,
+/// in the same session).
+async fn timed(client: &mut Client, capture: Capture, (before, work): Case) -> f64 {
     client.batch_execute(SETUP).await.unwrap();
     let with_capture = capture != Capture::None;
     if let Capture::Wal(conf) = capture {
@@ -63,6 +77,9 @@ async fn timed(client: &mut Client, capture: Capture, work: &[&str]) -> f64 {
             .await
             .unwrap();
     }
+    for sql in before {
+        client.batch_execute(sql).await.unwrap();
+    }
     client.batch_execute("CHECKPOINT").await.unwrap();
     let start = Instant::now();
     for sql in work {
@@ -74,6 +91,9 @@ async fn timed(client: &mut Client, capture: Capture, work: &[&str]) -> f64 {
     }
     took
 }
+
+/// A workload: statements run first, untimed, and the timed ones.
+type Case = (&'static [&'static str], &'static [&'static str]);
 
 /// Row filters measured: over the new row only, and over both rows.
 const FILTERS: [&str; 2] = ["new.b", "new.b OR old.b"];
@@ -104,17 +124,18 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
-    let cases: [(&str, &[&str]); 2] = [
+    let cases: [(&str, Case); 3] = [
         (
             "PyReplica: 100,000 single-row INSERTs in one function",
-            &["SELECT bench(100000)"],
+            (&[], &["SELECT bench(100000)"]),
         ),
         (
             "bulk: INSERT ... SELECT 100,000 rows, then UPDATE all",
-            &[
-                "INSERT INTO test (t, n, f, b) SELECT random()::text, random(), now(), true FROM generate_series(1, 100000)",
-                "UPDATE test SET n = n + 1",
-            ],
+            (&[], &BULK),
+        ),
+        (
+            "5,000 single-row UPDATEs after the bulk ones, one session",
+            (&BULK, &["SELECT bench_update(5000)"]),
         ),
     ];
     println!("PostgreSQL {version}, medians of {runs} runs, alternating baseline and capture\n");

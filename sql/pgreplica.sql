@@ -482,7 +482,8 @@ BEGIN
     -- cost a setting saved and restored on every call.
     body := format($body$
 #variable_conflict use_column
-DECLARE%12$s
+DECLARE
+    jit_off pg_catalog.bool := false;%12$s
 BEGIN%11$s%13$s
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_new)
@@ -495,6 +496,14 @@ BEGIN%11$s%13$s
           FROM pgreplica_old old%7$s
          WHERE %8$s;
     ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        -- The pairing's plan is kept for the session, costed for the first
+        -- update's rows, and far above what it takes: after a large first
+        -- update PostgreSQL would compile it (JIT) at every update, a few ms
+        -- even for one row. It runs without.
+        IF pg_catalog.current_setting('jit') OPERATOR(pg_catalog.=) 'on' THEN
+            PERFORM pg_catalog.set_config('jit', 'off', true);
+            jit_off := true;
+        END IF;
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old, ev_new)
         SELECT %9$s, CASE WHEN ot IS NULL THEN 'I' WHEN nt IS NULL THEN 'D' ELSE 'U' END,
                pgreplica.origin(), ot, nt
@@ -504,6 +513,9 @@ BEGIN%11$s%13$s
                  WHERE %8$s) AS pair
          WHERE (ot OPERATOR(pg_catalog.=) nt) IS NOT TRUE
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
+        IF jit_off THEN
+            PERFORM pg_catalog.set_config('jit', 'on', true);
+        END IF;
     ELSE
         INSERT INTO pgreplica.log (ev_table, ev_op, ev_origin, ev_old)
         VALUES (%9$s, 'T', pgreplica.origin(), %10$s);
