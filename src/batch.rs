@@ -180,17 +180,20 @@ impl<'t> Batch<'t> {
             &prev.xmax,
             &snapshot.xmax,
         ];
-        let executes = prepared
-            .get(tx, EXECUTES_SQL, &RANGE_TYPES)
-            .await
-            .on_master(doing)?;
+        // The log's queries are planned for each batch's range (a plan kept
+        // for the session could scan the whole log of a slave catching up).
+        let typed: Vec<_> = range.iter().copied().zip(RANGE_TYPES).collect();
         let mut layouts = Vec::new();
-        for row in tx.query(&executes, &range).await.on_master(doing)? {
+        for row in tx
+            .query_typed(EXECUTES_SQL, &typed)
+            .await
+            .on_master(doing)?
+        {
             let id: i64 = row.get(0);
             let text: Option<String> = row.get(1);
             layouts.push((id, read_layouts(id, text.as_deref().unwrap_or("{}"))?));
         }
-        let stmt = prepared.get(tx, EVENTS_SQL, &[]).await.on_master(doing)?;
+        let stmt = tx.prepare(EVENTS_SQL).await.on_master(doing)?;
         let mut params = range.to_vec();
         params.push(&table);
         params.push(&origins.slave);
