@@ -245,3 +245,60 @@ async fn rows_sharing_a_deferred_key_inside_a_transaction_are_refused_not_lost()
     )
     .await;
 }
+
+/// An application's pooled session that once updated many rows and then
+/// updates one row at a time: the capture trigger's statements are never
+/// JIT-compiled (the update's plan, kept for the session and costed for the
+/// large update, was compiled again at every later update: 10 ms a row).
+#[tokio::test(flavor = "multi_thread")]
+async fn single_row_updates_after_a_large_one_are_not_compiled_again() {
+    if support::trigger_only("it looks at the capture trigger's statements") {
+        return;
+    }
+    let settings = "shared_preload_libraries = 'pg_stat_statements'\n\
+                    pg_stat_statements.track = all";
+    let pg = pgreplica::throwaway::Server::start_with("UTC", settings)
+        .unwrap_or_else(|e| panic!("cannot start a test PostgreSQL server: {e}"));
+    let mut client = support::connect(&pg.dsn("postgres")).await;
+    let jit: bool = client
+        .query_one("SELECT pg_jit_available()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        jit,
+        "this test needs PostgreSQL's JIT: apt-get install postgresql-15 (Debian's has it)"
+    );
+    client
+        .batch_execute(
+            "CREATE EXTENSION pg_stat_statements;
+             CREATE TABLE t (id int PRIMARY KEY, n int);
+             INSERT INTO t SELECT g, 0 FROM generate_series(1, 100000) g",
+        )
+        .await
+        .unwrap();
+    capture::install(&mut client, &[], None).await.unwrap();
+    client
+        .batch_execute("SELECT pg_stat_statements_reset(); UPDATE t SET n = n + 1")
+        .await
+        .unwrap();
+    for id in 1..=20 {
+        client
+            .execute("UPDATE t SET n = n + 1 WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+    let (calls, compiled): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::int8, coalesce(sum(jit_functions), 0)::int8
+                   FROM pg_stat_statements WHERE query LIKE 'INSERT INTO pgreplica.log%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(calls, 21, "the capture's statement was not seen");
+    assert_eq!(compiled, 0, "the capture's statement was JIT-compiled");
+}
