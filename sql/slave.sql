@@ -3,6 +3,12 @@
 -- connection to a slave (it is idempotent); the slave's role needs CREATE on
 -- the database the first time.
 
+-- Sessions that run it at the same moment (a daemon and a clone starting
+-- together on a new slave) take turns: CREATE … IF NOT EXISTS alone fails in
+-- one of them when both create. Run in one transaction, as the daemon does,
+-- the lock lasts to the end of the file.
+SELECT pg_advisory_xact_lock(hashtext('pgreplica'), hashtext('sql/slave.sql'));
+
 CREATE SCHEMA IF NOT EXISTS pgreplica;
 
 -- A set's progress: the master snapshot its last applied batch ended at. It is

@@ -370,3 +370,29 @@ async fn a_schema_change_made_while_cloning_reaches_a_table_the_clone_creates_on
     s.assert_same(0, "SELECT * FROM small ORDER BY id").await;
     s.assert_same(0, "SELECT * FROM big ORDER BY id").await;
 }
+
+/// A daemon and a clone starting together on a new slave both create
+/// pgreplica's tables there; neither may fail because the other did it at the
+/// same moment (`CREATE … IF NOT EXISTS` alone is not safe against that).
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_setting_up_a_new_slave_at_once_all_succeed() {
+    let pg = support::server("UTC");
+    let admin = support::connect(&pg.dsn("postgres")).await;
+    for round in 0..5 {
+        let db = format!("fresh{round}");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let mut sessions = Vec::new();
+        for _ in 0..6 {
+            sessions.push(support::connect(&pg.dsn(&db)).await);
+        }
+        let setups = sessions.iter().map(pgreplica::slave::prepare);
+        for result in futures_util::future::join_all(setups).await {
+            if let Err(e) = result {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}

@@ -541,10 +541,11 @@ async fn a_clone_killed_halfway_runs_again_from_a_new_slot_under_writers() {
     let _daemon = s.spawn();
     let (stop, handles) = start_writers(&s, 2).await;
     let conf = s.conf.to_str().unwrap();
+    let said = s.dir.join("clone.log");
     let mut clone = std::process::Command::new(env!("CARGO_BIN_EXE_pgreplica"))
         .args(["clone", conf, "--truncate"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&said).unwrap())
         .spawn()
         .unwrap();
     // Killed while it copies: once it has marked its tables (a loaded
@@ -565,7 +566,11 @@ async fn a_clone_killed_halfway_runs_again_from_a_new_slot_under_writers() {
     clone.kill().unwrap();
     clone.wait().unwrap();
     let marked = count(&slave, "pgreplica.cloning").await;
-    assert!(marked > 0, "the clone ended before it was killed");
+    assert!(
+        marked > 0,
+        "the clone ended before it was killed: {}",
+        std::fs::read_to_string(&said).unwrap_or_default()
+    );
     let out = pgreplica(&["clone", conf, "--truncate"]);
     assert!(out.status.success(), "{}", output(&out));
     assert_eq!(count(&slave, "pgreplica.cloning").await, 0);
