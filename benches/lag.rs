@@ -68,11 +68,25 @@ async fn probe_wait(master: &Client, slave: &Client, samples: i32) -> Vec<f64> {
             .await
             .unwrap()
             .get(0);
-        assert!(applied && v == -i, "wait returned before the slave had it");
+        assert!(
+            applied && v == -i,
+            "wait returned {applied} before the slave had it: {v} for {}",
+            -i
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     times.sort_by(f64::total_cmp);
     times
+}
+
+/// A process stopped when dropped, also when a measurement panics.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn at(sorted: &[f64], share: f64) -> f64 {
@@ -142,11 +156,13 @@ async fn main() {
     ))
     .await
     .unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_pgreplica"))
-        .args(["run", conf.to_str().unwrap()])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let _daemon = Stopped(
+        Command::new(env!("CARGO_BIN_EXE_pgreplica"))
+            .args(["run", conf.to_str().unwrap()])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let mut bench = load.then(|| {
         Command::new(&pgbench)
             .args(["-n", "-c", "4", "-j", "2", "-R", "300", "-T", "3600"])
@@ -199,7 +215,5 @@ async fn main() {
         "pgreplica.wait() returns {:.1} ms (p50) after pgreplica's slave shows the change",
         at(&waited, 0.5) - at(&ours, 0.5)
     );
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     let _ = std::fs::remove_file(conf);
 }

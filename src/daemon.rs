@@ -453,6 +453,7 @@ impl SlaveTask {
         let mut unreported = (0, 0);
         let mut reported: Option<Instant> = None;
         let mut busy = Instant::now();
+        let mut follow_up = false;
         loop {
             let exact = self.exact;
             let mut began = Instant::now();
@@ -481,8 +482,13 @@ impl SlaveTask {
             // Read up to the master's position: every transaction its
             // snapshot shows is applied (what `pgreplica.wait` looks at).
             // The report writes on the master, so that the next look sees
-            // WAL written: an idle slave reports only every WAL_REPORT.
-            if unreported.0 > 0 || reported.is_none_or(|r| r.elapsed() >= WAL_REPORT) {
+            // WAL written: an idle slave reports only every WAL_REPORT, and
+            // once more in the look after one that applied something. That
+            // look's snapshot is newer than a `pgreplica.wait()` called just
+            // after the commit applied (a stream applies it before the call
+            // may even have begun), and newer than the report before it.
+            let follow = std::mem::take(&mut follow_up);
+            if unreported.0 > 0 || follow || reported.is_none_or(|r| r.elapsed() >= WAL_REPORT) {
                 let (events, conflicts) = std::mem::take(&mut unreported);
                 let book = &self.hub.book;
                 book.progress(slave, step.snapshot, events, conflicts);
@@ -493,6 +499,7 @@ impl SlaveTask {
             }
             if step.applied.events > 0 {
                 busy = Instant::now();
+                follow_up = true;
             }
             loop {
                 // A SYNC set looks as often as a busy one.
@@ -500,8 +507,26 @@ impl SlaveTask {
                     true => WAL_POLL_BUSY,
                     false => WAL_POLL,
                 };
+                // A stream wakes the slave as soon as the master sends a change.
+                let streamed = async {
+                    match pipeline.stream.as_mut() {
+                        Some(stream) => stream.ready().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(poll) => {}
+                    ready = streamed => {
+                        if let Err(e) = ready {
+                            tracing::debug!("{e}: opening the stream again");
+                            pipeline.stream = None;
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(poll) => {
+                        if follow_up {
+                            break;
+                        }
+                    }
                     _ = shutdown.changed() => return Ok(()),
                 }
                 if checked.elapsed() >= heartbeat {

@@ -83,7 +83,7 @@ pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, ConnectError> {
 }
 
 /// Like [`parse_dsn`], with the TLS settings the driver does not read itself.
-fn parse_with_tls(dsn: &str) -> Result<(tokio_postgres::Config, Tls), ConnectError> {
+pub(crate) fn parse_with_tls(dsn: &str) -> Result<(tokio_postgres::Config, Tls), ConnectError> {
     let bad = |message: String| ConnectError::Dsn {
         dsn: redact(dsn),
         message,

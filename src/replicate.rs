@@ -11,9 +11,11 @@ use crate::event::{Event, MasterTable, Origins, Snapshot};
 use crate::hub::{Ask, Hub};
 use crate::pgoutput::Lsn;
 use crate::slave::WalProgress;
+use crate::wal::stream::Stream;
 use crate::wal::{self, read};
 use crate::{sequence, slave};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// One slave's way from its master's log: the origins it takes, how rows are
@@ -38,6 +40,13 @@ pub struct Pipeline {
     /// Under WAL capture, a second master session that evaluates the tables'
     /// `FILTER`s, when the master has any (see [`crate::wal::filter`]).
     pub filters: Option<std::sync::Arc<tokio_postgres::Client>>,
+    /// Under WAL capture, the slot's replication stream, kept open from one
+    /// look to the next (see [`crate::wal::stream`]); `None` before the first
+    /// look, after an error, or while the master refuses one (the slot is
+    /// then read through SQL).
+    pub stream: Option<Stream>,
+    /// When the master last refused a replication stream.
+    pub refused: Option<Instant>,
 }
 
 /// What one step did.
@@ -64,6 +73,8 @@ impl Pipeline {
             limit: (set.batch_events, set.batch_bytes),
             master: master.to_string(),
             filters: None,
+            stream: None,
+            refused: None,
         })
     }
 }
@@ -248,6 +259,8 @@ pub async fn wal_step(
     // A clone is copying the slave's tables and makes its slot anew: the
     // slave waits, where it was, without reading the slot.
     if !cloning.is_empty() {
+        // The clone makes the slot again: it must not be in use.
+        pipeline.stream = None;
         return Ok(WalStep {
             at: progress
                 .as_ref()
@@ -275,18 +288,25 @@ pub async fn wal_step(
         applied: Applied::default(),
         more: false,
     };
-    if head.flush <= position.at {
+    let slot = wal::slot_name(&set.name, slave);
+    let stream = match pipeline.stream.take() {
+        Some(stream) => Some(stream),
+        None => open_stream(set, &slot, position.at, &mut pipeline.refused).await,
+    };
+    // A stream is read even with nothing new: what it sent must be taken.
+    if head.flush <= position.at && stream.is_none() {
         return Ok(step);
     }
-    let slot = wal::slot_name(&set.name, slave);
-    let node = pipeline.origins.master.clone();
-    let mut changes = read::Changes::start(
-        master,
-        (&slot, node, pipeline.filters.clone()),
-        head.flush,
-        pipeline.limit.0,
-    )
-    .await?;
+    let (node, filters) = (pipeline.origins.master.clone(), pipeline.filters.clone());
+    let mut changes = match stream {
+        Some(stream) => {
+            read::Changes::streaming(master, (stream, node, filters), head.flush).await?
+        }
+        None => {
+            let limit = pipeline.limit.0;
+            read::Changes::start(master, (&slot, node, filters), head.flush, limit).await?
+        }
+    };
     // The transaction being read: its commit, its changes seen, and those of
     // them applied before.
     let mut txn: Option<(Lsn, i64, i64)> = None;
@@ -346,9 +366,10 @@ pub async fn wal_step(
         }
         let applied = applier.finish().await?;
         // Read up to the master's position: idle tables keep no WAL.
-        let idle = head.flush.0 - position.at.0 >= IDLE_RELEASE;
+        let reached = changes.reached();
+        let idle = reached.0.saturating_sub(position.at.0) >= IDLE_RELEASE;
         if ended && !changes.limited() && (idle || position != before) {
-            position.at = position.at.max(head.flush);
+            position.at = position.at.max(reached);
         }
         if position != before || applied.events > 0 {
             slave::write_wal_progress(
@@ -378,11 +399,51 @@ pub async fn wal_step(
     }
     step.at = position.at;
     step.more = changes.limited() || position.partial.is_some();
-    drop(changes);
-    if step.at > confirmed {
-        wal::advance(master, set, slave, step.at).await?;
+    pipeline.stream = changes.into_stream();
+    match pipeline.stream.as_mut() {
+        Some(stream) if step.at > stream.confirmed() => stream.confirm(step.at, false).await?,
+        Some(_) => {}
+        None if step.at > confirmed => wal::advance(master, set, slave, step.at).await?,
+        None => {}
     }
     Ok(step)
+}
+
+/// How long a slot is read through SQL after the master refused a
+/// replication stream, before one is asked for again.
+const STREAM_RETRY: Duration = Duration::from_secs(60);
+
+/// Opens slot `slot`'s replication stream from `at`, unless the master
+/// refused one less than [`STREAM_RETRY`] ago; `None` when refused (said once
+/// as a warning, then in the debug log).
+async fn open_stream(
+    set: &Config,
+    slot: &str,
+    at: Lsn,
+    refused: &mut Option<Instant>,
+) -> Option<Stream> {
+    if refused.is_some_and(|when| when.elapsed() < STREAM_RETRY) {
+        return None;
+    }
+    match Stream::open(&set.master, slot, at, wal::PUBLICATIONS).await {
+        Ok(stream) => {
+            *refused = None;
+            Some(stream)
+        }
+        Err(e) => {
+            let why = format!(
+                "set {}: reading slot {slot} through SQL, which decodes the master's WAL again \
+                 at each look, because a replication stream was refused: {e} (the master needs \
+                 a free WAL sender: max_wal_senders)",
+                set.name
+            );
+            match refused.replace(Instant::now()) {
+                None => tracing::warn!("{why}"),
+                Some(_) => tracing::debug!("{why}"),
+            }
+            None
+        }
+    }
 }
 
 /// A slave whose position is older than its slot's: the WAL between is gone.

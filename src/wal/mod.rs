@@ -11,12 +11,17 @@
 
 pub mod filter;
 pub mod read;
+pub mod stream;
 
 use crate::config::{Config, Policy};
 use crate::error::{Context, Error};
 use crate::pgoutput::Lsn;
 use std::collections::BTreeMap;
 use tokio_postgres::Client;
+
+/// The publications a slot is read for: the attached tables, and
+/// `pgreplica.log` for the statements queued with `pgreplica.execute`.
+pub const PUBLICATIONS: &str = "pgreplica,pgreplica_log";
 
 /// What install looks at on the master: the settings WAL capture needs, the
 /// slots in use, and the role's right to make slots.

@@ -9,15 +9,18 @@
 //! written as NULL.
 
 use super::filter::Filters;
+use super::stream::{Frame, Stream};
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op, Snapshot};
 use crate::ident::TableName;
 use crate::pgoutput::{self, Lsn, Message, Relation, Value};
 use crate::record::Fields;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::{Client, GenericClient, RowStream};
 
@@ -54,7 +57,7 @@ struct Attached {
 
 const PEEK_SQL: &str = "
 SELECT lsn, data FROM pg_logical_slot_peek_binary_changes($1, $2, $3,
-       'proto_version', '1', 'publication_names', 'pgreplica,pgreplica_log')";
+       'proto_version', '1', 'publication_names', $4)";
 
 /// Seconds from the Unix epoch to PostgreSQL's, 2000-01-01.
 const PG_EPOCH: f64 = 946_684_800.0;
@@ -109,9 +112,69 @@ pub enum Item {
     },
 }
 
+/// Where the changes come from.
+enum Source {
+    /// One read of the slot through SQL, decoded from its restart point.
+    Peek(Pin<Box<RowStream>>),
+    /// The slot's replication stream, read up to a position.
+    Stream(Streaming),
+}
+
+/// A look into a slot's stream: up to `upto`, and on to the end of the
+/// transaction being read there.
+struct Streaming {
+    stream: Stream,
+    upto: Lsn,
+    /// A transaction's changes are being read.
+    open: bool,
+    /// The keepalives asked for while the sender was behind `upto`.
+    asked: u32,
+}
+
+/// How many times a look asks a sender still behind its position (every
+/// 2 ms) before it ends where the sender is.
+const ASKS: u32 = 100;
+
+impl Streaming {
+    async fn next(&mut self) -> Result<Option<(Lsn, Bytes)>, Error> {
+        loop {
+            if !self.open && (self.stream.sent >= self.upto || self.asked > ASKS) {
+                return Ok(None);
+            }
+            match self.stream.frame().await? {
+                Frame::Data { start, data } => {
+                    match data.first() {
+                        Some(b'B') => self.open = true,
+                        Some(b'C') => {
+                            self.open = false;
+                            // 'C', flags, commit position, end position.
+                            if let Some(end) = data.get(10..18) {
+                                let end = u64::from_be_bytes(end.try_into().expect("8 bytes"));
+                                self.stream.sent = self.stream.sent.max(Lsn(end));
+                            }
+                        }
+                        _ => {}
+                    }
+                    return Ok(Some((start, data)));
+                }
+                Frame::Keepalive if self.open || self.stream.sent >= self.upto => {}
+                Frame::Keepalive => self.ask(Duration::from_millis(2)).await?,
+            }
+        }
+    }
+
+    /// Asks the sender, after `pause`, how far it has decoded.
+    async fn ask(&mut self, pause: Duration) -> Result<(), Error> {
+        self.asked += 1;
+        tokio::time::sleep(pause).await;
+        let at = self.stream.confirmed();
+        self.stream.confirm(at, true).await
+    }
+}
+
 /// The changes of one slot, read once up to a position.
 pub struct Changes {
-    rows: Pin<Box<RowStream>>,
+    source: Source,
     /// The tables described so far in this read, by oid.
     tables: HashMap<u32, Arc<MasterTable>>,
     /// Of each table described, the places of its captured columns among
@@ -139,6 +202,8 @@ pub struct Changes {
     /// Rows read, and the most asked for.
     read: u64,
     limit: u64,
+    /// Where the read ends.
+    upto: Lsn,
 }
 
 impl Changes {
@@ -153,55 +218,61 @@ impl Changes {
         upto: Lsn,
         limit: u64,
     ) -> Result<Changes, Error> {
-        let rows = master
-            .query(KEYS_SQL, &[])
-            .await
-            .on_master("reading the attached tables' keys on the master")?;
-        let attached = rows
-            .iter()
-            .map(|r| {
-                let was = match (r.get(2), r.get(3)) {
-                    (Some(schema), Some(name)) => Some(TableName { schema, name }),
-                    _ => None,
-                };
-                let key: Vec<String> = r.get(1);
-                let columns: Vec<String> = r.get(6);
-                let now = MasterTable {
-                    name: TableName {
-                        schema: r.get(4),
-                        name: r.get(5),
-                    },
-                    was: None,
-                    key: key
-                        .iter()
-                        .filter_map(|k| columns.iter().position(|c| c == k))
-                        .collect(),
-                    columns,
-                };
-                let logged = now.columns.clone();
-                let now = Arc::new(now);
-                let operations = r.get(7);
-                let attached = Attached {
-                    key,
-                    logged,
-                    operations,
-                    filter: r.get(8),
-                    was,
-                    now,
-                };
-                (r.get::<_, u32>(0), attached)
-            })
-            .collect();
+        let attached = attached(master).await?;
         // Not sent together with the keys: a query still waiting for its
         // answer behind the stream would never get it.
         let limit = limit.clamp(1, i32::MAX as u64);
-        let params: [&(dyn ToSql + Sync); 3] = [&slot, &PgLsn::from(upto.0), &(limit as i32)];
-        let changes = master
+        let params: [&(dyn ToSql + Sync); 4] = [
+            &slot,
+            &PgLsn::from(upto.0),
+            &(limit as i32),
+            &super::PUBLICATIONS,
+        ];
+        let rows = master
             .query_raw(PEEK_SQL, params)
             .await
             .on_master(&format!("reading replication slot {slot} on the master"))?;
-        Ok(Changes {
-            rows: Box::pin(changes),
+        let source = Source::Peek(Box::pin(rows));
+        Ok(Changes::new(source, attached, (node, filters), upto, limit))
+    }
+
+    /// Starts reading the slot's replication stream `stream` up to `upto`
+    /// (and on to the end of the transaction there), as [`Changes::start`]
+    /// reads it through SQL.
+    pub async fn streaming(
+        master: &Client,
+        (stream, node, filters): (Stream, Option<String>, Option<Arc<Client>>),
+        upto: Lsn,
+    ) -> Result<Changes, Error> {
+        let attached = attached(master).await?;
+        let described: Vec<Relation> = stream.relations.values().cloned().collect();
+        let mut streaming = Streaming {
+            stream,
+            upto,
+            open: false,
+            asked: 0,
+        };
+        if streaming.stream.sent < upto {
+            streaming.ask(Duration::ZERO).await?;
+        }
+        let source = Source::Stream(streaming);
+        let mut changes = Changes::new(source, attached, (node, filters), upto, u64::MAX);
+        // The sender described these tables earlier in the session.
+        for relation in described {
+            changes.describe(relation)?;
+        }
+        Ok(changes)
+    }
+
+    fn new(
+        source: Source,
+        attached: HashMap<u32, Attached>,
+        (node, filters): (Option<String>, Option<Arc<Client>>),
+        upto: Lsn,
+        limit: u64,
+    ) -> Changes {
+        Changes {
+            source,
             tables: HashMap::new(),
             kept: HashMap::new(),
             all_columns: HashMap::new(),
@@ -215,7 +286,25 @@ impl Changes {
             moved: Vec::new(),
             read: 0,
             limit,
-        })
+            upto,
+        }
+    }
+
+    /// The replication stream read, for the next look.
+    pub fn into_stream(self) -> Option<Stream> {
+        match self.source {
+            Source::Stream(streaming) => Some(streaming.stream),
+            Source::Peek(_) => None,
+        }
+    }
+
+    /// Where the read ends: every transaction committed before it has been
+    /// read (when the read was not [`Changes::limited`]).
+    pub fn reached(&self) -> Lsn {
+        match &self.source {
+            Source::Stream(streaming) => streaming.stream.sent,
+            Source::Peek(_) => self.upto,
+        }
     }
 
     /// Whether the read stopped at its limit before the position asked for.
@@ -229,18 +318,22 @@ impl Changes {
             if let Some(item) = self.queue.pop_front() {
                 return Ok(Some(item));
             }
-            let Some(row) = self.rows.next().await else {
-                return Ok(None);
+            let (lsn, message) = match &mut self.source {
+                Source::Peek(rows) => {
+                    let Some(row) = rows.next().await else {
+                        return Ok(None);
+                    };
+                    let row = row.on_master("reading the slot's changes on the master")?;
+                    self.read += 1;
+                    let lsn: PgLsn = row.get(0);
+                    (Lsn(lsn.into()), decode(row.get(1))?)
+                }
+                Source::Stream(streaming) => match streaming.next().await? {
+                    Some((lsn, data)) => (lsn, decode(&data)?),
+                    None => return Ok(None),
+                },
             };
-            let row = row.on_master("reading the slot's changes on the master")?;
-            self.read += 1;
-            let lsn: PgLsn = row.get(0);
-            let data: &[u8] = row.get(1);
-            let message = pgoutput::decode(data).map_err(|e| Error::Invalid {
-                doing: "decoding the slot's changes".into(),
-                message: e.to_string(),
-            })?;
-            self.take(u64::from(lsn) as i64, message).await?;
+            self.take(lsn.0 as i64, message).await?;
         }
     }
 
@@ -270,6 +363,10 @@ impl Changes {
             }
             Message::Commit { end_lsn, .. } => Item::Commit { end: end_lsn },
             Message::Relation(relation) => {
+                if let Source::Stream(streaming) = &mut self.source {
+                    let relations = &mut streaming.stream.relations;
+                    relations.insert(relation.oid, relation.clone());
+                }
                 self.describe(relation)?;
                 return Ok(());
             }
@@ -573,6 +670,57 @@ impl Changes {
         self.queue.push_back(Item::Change(table, event));
         Ok(())
     }
+}
+
+/// The attached tables as the master's catalog has them, by oid.
+async fn attached(master: &Client) -> Result<HashMap<u32, Attached>, Error> {
+    let rows = master
+        .query(KEYS_SQL, &[])
+        .await
+        .on_master("reading the attached tables' keys on the master")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let was = match (r.get(2), r.get(3)) {
+                (Some(schema), Some(name)) => Some(TableName { schema, name }),
+                _ => None,
+            };
+            let key: Vec<String> = r.get(1);
+            let columns: Vec<String> = r.get(6);
+            let now = MasterTable {
+                name: TableName {
+                    schema: r.get(4),
+                    name: r.get(5),
+                },
+                was: None,
+                key: key
+                    .iter()
+                    .filter_map(|k| columns.iter().position(|c| c == k))
+                    .collect(),
+                columns,
+            };
+            let logged = now.columns.clone();
+            let now = Arc::new(now);
+            let operations = r.get(7);
+            let attached = Attached {
+                key,
+                logged,
+                operations,
+                filter: r.get(8),
+                was,
+                now,
+            };
+            (r.get::<_, u32>(0), attached)
+        })
+        .collect())
+}
+
+/// A message's bytes, decoded.
+fn decode(data: &[u8]) -> Result<Message, Error> {
+    pgoutput::decode(data).map_err(|e| Error::Invalid {
+        doing: "decoding the slot's changes".into(),
+        message: e.to_string(),
+    })
 }
 
 /// A row's values as the log's fields; a value left alone by an update is
