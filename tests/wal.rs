@@ -796,3 +796,64 @@ async fn a_filter_keeps_the_same_changes_from_the_wal_as_the_trigger_does() {
         slaves[1]
     );
 }
+
+/// Whether a WAL sender streams the set's slot (read through SQL, the slot
+/// is in use only while a statement reads it, by an ordinary session).
+async fn streamed(master: &tokio_postgres::Client) -> bool {
+    let sql = format!(
+        "SELECT count(*) FROM pg_replication_slots s
+           JOIN pg_stat_replication r ON r.pid = s.active_pid
+          WHERE s.slot_name = '{SLOT}'"
+    );
+    number(master, &sql).await == 1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_is_streamed_a_cut_stream_resumes_and_without_wal_senders_it_is_read_through_sql() {
+    let s = Setup::wal(1, ITEMS).await;
+    let m = s.master().await;
+    let mut daemon = s.spawn();
+    s.arrives(
+        "INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 100) g",
+        ALL,
+    )
+    .await;
+    assert!(streamed(&m).await, "{}", s.daemon_log());
+    // The master ends the stream between writes: the daemon opens it again
+    // where the slave is, and nothing is lost or applied twice.
+    let cut = format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+          WHERE slot_name = '{SLOT}' AND active_pid IS NOT NULL"
+    );
+    for round in 0..5 {
+        let update = format!("UPDATE items SET qty = qty + 1 WHERE id % 5 = {round}");
+        m.batch_execute(&update).await.unwrap();
+        m.batch_execute(&cut).await.unwrap();
+        let insert = format!(
+            "INSERT INTO items VALUES ({}, 'after a cut', 1)",
+            1000 + round
+        );
+        m.batch_execute(&insert).await.unwrap();
+    }
+    s.wait_same(0, ALL, std::time::Duration::from_secs(30))
+        .await;
+    s.assert_applied_once(0).await;
+    // A master without a free WAL sender: the slot is read through SQL.
+    daemon.terminate();
+    m.batch_execute("ALTER SYSTEM SET max_wal_senders = 0")
+        .await
+        .unwrap();
+    s.master.stop("fast").unwrap();
+    s.master.restart().unwrap();
+    let m = s.master().await;
+    let _daemon = s.spawn();
+    s.arrives("UPDATE items SET name = 'through SQL' WHERE id <= 50", ALL)
+        .await;
+    assert!(!streamed(&m).await);
+    s.assert_applied_once(0).await;
+    let log = s.daemon_log();
+    assert!(
+        log.contains(&format!("reading slot {SLOT} through SQL")),
+        "{log}"
+    );
+}

@@ -263,7 +263,8 @@ impl Setup {
     /// equal. Needs `LOG_KEEP` long enough that nothing was cleaned. Returns the
     /// number of events.
     pub async fn assert_applied_once(&self, n: usize) -> i64 {
-        let logged = match wal_capture() {
+        let wal = std::fs::read_to_string(&self.conf).is_ok_and(|c| c.contains("CAPTURE=wal"));
+        let logged = match wal {
             true => self.wal_changes().await,
             false => self
                 .master()
