@@ -433,8 +433,8 @@ async fn open_stream(
         Err(e) => {
             let why = format!(
                 "set {}: reading slot {slot} through SQL, which decodes the master's WAL again \
-                 at each look, because a replication stream was refused: {e} (the master needs \
-                 a free WAL sender: max_wal_senders)",
+                 at each look, because a replication stream was refused: {e} (a stream needs a \
+                 free WAL sender on the master, max_wal_senders)",
                 set.name
             );
             match refused.replace(Instant::now()) {

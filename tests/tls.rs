@@ -75,6 +75,17 @@ async fn setup(server_names: &[&str], addresses: &[IpAddr]) -> (Setup, Authority
         "CREATE TABLE t (id int PRIMARY KEY, v text)",
     )
     .await;
+    secure(s, server_names, addresses, HBA).await
+}
+
+/// Puts `s`'s servers behind TLS, with `server_names` and `addresses` in
+/// their certificate, and `hba` as their `pg_hba.conf`.
+async fn secure(
+    s: Setup,
+    server_names: &[&str],
+    addresses: &[IpAddr],
+    hba: &str,
+) -> (Setup, Authority, PathBuf) {
     let ca = Authority::new("pgreplica test CA");
     let (cert, key) = ca.sign("server", server_names, addresses);
     for server in std::iter::once(&s.master).chain(&s.slaves) {
@@ -89,7 +100,7 @@ async fn setup(server_names: &[&str], addresses: &[IpAddr]) -> (Setup, Authority
             .reconfigure(
                 "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
                  ssl_ca_file = 'ca.crt'",
-                HBA,
+                hba,
             )
             .unwrap();
         support::connect(&server.dsn("postgres"))
@@ -240,4 +251,48 @@ async fn a_client_certificate_logs_in() {
     );
     let e = db::connect(&without, None).await.unwrap_err().to_string();
     assert!(e.contains("certificate"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wal_set_streams_its_slot_over_tls_with_a_password() {
+    let hba = HBA.replace(
+        "hostssl all replicator 127.0.0.1/32 trust",
+        "hostssl all replicator 127.0.0.1/32 scram-sha-256",
+    );
+    let s = Setup::wal(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let (s, _, ca) = secure(s, &["localhost"], &[LOOPBACK], &hba).await;
+    for dsn in [s.master.dsn("app"), s.slaves[0].dsn("app")] {
+        support::connect(&dsn)
+            .await
+            .batch_execute("ALTER ROLE replicator PASSWORD 'stream-secret'")
+            .await
+            .unwrap();
+    }
+    connect_as(
+        &s,
+        "replicator",
+        &format!(
+            "password=stream-secret sslmode=verify-full sslrootcert={}",
+            ca.display()
+        ),
+    );
+    let _daemon = s.spawn();
+    s.arrives(
+        "INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
+    // The slot's WAL sender is the role's, over TLS.
+    let streams: i64 = s
+        .master()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl l USING (pid)
+              WHERE r.usename = 'replicator' AND l.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(streams, 1, "{}", s.daemon_log());
 }

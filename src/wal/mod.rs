@@ -18,6 +18,7 @@ use crate::error::{Context, Error};
 use crate::pgoutput::Lsn;
 use std::collections::BTreeMap;
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 /// The publications a slot is read for: the attached tables, and
 /// `pgreplica.log` for the statements queued with `pgreplica.execute`.
@@ -113,7 +114,7 @@ pub async fn check_ready(master: &Client, set: &Config) -> Result<(), Error> {
 async fn slot(master: &Client, name: &str) -> Result<Option<(String, Lsn)>, Error> {
     let doing = format!("reading replication slot {name} on the master");
     let Some(row) = master
-        .query_opt(SLOT_SQL, &[&name])
+        .query_typed_opt(SLOT_SQL, &[(&name, Type::TEXT)])
         .await
         .on_master(&doing)?
     else {

@@ -33,11 +33,11 @@ const HEAD_SQL: &str = "SELECT pg_current_wal_flush_lsn(), txid_current_snapshot
 // under, and what their [TABLE] sections capture of them (columns and
 // operations, as the trigger would).
 const KEYS_SQL: &str = "
-SELECT t.reloid, pgreplica.key_columns(t.reloid), t.layout->>'schema', t.layout->>'name',
-       n.nspname::text, c.relname::text, pgreplica.logged_columns(t.reloid), t.operations,
-       t.filter
+SELECT t.reloid, d.key, t.layout->>'schema', t.layout->>'name', n.nspname::text,
+       c.relname::text, d.logged, t.operations, t.filter
   FROM pgreplica.tables t JOIN pg_class c ON c.oid = t.reloid
-  JOIN pg_namespace n ON n.oid = c.relnamespace";
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pgreplica.described d ON d.reloid = t.reloid";
 
 /// What the master's catalog says of an attached table.
 struct Attached {
@@ -82,7 +82,10 @@ pub async fn session(master: &Client) -> Result<(), Error> {
 /// Reads where the master is.
 pub async fn head(master: &impl GenericClient) -> Result<Head, Error> {
     let doing = "reading the master's WAL position";
-    let row = master.query_one(HEAD_SQL, &[]).await.on_master(doing)?;
+    let row = master
+        .query_typed_one(HEAD_SQL, &[])
+        .await
+        .on_master(doing)?;
     let flush: PgLsn = row.get(0);
     let text: String = row.get(1);
     let snapshot = Snapshot::parse(&text).ok_or_else(|| Error::Invalid {
@@ -675,7 +678,7 @@ impl Changes {
 /// The attached tables as the master's catalog has them, by oid.
 async fn attached(master: &Client) -> Result<HashMap<u32, Attached>, Error> {
     let rows = master
-        .query(KEYS_SQL, &[])
+        .query_typed(KEYS_SQL, &[])
         .await
         .on_master("reading the attached tables' keys on the master")?;
     Ok(rows

@@ -278,7 +278,7 @@ impl Stream {
                         }
                         let client = sasl::ScramSha256::new(
                             &password()?,
-                            sasl::ChannelBinding::unrequested(),
+                            sasl::ChannelBinding::unsupported(),
                         );
                         let first = client.message().to_vec();
                         scram = Some(client);
