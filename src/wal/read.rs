@@ -130,46 +130,57 @@ struct Streaming {
     upto: Lsn,
     /// A transaction's changes are being read.
     open: bool,
-    /// The keepalives asked for while the sender was behind `upto`.
+    /// The keepalives asked for while the sender was behind `upto`: the
+    /// look ends only once the sender has passed it, as a read through SQL
+    /// reads up to its position.
     asked: u32,
 }
 
-/// How many times a look asks a sender still behind its position (every
-/// 2 ms) before it ends where the sender is.
-const ASKS: u32 = 100;
+/// A look asks a sender still behind its position, and silent for 2 ms, how
+/// far it is this many times, then after 50 ms of silence (a sender decoding
+/// a transaction of millions of rows sends nothing until it has read the
+/// whole transaction).
+const QUICK_ASKS: u32 = 50;
 
 impl Streaming {
     async fn next(&mut self) -> Result<Option<(Lsn, Bytes)>, Error> {
         loop {
-            if !self.open && (self.stream.sent >= self.upto || self.asked > ASKS) {
-                return Ok(None);
-            }
-            match self.stream.frame().await? {
-                Frame::Data { start, data } => {
-                    match data.first() {
-                        Some(b'B') => self.open = true,
-                        Some(b'C') => {
-                            self.open = false;
-                            // 'C', flags, commit position, end position.
-                            if let Some(end) = data.get(10..18) {
-                                let end = u64::from_be_bytes(end.try_into().expect("8 bytes"));
-                                self.stream.sent = self.stream.sent.max(Lsn(end));
-                            }
-                        }
-                        _ => {}
-                    }
-                    return Ok(Some((start, data)));
+            if !self.open {
+                if self.stream.sent >= self.upto {
+                    return Ok(None);
                 }
-                Frame::Keepalive if self.open || self.stream.sent >= self.upto => {}
-                Frame::Keepalive => self.ask(Duration::from_millis(2)).await?,
+                // Behind the position and nothing sent for a while: the
+                // sender is asked how far it has decoded.
+                let pause = match self.asked < QUICK_ASKS {
+                    true => Duration::from_millis(2),
+                    false => Duration::from_millis(50),
+                };
+                if !self.stream.wait(pause).await? {
+                    self.ask().await?;
+                    continue;
+                }
+            }
+            if let Frame::Data { start, data } = self.stream.frame().await? {
+                match data.first() {
+                    Some(b'B') => self.open = true,
+                    Some(b'C') => {
+                        self.open = false;
+                        // 'C', flags, commit position, end position.
+                        if let Some(end) = data.get(10..18) {
+                            let end = u64::from_be_bytes(end.try_into().expect("8 bytes"));
+                            self.stream.sent = self.stream.sent.max(Lsn(end));
+                        }
+                    }
+                    _ => {}
+                }
+                return Ok(Some((start, data)));
             }
         }
     }
 
-    /// Asks the sender, after `pause`, how far it has decoded.
-    async fn ask(&mut self, pause: Duration) -> Result<(), Error> {
+    /// Asks the sender how far it has decoded.
+    async fn ask(&mut self) -> Result<(), Error> {
         self.asked += 1;
-        tokio::time::sleep(pause).await;
         let at = self.stream.confirmed();
         self.stream.confirm(at, true).await
     }
@@ -256,7 +267,7 @@ impl Changes {
             asked: 0,
         };
         if streaming.stream.sent < upto {
-            streaming.ask(Duration::ZERO).await?;
+            streaming.ask().await?;
         }
         let source = Source::Stream(streaming);
         let mut changes = Changes::new(source, attached, (node, filters), upto, u64::MAX);

@@ -151,6 +151,15 @@ impl Stream {
         }
     }
 
+    /// Waits up to `limit` for a whole message from the master; whether one
+    /// is here (cancel-safe, like [`Stream::ready`]).
+    pub async fn wait(&mut self, limit: Duration) -> Result<bool, Error> {
+        match tokio::time::timeout(limit, self.fill()).await {
+            Ok(filled) => filled.map(|_| true).map_err(lost),
+            Err(_) => Ok(false),
+        }
+    }
+
     /// The next frame of the stream. A keepalive moves [`Stream::sent`], and
     /// one that asks for an answer gets it.
     pub async fn frame(&mut self) -> Result<Frame, Error> {
