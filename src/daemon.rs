@@ -533,6 +533,16 @@ impl SlaveTask {
                     hub::alive(&slave_client, Side::Slave, heartbeat).await?;
                     checked = Instant::now();
                 }
+                // A clone makes the slot again: the stream lets go of it.
+                if pipeline.stream.is_some() {
+                    let cloning = slave::cloning(&slave_client, &set.name);
+                    if !hub::bounded(cloning, Side::Slave, heartbeat)
+                        .await?
+                        .is_empty()
+                    {
+                        pipeline.stream = None;
+                    }
+                }
                 let head = hub::bounded(read::head(&master), Side::Master, heartbeat * 2).await?;
                 if head.flush > step.seen {
                     break;

@@ -243,6 +243,9 @@ pub async fn wal_step(
     exact: bool,
     committed: &mut (dyn FnMut(&Applied, Lsn, bool) + Send),
 ) -> Result<WalStep, Error> {
+    // Put back only at the end of a look that went well: a look that ends
+    // early, or fails, closes the stream.
+    let stream = pipeline.stream.take();
     // The first questions, one round trip on each side.
     let (head, confirmed, progress, cloning) = tokio::join!(
         read::head(master),
@@ -260,7 +263,7 @@ pub async fn wal_step(
     // slave waits, where it was, without reading the slot.
     if !cloning.is_empty() {
         // The clone makes the slot again: it must not be in use.
-        pipeline.stream = None;
+        drop(stream);
         return Ok(WalStep {
             at: progress
                 .as_ref()
@@ -289,7 +292,7 @@ pub async fn wal_step(
         more: false,
     };
     let slot = wal::slot_name(&set.name, slave);
-    let stream = match pipeline.stream.take() {
+    let stream = match stream {
         Some(stream) => Some(stream),
         None => open_stream(set, &slot, position.at, &mut pipeline.refused).await,
     };

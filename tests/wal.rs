@@ -857,3 +857,23 @@ async fn a_slot_is_streamed_a_cut_stream_resumes_and_without_wal_senders_it_is_r
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_while_the_daemon_streams_an_idle_master_gets_the_slot() {
+    let s = Setup::wal(1, ITEMS).await;
+    let m = s.master().await;
+    let _daemon = s.spawn();
+    s.arrives(
+        "INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 100) g",
+        ALL,
+    )
+    .await;
+    assert!(streamed(&m).await, "{}", s.daemon_log());
+    // Nothing is written on the master from here: the daemon must let go of
+    // the slot because the slave says it is being cloned.
+    let out = pgreplica(&["clone", s.conf.to_str().unwrap(), "--truncate"]);
+    assert!(out.status.success(), "{}", output(&out));
+    s.arrives("UPDATE items SET qty = 0 WHERE id <= 10", ALL)
+        .await;
+    assert!(streamed(&m).await, "{}", s.daemon_log());
+}
