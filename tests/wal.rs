@@ -846,6 +846,13 @@ async fn a_slot_is_streamed_a_cut_stream_resumes_and_without_wal_senders_it_is_r
     s.master.stop("fast").unwrap();
     s.master.restart().unwrap();
     let m = s.master().await;
+    let out = pgreplica(&["install", s.conf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert!(
+        output(&out).contains("note: max_wal_senders is 0 and 0 are in use"),
+        "{}",
+        output(&out)
+    );
     let _daemon = s.spawn();
     s.arrives("UPDATE items SET name = 'through SQL' WHERE id <= 50", ALL)
         .await;

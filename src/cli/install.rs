@@ -21,7 +21,9 @@ pub async fn run(
         .unwrap_or_default();
     let mut client = db::connect(&dsn, None).await?;
     if let Some(set) = set.as_ref().filter(|s| s.capture == Capture::Wal) {
-        wal::check_ready(&client, set).await?;
+        for note in wal::check_ready(&client, set).await? {
+            println!("note: {note}");
+        }
     }
     let reports = capture::install(&mut client, tables, set.as_ref()).await?;
     for r in &reports {

@@ -30,7 +30,9 @@ const READY_SQL: &str = "
 SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int,
        (SELECT count(*)::int FROM pg_replication_slots),
        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
-       current_user::text, current_setting('track_commit_timestamp')::bool";
+       current_user::text, current_setting('track_commit_timestamp')::bool,
+       current_setting('max_wal_senders')::int,
+       (SELECT count(*)::int FROM pg_stat_replication)";
 
 const SLOT_SQL: &str = "
 SELECT database, plugin, confirmed_flush_lsn::text, wal_status
@@ -58,8 +60,9 @@ pub fn slot_name(set: &str, slave: u32) -> String {
 }
 
 /// Checks that the master can capture from the WAL for `set`'s slaves, naming
-/// everything missing with the command that fixes it.
-pub async fn check_ready(master: &Client, set: &Config) -> Result<(), Error> {
+/// everything missing with the command that fixes it; returns what works but
+/// slower (too few WAL senders to stream every slave's slot).
+pub async fn check_ready(master: &Client, set: &Config) -> Result<Vec<String>, Error> {
     let doing = "checking the master for CAPTURE = wal";
     let row = master.query_one(READY_SQL, &[]).await.on_master(doing)?;
     let (level, max_slots, slots): (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
@@ -100,8 +103,19 @@ pub async fn check_ready(master: &Client, set: &Config) -> Result<(), Error> {
              (as a superuser; on a managed service, grant its replication role)"
         ));
     }
+    let (senders, streaming): (i32, i32) = (row.get(6), row.get(7));
+    let mut slower = Vec::new();
+    if streaming + set.slaves.len() as i32 > senders {
+        slower.push(format!(
+            "max_wal_senders is {senders} and {streaming} are in use: each slave streams its \
+             slot through a WAL sender of its own, and a slave without one reads its slot \
+             through SQL, which decodes the WAL again at every look (ALTER SYSTEM SET \
+             max_wal_senders = {}; then restart PostgreSQL)",
+            streaming + set.slaves.len() as i32 + 2
+        ));
+    }
     match missing.is_empty() {
-        true => Ok(()),
+        true => Ok(slower),
         false => Err(Error::Invalid {
             doing: doing.into(),
             message: missing.join("; "),
