@@ -301,13 +301,14 @@ pub async fn wal_step(
         return Ok(step);
     }
     let (node, filters) = (pipeline.origins.master.clone(), pipeline.filters.clone());
+    let on_master = (master, &mut pipeline.master_statements);
     let mut changes = match stream {
         Some(stream) => {
-            read::Changes::streaming(master, (stream, node, filters), head.flush).await?
+            read::Changes::streaming(on_master, (stream, node, filters), head.flush).await?
         }
         None => {
             let limit = pipeline.limit.0;
-            read::Changes::start(master, (&slot, node, filters), head.flush, limit).await?
+            read::Changes::start(on_master, (&slot, node, filters), head.flush, limit).await?
         }
     };
     // The transaction being read: its commit, its changes seen, and those of

@@ -401,7 +401,8 @@ async fn wal_in_flight(
     from: WalProgress,
     upto: Lsn,
 ) -> Result<HashMap<u32, HashSet<String>>, Error> {
-    let mut changes = read::Changes::start(&master, (&copy, None, None), upto, u64::MAX).await?;
+    let on_master = (&master, &mut crate::db::Prepared::default());
+    let mut changes = read::Changes::start(on_master, (&copy, None, None), upto, u64::MAX).await?;
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
     let mut unapplied = false;
     while let Some(item) = changes.next().await? {

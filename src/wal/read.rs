@@ -10,6 +10,7 @@
 
 use super::filter::Filters;
 use super::stream::{Frame, Stream};
+use crate::db::Prepared;
 use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op, Snapshot};
 use crate::ident::TableName;
@@ -227,12 +228,12 @@ impl Changes {
     /// `filters` a second master session for the tables' `FILTER`s (without
     /// it every change is kept).
     pub async fn start(
-        master: &Client,
+        (master, statements): (&Client, &mut Prepared),
         (slot, node, filters): (&str, Option<String>, Option<Arc<Client>>),
         upto: Lsn,
         limit: u64,
     ) -> Result<Changes, Error> {
-        let attached = attached(master).await?;
+        let attached = attached(master, statements).await?;
         // Not sent together with the keys: a query still waiting for its
         // answer behind the stream would never get it.
         let limit = limit.clamp(1, i32::MAX as u64);
@@ -254,11 +255,11 @@ impl Changes {
     /// (and on to the end of the transaction there), as [`Changes::start`]
     /// reads it through SQL.
     pub async fn streaming(
-        master: &Client,
+        (master, statements): (&Client, &mut Prepared),
         (stream, node, filters): (Stream, Option<String>, Option<Arc<Client>>),
         upto: Lsn,
     ) -> Result<Changes, Error> {
-        let attached = attached(master).await?;
+        let attached = attached(master, statements).await?;
         let described: Vec<Relation> = stream.relations.values().cloned().collect();
         let mut streaming = Streaming {
             stream,
@@ -687,11 +688,16 @@ impl Changes {
 }
 
 /// The attached tables as the master's catalog has them, by oid.
-async fn attached(master: &Client) -> Result<HashMap<u32, Attached>, Error> {
-    let rows = master
-        .query_typed(KEYS_SQL, &[])
+async fn attached(
+    master: &Client,
+    statements: &mut Prepared,
+) -> Result<HashMap<u32, Attached>, Error> {
+    let doing = "reading the attached tables' keys on the master";
+    let keys = statements
+        .get(master, KEYS_SQL, &[])
         .await
-        .on_master("reading the attached tables' keys on the master")?;
+        .on_master(doing)?;
+    let rows = master.query(&keys, &[]).await.on_master(doing)?;
     Ok(rows
         .iter()
         .map(|r| {
