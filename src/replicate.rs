@@ -247,9 +247,17 @@ pub async fn wal_step(
     // early, or fails, closes the stream.
     let stream = pipeline.stream.take();
     // The first questions, one round trip on each side.
+    // A stream moves the slot itself: where it is is what it was told.
+    let told = stream.as_ref().map(Stream::confirmed);
+    let confirmed = async {
+        match told {
+            Some(told) => Ok(told),
+            None => wal::confirmed(master, set, slave).await,
+        }
+    };
     let (head, confirmed, progress, cloning) = tokio::join!(
         read::head(master),
-        wal::confirmed(master, set, slave),
+        confirmed,
         slave::read_progress(&*slave_client, &set.name),
         slave::cloning(&*slave_client, &set.name)
     );
