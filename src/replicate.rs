@@ -246,7 +246,6 @@ pub async fn wal_step(
     // Put back only at the end of a look that went well: a look that ends
     // early, or fails, closes the stream.
     let stream = pipeline.stream.take();
-    // The first questions, one round trip on each side.
     // A stream moves the slot itself: where it is is what it was told.
     let told = stream.as_ref().map(Stream::confirmed);
     let confirmed = async {
@@ -255,6 +254,7 @@ pub async fn wal_step(
             None => wal::confirmed(master, set, slave).await,
         }
     };
+    // The first questions, one round trip on each side.
     let (head, confirmed, progress, cloning) = tokio::join!(
         read::head(master),
         confirmed,
