@@ -1,7 +1,8 @@
 //! A slot's changes, read as the log's events: whole transactions in commit
-//! order, streamed from the master (it decodes them into a tuple store that
-//! spills to disk, so a transaction of millions of rows is never held in
-//! memory here).
+//! order, from the slot's replication stream ([`super::stream`]) or, where
+//! the master refuses one, through SQL. Either way the master spills a large
+//! transaction to disk and sends it as it is read, so a transaction of
+//! millions of rows is never held in memory here.
 //!
 //! Rows come in their text form, as the capture trigger logs them. The tables
 //! log their whole old row (`REPLICA IDENTITY FULL`, set by install): an
