@@ -143,8 +143,12 @@ impl Stream {
         loop {
             self.fill().await.map_err(lost)?;
             match (self.buf[0], self.buf.get(5)) {
-                (b'd', Some(b'k')) | (b'N', _) => {
+                (b'd', Some(b'k')) => {
                     self.frame().await?;
+                }
+                // A notice alone: `frame` would go on to the message after it.
+                (b'N', _) => {
+                    self.message().await.map_err(lost)?;
                 }
                 _ => return Ok(()),
             }
