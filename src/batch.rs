@@ -14,17 +14,24 @@ use crate::ident::TableName;
 use crate::record::{self, Fields};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Portal, Statement, Transaction};
 
 const SNAPSHOT_SQL: &str = "SELECT txid_current_snapshot()::text";
 
-/// The types of a batch's range: the two snapshots, the transactions running
-/// at the first, and the two ends (the other parameters' are the server's).
-const RANGE_TYPES: [Type; 5] = [
+/// The types of the log query's parameters: the batch's range (the two
+/// snapshots, the transactions running at the first, the two ends), its
+/// filters (table, origin left out, local events only), the event it starts
+/// after, and how many it reads.
+const EVENTS_TYPES: [Type; 10] = [
     Type::TEXT,
     Type::TEXT,
     Type::INT8_ARRAY,
+    Type::INT8,
+    Type::INT8,
+    Type::OID,
+    Type::TEXT,
+    Type::BOOL,
     Type::INT8,
     Type::INT8,
 ];
@@ -46,24 +53,30 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND (NOT $8 OR ev_origin IS NULL)
   AND ev_id > $9
   AND ev_op <> 'O'
-ORDER BY ev_id";
+ORDER BY ev_id
+LIMIT $10";
 
-// A table of the log: from the catalog, or, when it was dropped since, from
+// Tables of the log: from the catalog, or, when one was dropped since, from
 // the definition pgreplica kept when it was last attached.
-// The name it had when it was attached comes along.
-const TABLE_SQL: &str = "
-SELECT n.nspname, c.relname, d.logged, d.key, false, t.layout->>'schema', t.layout->>'name'
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  JOIN pgreplica.described d ON d.reloid = c.oid
-  LEFT JOIN pgreplica.tables t ON t.reloid = c.oid
- WHERE c.oid = $1
+// The name each had when it was attached comes along.
+const TABLES_SQL: &str = "
+SELECT c.oid, n.nspname, c.relname, d.logged, d.key, false, t.layout->>'schema', t.layout->>'name'
+  FROM unnest($1::oid[]) AS q(oid)
+  JOIN pg_class c ON c.oid = q.oid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pgreplica.described d ON d.reloid = q.oid
+  LEFT JOIN pgreplica.tables t ON t.reloid = q.oid
 UNION ALL
-SELECT t.layout->>'schema', t.layout->>'name',
+SELECT t.reloid, t.layout->>'schema', t.layout->>'name',
        ARRAY(SELECT jsonb_array_elements_text(t.layout->'columns')),
        ARRAY(SELECT jsonb_array_elements_text(t.layout->'key')), true, NULL, NULL
   FROM pgreplica.tables t
- WHERE t.reloid = $1 AND t.layout IS NOT NULL
-   AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = $1)";
+ WHERE t.reloid = ANY ($1::oid[]) AND t.layout IS NOT NULL
+   AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = t.reloid)";
+
+/// Tables described before a batch's events are read, at most: those of
+/// the batch before, which the next one likely holds too.
+pub const DESCRIBED_AHEAD: usize = 64;
 
 /// The table definitions an execute event kept (see `pgreplica.layouts()`).
 fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, Error> {
@@ -135,11 +148,54 @@ const FETCH_MAX: i32 = 2000;
 const FETCH_FIRST: i32 = 16;
 const FETCH_BYTES: usize = 4 << 20;
 
-/// An open batch: the new snapshot and a cursor over its events.
+/// What selects a batch's events: the log query's parameters but the last two.
+struct Range {
+    prev: String,
+    snapshot: String,
+    xip: Vec<i64>,
+    from: i64,
+    to: i64,
+    table: Option<u32>,
+    origin: Option<String>,
+    local_only: bool,
+}
+
+impl Range {
+    /// The log query's parameters, from the event after `after` on, `limit`
+    /// of them (`None`: all).
+    fn params<'a>(
+        &'a self,
+        after: &'a i64,
+        limit: &'a Option<i64>,
+    ) -> [&'a (dyn ToSql + Sync); 10] {
+        [
+            &self.prev,
+            &self.snapshot,
+            &self.xip,
+            &self.from,
+            &self.to,
+            &self.table,
+            &self.origin,
+            &self.local_only,
+            after,
+            limit,
+        ]
+    }
+}
+
+/// An open batch: the new snapshot and its events, read a few at first, then,
+/// past those, through a cursor.
 pub struct Batch<'t> {
     tx: &'t Transaction<'t>,
-    portal: Portal,
-    table_stmt: Statement,
+    range: Range,
+    /// The cursor over the events after the first ones, once opened.
+    portal: Option<Portal>,
+    /// The last event read.
+    last: i64,
+    events: Statement,
+    tables_stmt: Statement,
+    /// The catalog's rows of the tables described ahead, by oid.
+    described: HashMap<u32, tokio_postgres::Row>,
     tables: HashMap<u32, Arc<MasterTable>>,
     /// Each execute event of the batch (id) with the definitions of the tables
     /// from before it: the events logged earlier are read with those.
@@ -162,49 +218,66 @@ impl<'t> Batch<'t> {
     /// Opens the events of transactions visible in `snapshot` and not in `prev`,
     /// from the one after event `after` on (0: all), only those of the master
     /// table `table` when one is given, and only those `origins` lets through.
+    /// The batch's execute events, its first events and the tables `ahead`
+    /// (master table oids, at most [`DESCRIBED_AHEAD`]) are read in one round
+    /// trip: a small batch of tables described ahead needs no other.
     pub async fn between(
         tx: &'t Transaction<'t>,
         prepared: &mut Prepared,
-        prev: &Snapshot,
-        snapshot: Snapshot,
+        (prev, snapshot): (&Snapshot, Snapshot),
         after: i64,
         table: Option<u32>,
         origins: &Origins,
+        ahead: &[u32],
     ) -> Result<Batch<'t>, Error> {
         let doing = "reading the master's log";
-        let (prev_text, snapshot_text) = (prev.to_string(), snapshot.to_string());
-        let range: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
-            &prev_text,
-            &snapshot_text,
-            &prev.xip,
-            &prev.xmax,
-            &snapshot.xmax,
-        ];
-        // The log's queries are planned for each batch's range (a plan kept
-        // for the session could scan the whole log of a slave catching up).
-        let typed: Vec<_> = range.iter().copied().zip(RANGE_TYPES).collect();
+        let tables_stmt = prepared.get(tx, TABLES_SQL, &[]).await.on_master(doing)?;
+        let range = Range {
+            prev: prev.to_string(),
+            snapshot: snapshot.to_string(),
+            xip: prev.xip.clone(),
+            from: prev.xmax,
+            to: snapshot.xmax,
+            table,
+            origin: origins.slave.clone(),
+            local_only: origins.local_only,
+        };
+        // Both log queries go out at once. Whatever their range, they scan
+        // the log's BRIN index over it: a plan kept for the session does
+        // (see the reader's session), without planning each batch anew.
+        let types = &EVENTS_TYPES;
+        let events = prepared.get(tx, EVENTS_SQL, types).await.on_master(doing)?;
+        let executes = prepared.get(tx, EXECUTES_SQL, &types[..5]).await;
+        let executes = executes.on_master(doing)?;
+        let first = Some(i64::from(FETCH_FIRST));
+        let params = range.params(&after, &first);
+        let ahead = &ahead[..ahead.len().min(DESCRIBED_AHEAD)];
+        let described = async {
+            match ahead.is_empty() {
+                true => Ok(Vec::new()),
+                false => tx.query(&tables_stmt, &[&ahead]).await,
+            }
+        };
+        let (executes, rows, described) = tokio::try_join!(
+            tx.query(&executes, &params[..5]),
+            tx.query(&events, &params),
+            described
+        )
+        .on_master(doing)?;
         let mut layouts = Vec::new();
-        for row in tx
-            .query_typed(EXECUTES_SQL, &typed)
-            .await
-            .on_master(doing)?
-        {
+        for row in executes {
             let id: i64 = row.get(0);
             let text: Option<String> = row.get(1);
             layouts.push((id, read_layouts(id, text.as_deref().unwrap_or("{}"))?));
         }
-        let stmt = tx.prepare(EVENTS_SQL).await.on_master(doing)?;
-        let mut params = range.to_vec();
-        params.push(&table);
-        params.push(&origins.slave);
-        params.push(&origins.local_only);
-        params.push(&after);
-        let portal = tx.bind(&stmt, &params).await.on_master(doing)?;
-        let table_stmt = prepared.get(tx, TABLE_SQL, &[]).await.on_master(doing)?;
-        Ok(Batch {
+        let mut batch = Batch {
             tx,
-            portal,
-            table_stmt,
+            range,
+            portal: None,
+            last: after,
+            events,
+            tables_stmt,
+            described: described.into_iter().map(|r| (r.get(0), r)).collect(),
             tables: HashMap::new(),
             layouts,
             no_table: Arc::new(MasterTable {
@@ -220,7 +293,9 @@ impl<'t> Batch<'t> {
             fetch: FETCH_FIRST,
             done: false,
             snapshot,
-        })
+        };
+        batch.take(rows);
+        Ok(batch)
     }
 
     /// Passes the events of these tables (quoted names) on without reading
@@ -237,26 +312,28 @@ impl<'t> Batch<'t> {
             Some(row) => row,
             None if self.done => return Ok(None),
             None => {
+                let portal = match self.portal.take() {
+                    Some(portal) => portal,
+                    None => {
+                        let params = self.range.params(&self.last, &None);
+                        let events = &self.events;
+                        self.tx.bind(events, &params).await.on_master(doing)?
+                    }
+                };
                 let rows = self
                     .tx
-                    .query_portal(&self.portal, self.fetch)
+                    .query_portal(&portal, self.fetch)
                     .await
                     .on_master(doing)?;
-                self.done = rows.len() < self.fetch as usize;
-                let bytes: usize = rows
-                    .iter()
-                    .flat_map(|r| [r.get::<_, Option<&str>>(3), r.get::<_, Option<&str>>(4)])
-                    .map(|v| v.map_or(0, str::len))
-                    .sum();
-                let per_row = (bytes / rows.len().max(1)).max(1);
-                self.fetch = (FETCH_BYTES / per_row).clamp(1, FETCH_MAX as usize) as i32;
-                self.buffered = rows.into_iter();
+                self.portal = Some(portal);
+                self.take(rows);
                 match self.buffered.next() {
                     Some(row) => row,
                     None => return Ok(None),
                 }
             }
         };
+        self.last = row.get(0);
         let id: i64 = row.get(0);
         let oid: u32 = row.get(1);
         let origin: Option<String> = row
@@ -349,28 +426,45 @@ impl<'t> Batch<'t> {
         Ok(Some((table, event)))
     }
 
+    /// Takes `rows`, the answer to a fetch of `self.fetch` events, and sizes
+    /// the next fetch from their bytes.
+    fn take(&mut self, rows: Vec<tokio_postgres::Row>) {
+        self.done = rows.len() < self.fetch as usize;
+        let bytes: usize = rows
+            .iter()
+            .flat_map(|r| [r.get::<_, Option<&str>>(3), r.get::<_, Option<&str>>(4)])
+            .map(|v| v.map_or(0, str::len))
+            .sum();
+        let per_row = (bytes / rows.len().max(1)).max(1);
+        self.fetch = (FETCH_BYTES / per_row).clamp(1, FETCH_MAX as usize) as i32;
+        self.buffered = rows.into_iter();
+    }
+
     async fn table(&mut self, oid: u32, event: i64) -> Result<Arc<MasterTable>, Error> {
         if let Some(t) = self.tables.get(&oid) {
             return Ok(t.clone());
         }
-        let row = self
-            .tx
-            .query_opt(&self.table_stmt, &[&oid])
-            .await
-            .on_master("reading the master's catalog")?
-            .ok_or_else(|| Error::Invalid {
-                doing: format!("reading event {event}"),
-                message: format!(
-                    "its table (oid {oid}) no longer exists on the master, and pgreplica kept \
+        let row = match self.described.remove(&oid) {
+            Some(row) => Some(row),
+            None => self
+                .tx
+                .query_opt(&self.tables_stmt, &[&[oid].as_slice()])
+                .await
+                .on_master("reading the master's catalog")?,
+        };
+        let row = row.ok_or_else(|| Error::Invalid {
+            doing: format!("reading event {event}"),
+            message: format!(
+                "its table (oid {oid}) no longer exists on the master, and pgreplica kept \
                      no definition of it (it was attached by an older pgreplica): its events \
                      cannot be read. Run pgreplica clone CONF --slave N --truncate"
-                ),
-            })?;
-        let columns: Vec<String> = row.get(2);
-        let key_names: Vec<String> = row.get(3);
+            ),
+        })?;
+        let columns: Vec<String> = row.get(3);
+        let key_names: Vec<String> = row.get(4);
         let name = TableName {
-            schema: row.get(0),
-            name: row.get(1),
+            schema: row.get(1),
+            name: row.get(2),
         };
         let key: Vec<usize> = key_names
             .iter()
@@ -382,14 +476,14 @@ impl<'t> Batch<'t> {
                 message: "the master's table no longer has a primary key".into(),
             });
         }
-        if row.get::<_, bool>(4) {
+        if row.get::<_, bool>(5) {
             tracing::warn!(
                 "table {name} was dropped on the master while its events waited: they are \
                  applied, and its copy on the slave is kept (drop it there when it is no \
                  longer wanted)"
             );
         }
-        let kept: (Option<String>, Option<String>) = (row.get(5), row.get(6));
+        let kept: (Option<String>, Option<String>) = (row.get(6), row.get(7));
         let was = match kept {
             (Some(schema), Some(name)) => Some(TableName { schema, name }),
             _ => None,
@@ -403,5 +497,10 @@ impl<'t> Batch<'t> {
         });
         self.tables.insert(oid, table.clone());
         Ok(table)
+    }
+
+    /// The master tables whose events the batch held so far (oids).
+    pub fn tables(&self) -> Vec<u32> {
+        self.tables.keys().copied().collect()
     }
 }

@@ -2,7 +2,7 @@
 //! its events, apply them with the new progress in one slave transaction.
 
 use crate::adapt::Adapter;
-use crate::apply::{Applied, Applier};
+use crate::apply::{self, Applied, Applier};
 use crate::config::Config;
 use crate::conflict::Resolver;
 use crate::db::Prepared;
@@ -47,6 +47,9 @@ pub struct Pipeline {
     pub stream: Option<Stream>,
     /// When the master last refused a replication stream.
     pub refused: Option<Instant>,
+    /// The slave tables the last batch went to (quoted names), described
+    /// ahead of the next.
+    pub ahead: Vec<String>,
 }
 
 /// What one step did.
@@ -75,6 +78,7 @@ impl Pipeline {
             filters: None,
             stream: None,
             refused: None,
+            ahead: Vec::new(),
         })
     }
 }
@@ -115,11 +119,30 @@ pub async fn step(
     prev: &Snapshot,
     exact: bool,
 ) -> Result<Step, Error> {
-    let slave_tx = slave_client
-        .transaction()
-        .await
-        .on_slave("starting the slave's transaction")?;
-    let (progress, cloning) = slave::lock_set(&slave_tx, set).await?;
+    // The batch after `prev` is asked for while the slave's transaction
+    // begins: it is the one wanted unless the slave's progress moved
+    // meanwhile (a clone, a batch left in steps), when it is asked again.
+    let guess = Ask {
+        prev: prev.clone(),
+        target: None,
+        after: 0,
+        skip: Default::default(),
+        sequences: pipeline.origins.master.is_none(),
+    };
+    let (statements, ahead) = (&mut pipeline.statements, &pipeline.ahead);
+    let begin = async {
+        let slave_tx = slave_client
+            .transaction()
+            .await
+            .on_slave("starting the slave's transaction")?;
+        // The tables of the last batch are described beside the lock.
+        let described = apply::describe_ahead(&slave_tx, statements, ahead).await?;
+        let (locked, described) = tokio::join!(slave::lock_set(&slave_tx, set), described);
+        Ok::<_, Error>((locked?, described?, slave_tx))
+    };
+    let (begun, guessed) = tokio::join!(begin, hub.read(guess.clone()));
+    let ((progress, cloning), described, slave_tx) = begun?;
+    let mut guessed = Some((guess, guessed));
     if let Some(progress) = &progress {
         progress.check_master(set, &pipeline.master)?;
     }
@@ -133,6 +156,7 @@ pub async fn step(
     };
     let resolver = pipeline.resolver.as_ref();
     let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
+    applier.described(described);
     pipeline.adapter.begin();
     let own = pipeline.origins.slave.clone();
     let (mut events, mut bytes, mut cut) = (0, 0, false);
@@ -144,7 +168,10 @@ pub async fn step(
             skip: cloning.iter().cloned().collect(),
             sequences: pipeline.origins.master.is_none(),
         };
-        let piece = hub.read(ask).await?;
+        let piece = match guessed.take() {
+            Some((guess, piece)) if guess == ask => piece?,
+            _ => hub.read(ask).await?,
+        };
         if target.is_none() && piece.target.same_as(&prev) {
             return Ok(Step {
                 at: prev,
@@ -171,40 +198,56 @@ pub async fn step(
             break piece;
         }
     };
-    let applied = applier.finish().await?;
+    // The new progress (and the sequences) go out right behind the batch's
+    // last statements: one round trip for all of them.
     let target = piece.target.clone();
-    let step = match cut {
-        true => {
-            let partial = Some((&target, last));
-            let whose = (set, pipeline.master.as_str());
-            slave::write_progress(&slave_tx, whose, &prev, partial, applied.events).await?;
-            Step {
-                at: prev,
-                applied,
-                more: true,
+    let events = applier.events();
+    let (at, partial) = match cut {
+        true => (&prev, Some((&target, last))),
+        false => (&target, None),
+    };
+    let raise = piece.sequences.as_ref().filter(|_| !cut && events > 0);
+    let whose = (set, pipeline.master.as_str());
+    let tail = async {
+        let written = slave::write_progress(&slave_tx, whose, at, partial, events);
+        // Multi-master nodes keep disjoint ranges instead.
+        let raised = async {
+            match raise {
+                Some(sequences) => sequence::raise(&slave_tx, sequences).await.map(drop),
+                None => Ok(()),
             }
-        }
-        false => {
-            let whose = (set, pipeline.master.as_str());
-            slave::write_progress(&slave_tx, whose, &target, None, applied.events).await?;
-            // Multi-master nodes keep disjoint ranges instead.
-            if let Some(sequences) = &piece.sequences
-                && applied.events > 0
-            {
-                sequence::raise(&slave_tx, sequences).await?;
-            }
-            Step {
-                at: target,
-                applied,
-                more: false,
-            }
-        }
+        };
+        tokio::try_join!(written, raised).map(drop)
+    };
+    let applied = finish(applier, tail, &mut pipeline.ahead).await?;
+    let step = Step {
+        at: at.clone(),
+        applied,
+        more: cut,
     };
     slave_tx
         .commit()
         .await
         .on_slave("committing the batch on the slave")?;
     Ok(step)
+}
+
+/// Sends what `applier` still holds, then `tail` (the new progress) right
+/// behind it, and checks both: one round trip for the batch's end. Keeps the
+/// slave tables the batch went to in `ahead`, for the next to describe.
+async fn finish(
+    applier: Applier<'_>,
+    tail: impl Future<Output = Result<(), Error>>,
+    ahead: &mut Vec<String>,
+) -> Result<Applied, Error> {
+    let (applied, written) = tokio::join!(applier.finish(), tail);
+    // A failed statement fails what follows it: its own error comes first.
+    let applied = applied?;
+    written?;
+    if !applied.tables.is_empty() {
+        *ahead = applied.tables.keys().cloned().collect();
+    }
+    Ok(applied)
 }
 
 /// WAL that a slot may keep for an idle set before the slave records the
@@ -328,12 +371,16 @@ pub async fn wal_step(
             .transaction()
             .await
             .on_slave("starting the slave's transaction")?;
-        let (locked, _) = slave::lock_set(&slave_tx, &set.name).await?;
-        if let Some(progress) = &locked {
+        // The tables of the last round are described beside the lock.
+        let ahead = &pipeline.ahead;
+        let described = apply::describe_ahead(&slave_tx, &mut pipeline.statements, ahead).await?;
+        let (locked, described) = tokio::join!(slave::lock_set(&slave_tx, &set.name), described);
+        if let Some(progress) = &locked?.0 {
             progress.check_master(&set.name, &pipeline.master)?;
         }
         let resolver = pipeline.resolver.as_ref();
         let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
+        applier.described(described?);
         pipeline.adapter.begin();
         let before = position;
         let (mut events, mut bytes) = (0, 0);
@@ -376,31 +423,44 @@ pub async fn wal_step(
                 }
             }
         }
-        let applied = applier.finish().await?;
         // Read up to the master's position: idle tables keep no WAL.
         let reached = changes.reached();
         let idle = reached.0.saturating_sub(position.at.0) >= IDLE_RELEASE;
         if ended && !changes.limited() && (idle || position != before) {
             position.at = position.at.max(reached);
         }
-        if position != before || applied.events > 0 {
-            slave::write_wal_progress(
-                &slave_tx,
-                (&set.name, &pipeline.master),
-                &step.snapshot,
-                position,
-                applied.events,
-            )
-            .await?;
-        }
         // Read once the stream ended, the master's sequences are at least
         // where the transactions applied left them (multi-master nodes keep
         // disjoint ranges instead).
-        let applied_any = applied.events > 0 || step.applied.events > 0;
-        if ended && applied_any && pipeline.origins.master.is_none() {
-            let values = sequence::read(master, &mut pipeline.master_statements).await?;
-            sequence::raise(&slave_tx, &values).await?;
-        }
+        let events = applier.events();
+        let applied_any = events > 0 || step.applied.events > 0;
+        let owned = match ended && applied_any && pipeline.origins.master.is_none() {
+            true => Some(sequence::prepare(master, &mut pipeline.master_statements).await?),
+            false => None,
+        };
+        // The master's sequences are read while the slave applies; the new
+        // position and the sequences go out right behind the last change.
+        let whose = (set.name.as_str(), pipeline.master.as_str());
+        let tail = async {
+            let written = async {
+                match position != before || events > 0 {
+                    true => {
+                        let at = &step.snapshot;
+                        slave::write_wal_progress(&slave_tx, whose, at, position, events).await
+                    }
+                    false => Ok(()),
+                }
+            };
+            let raised = async {
+                if let Some(owned) = &owned {
+                    let values = sequence::read_with(master, owned).await?;
+                    sequence::raise(&slave_tx, &values).await?;
+                }
+                Ok(())
+            };
+            tokio::try_join!(written, raised).map(drop)
+        };
+        let applied = finish(applier, tail, &mut pipeline.ahead).await?;
         slave_tx
             .commit()
             .await

@@ -6,7 +6,7 @@
 
 use crate::db::Prepared;
 use crate::error::{Context, Error};
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, Statement};
 
 // The owned sequences of replicated tables, with their table and column.
 const OWNED_SQL: &str = "
@@ -34,12 +34,31 @@ pub async fn read(
     master: &impl GenericClient,
     prepared: &mut Prepared,
 ) -> Result<(Vec<String>, Vec<i64>), Error> {
-    let doing = "reading the master's sequences";
-    let owned = prepared
+    let owned = prepare(master, prepared).await?;
+    read_with(master, &owned).await
+}
+
+/// The statement of [`read_with`], prepared on `master`'s session.
+pub async fn prepare(
+    master: &impl GenericClient,
+    prepared: &mut Prepared,
+) -> Result<Statement, Error> {
+    prepared
         .get(master, OWNED_SQL, &[])
         .await
-        .on_master(doing)?;
-    let rows = master.query(&owned, &[]).await.on_master(doing)?;
+        .on_master("reading the master's sequences")
+}
+
+/// [`read`] through its statement, `owned` (from [`prepare`]): sent at once,
+/// it goes out beside the other queries in flight on the session.
+pub async fn read_with(
+    master: &impl GenericClient,
+    owned: &Statement,
+) -> Result<(Vec<String>, Vec<i64>), Error> {
+    let rows = master
+        .query(owned, &[])
+        .await
+        .on_master("reading the master's sequences")?;
     Ok(rows
         .iter()
         .filter_map(|r| Some((r.get(0), r.get::<_, Option<i64>>(3)?)))

@@ -45,6 +45,50 @@ SELECT a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <>
   JOIN pg_namespace n ON n.oid = t.typnamespace
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
+/// [`SLAVE_TABLE_SQL`] for several tables (quoted names), each row led by
+/// its table's name.
+const SLAVE_TABLES_SQL: &str = "
+SELECT q.name, a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <> ''
+  FROM unnest($1::text[]) AS q(name)
+  JOIN pg_attribute a ON a.attrelid = to_regclass(q.name)
+  JOIN pg_type t ON t.oid = a.atttypid
+  JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE a.attnum > 0 AND NOT a.attisdropped";
+
+/// The slave tables a batch's statements likely go to (quoted names), whose
+/// columns are read before the batch, at most.
+pub const DESCRIBED_AHEAD: usize = 64;
+
+/// A slave table's columns as [`SLAVE_TABLES_SQL`] gives them: name, type,
+/// generated.
+type Columns = Vec<(String, String, bool)>;
+
+/// Reads the columns of the slave tables `tables` (quoted names, at most
+/// [`DESCRIBED_AHEAD`]), for [`Applier::described`]; the statement is
+/// prepared on `tx`'s session first, so that the read can go out beside
+/// other statements.
+pub async fn describe_ahead<'a>(
+    tx: &'a Transaction<'a>,
+    statements: &mut Prepared,
+    tables: &'a [String],
+) -> Result<impl Future<Output = Result<HashMap<String, Columns>, Error>> + 'a, Error> {
+    let doing = "reading the slave's catalog";
+    let statement = statements.get(tx, SLAVE_TABLES_SQL, &[]).await;
+    let statement = statement.on_slave(doing)?;
+    let tables = &tables[..tables.len().min(DESCRIBED_AHEAD)];
+    Ok(async move {
+        let mut described: HashMap<String, Columns> = HashMap::new();
+        if tables.is_empty() {
+            return Ok(described);
+        }
+        for row in tx.query(&statement, &[&tables]).await.on_slave(doing)? {
+            let column = (row.get(1), row.get(2), row.get(3));
+            described.entry(row.get(0)).or_default().push(column);
+        }
+        Ok(described)
+    })
+}
+
 const CAPTURES_SQL: &str = "SELECT to_regprocedure('pgreplica.execute(text)') IS NOT NULL";
 
 const ORIGIN_SQL: &str = "SELECT set_config('pgreplica.origin', $1, true)";
@@ -153,6 +197,8 @@ pub struct Applier<'t> {
     origin: Option<String>,
     /// The set's conflict policies, when it has some.
     resolver: Option<&'t Resolver>,
+    /// Columns of slave tables read ahead (quoted name).
+    ahead: HashMap<String, Columns>,
 }
 
 impl<'t> Applier<'t> {
@@ -180,6 +226,7 @@ impl<'t> Applier<'t> {
             counts: Applied::default(),
             origin: None,
             resolver,
+            ahead: HashMap::new(),
         }
     }
 
@@ -277,7 +324,13 @@ impl<'t> Applier<'t> {
         self.count_tables();
         self.plans.clear();
         self.statements.clear();
+        self.ahead.clear();
         Ok(())
+    }
+
+    /// The events applied so far, those still queued included.
+    pub fn events(&self) -> u64 {
+        self.counts.events
     }
 
     /// Sends what is queued, checks every result, and returns the counts.
@@ -300,6 +353,20 @@ impl<'t> Applier<'t> {
         }
     }
 
+    /// Columns of slave tables read ahead of the batch (see
+    /// [`describe_ahead`]): used instead of reading them again.
+    pub fn described(&mut self, tables: HashMap<String, Columns>) {
+        self.ahead = tables;
+    }
+
+    /// The columns of slave table `table`: read ahead, or read now.
+    async fn columns(&mut self, table: &TableName) -> Result<Columns, Error> {
+        match self.ahead.remove(&table.quoted()) {
+            Some(columns) => Ok(columns),
+            None => slave_columns(self.tx, self.statements, table).await,
+        }
+    }
+
     /// How `table` (one definition of a master table) lands on the slave.
     async fn plan(&mut self, table: &Arc<MasterTable>) -> Result<Arc<Plan>, Error> {
         let key = Arc::as_ptr(table) as usize;
@@ -309,11 +376,11 @@ impl<'t> Applier<'t> {
         // The catalog query cannot pass a COPY in progress on the connection.
         self.flush_rows().await?;
         let mut slave = table.name.clone();
-        let mut rows = slave_columns(self.tx, self.statements, &slave).await?;
+        let mut rows = self.columns(&slave).await?;
         // Renamed or moved on the master without execute: the slave's copy
         // keeps its name until the DBA renames it there too.
         if let Some(was) = table.was.as_ref().filter(|_| rows.is_empty()) {
-            rows = slave_columns(self.tx, self.statements, was).await?;
+            rows = self.columns(was).await?;
             if !rows.is_empty() && RENAMED.lock().is_ok_and(|mut r| r.insert(was.quoted())) {
                 tracing::warn!(
                     "table {was} was renamed or moved on the master (to {slave}) without \
@@ -335,8 +402,8 @@ impl<'t> Applier<'t> {
             });
         }
         let columns: HashMap<String, (String, bool)> = rows
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .into_iter()
+            .map(|(name, kind, generated)| (name, (kind, generated)))
             .collect();
         let missing: Vec<&str> = table
             .columns
@@ -657,15 +724,20 @@ async fn slave_columns(
     tx: &Transaction<'_>,
     statements: &mut Prepared,
     table: &TableName,
-) -> Result<Vec<Row>, Error> {
+) -> Result<Columns, Error> {
     let doing = "reading the slave's catalog";
     let statement = statements
         .get(tx, SLAVE_TABLE_SQL, &[])
         .await
         .on_slave(doing)?;
-    tx.query(&statement, &[&table.quoted()])
+    let rows = tx
+        .query(&statement, &[&table.quoted()])
         .await
-        .on_slave(doing)
+        .on_slave(doing)?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 fn malformed(event: &Event, what: &str) -> Error {

@@ -364,7 +364,8 @@ async fn in_flight(
     let all = Origins::default();
     let mut prepared = Prepared::default();
     let to = snapshot.clone();
-    let mut events = Batch::between(master, &mut prepared, position, to, 0, None, &all).await?;
+    let mut events =
+        Batch::between(master, &mut prepared, (position, to), 0, None, &all, &[]).await?;
     while let Some((table, event)) = events.next().await? {
         if event.op == Op::Execute {
             continue;

@@ -406,7 +406,8 @@ async fn handover(
                 .get(0);
             let mut prepared = Prepared::default();
             let (tx, to) = (&master_tx, target.clone());
-            let mut events = Batch::between(tx, &mut prepared, since, to, 0, oid, origins).await?;
+            let mut events =
+                Batch::between(tx, &mut prepared, (since, to), 0, oid, origins, &[]).await?;
             adapter.begin();
             while let Some((t, event)) = events.next().await? {
                 replicate::pipe(adapter, &mut applier, &t, event).await?;

@@ -52,6 +52,8 @@ struct Stream<'t> {
     /// The last event handed out.
     delivered: i64,
     batch: Batch<'t>,
+    /// The master's sequences, when asked, for the batch's last piece.
+    sequences: Option<(Vec<String>, Vec<i64>)>,
 }
 
 /// The pieces read lately, newest last.
@@ -108,6 +110,9 @@ struct Reader {
     /// Counts the NOTIFYs.
     wake: watch::Receiver<u64>,
     cache: Cache,
+    /// The master tables of the last batch read whole, described ahead of
+    /// the next.
+    ahead: Vec<u32>,
 }
 
 /// Serves the requests of a set's slave tasks until every handle is gone.
@@ -131,6 +136,7 @@ pub(super) async fn serve(
         head: None,
         wake,
         cache: Cache::default(),
+        ahead: Vec::new(),
     };
     loop {
         let first = tokio::select! {
@@ -221,6 +227,7 @@ impl Reader {
             Err(e) => return Err(refuse(first, e)),
         };
         let (head, cache, origins) = (&mut self.head, &mut self.cache, &self.origins);
+        let ahead = &mut self.ahead;
         let prepared = &mut self.prepared;
         let wake = &self.wake;
         let mut streams: Vec<Stream<'_>> = Vec::new();
@@ -247,7 +254,8 @@ impl Reader {
                         let target = target(&tx, head, wake, &ask, seen);
                         let target = bounded(target, Side::Master, every * 2).await?;
                         let at = (target, ask);
-                        read(&tx, prepared, &mut streams, at, cache, origins).await
+                        let with = (origins, &mut *ahead);
+                        read(&tx, prepared, &mut streams, at, cache, with).await
                     };
                     let result = bounded(read, Side::Master, limit).await;
                     failed = result.as_ref().err().map(ToString::to_string);
@@ -284,6 +292,13 @@ impl Reader {
     /// set's capture options set on the master.
     async fn connect(&self) -> Result<Client, Error> {
         let client = db::connect(&self.set.master, self.set.keepalive).await?;
+        // Its statements are planned once: the log's queries scan the BRIN
+        // index over any range, and planning them anew cost more than the
+        // rest of a small batch's reading.
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await
+            .on_master("setting up the reader's session")?;
         capture::check_version(&client).await?;
         capture::check_mode(&client, &self.set).await?;
         if self.daemon && !self.set.tables.is_empty() {
@@ -354,7 +369,7 @@ async fn read<'t>(
     streams: &mut Vec<Stream<'t>>,
     (target, ask): (Snapshot, Ask),
     cache: &mut Cache,
-    origins: &Origins,
+    (origins, ahead): (&Origins, &mut Vec<u32>),
 ) -> Result<Arc<Piece>, Error> {
     if target.same_as(&ask.prev) {
         return Ok(Arc::new(Piece {
@@ -382,21 +397,27 @@ async fn read<'t>(
     let mut stream = match open {
         Some(at) => streams.remove(at),
         None => {
-            let mut batch = Batch::between(
-                tx,
-                prepared,
-                &key.prev,
-                target.clone(),
-                key.after,
-                None,
-                origins,
-            )
-            .await?;
+            // The sequences go out with the batch's first queries: read after
+            // its snapshot, they are at least where its transactions left them.
+            let owned = match key.sequences {
+                true => Some(sequence::prepare(tx, prepared).await?),
+                false => None,
+            };
+            let sequences = async {
+                match &owned {
+                    Some(owned) => sequence::read_with(tx, owned).await.map(Some),
+                    None => Ok(None),
+                }
+            };
+            let range = (&key.prev, target.clone());
+            let between = Batch::between(tx, prepared, range, key.after, None, origins, ahead);
+            let (mut batch, sequences) = tokio::try_join!(between, sequences)?;
             batch.skip(key.skip.iter().cloned().collect());
             Stream {
                 key: key.clone(),
                 delivered: key.after,
                 batch,
+                sequences,
             }
         }
     };
@@ -420,8 +441,12 @@ async fn read<'t>(
             }
         }
     }
-    if piece.done && key.sequences {
-        piece.sequences = Some(sequence::read(tx, prepared).await?);
+    if piece.done {
+        piece.sequences = stream.sequences.take();
+        let tables = stream.batch.tables();
+        if !tables.is_empty() {
+            *ahead = tables;
+        }
     }
     if !piece.done {
         streams.push(stream);
