@@ -298,11 +298,13 @@ pub async fn wal_step(
         }
     };
     // The first questions, one round trip on each side.
-    let (head, confirmed, progress, cloning) = tokio::join!(
+    let keys = read::catalog_statement(master, &mut pipeline.master_statements).await?;
+    let (head, confirmed, progress, cloning, catalog) = tokio::join!(
         read::head(master),
         confirmed,
         slave::read_progress(&*slave_client, &set.name),
-        slave::cloning(&*slave_client, &set.name)
+        slave::cloning(&*slave_client, &set.name),
+        read::catalog(master, &keys)
     );
     // A slave switched over to another master says so before anything else.
     let progress = progress?;
@@ -355,7 +357,7 @@ pub async fn wal_step(
     let on_master = (master, &mut pipeline.master_statements);
     let mut changes = match stream {
         Some(stream) => {
-            read::Changes::streaming(on_master, (stream, node, filters), head.flush).await?
+            read::Changes::streaming((stream, node, filters), catalog?, head.flush).await?
         }
         None => {
             let limit = pipeline.limit.0;

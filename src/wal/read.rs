@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::{PgLsn, ToSql};
-use tokio_postgres::{Client, GenericClient, RowStream};
+use tokio_postgres::{Client, GenericClient, RowStream, Statement};
 
 // The snapshot is the statement's, taken before the WAL position is read: a
 // transaction it shows committed is in the WAL up to that position.
@@ -42,7 +42,7 @@ SELECT t.reloid, d.key, t.layout->>'schema', t.layout->>'name', n.nspname::text,
   JOIN pgreplica.described d ON d.reloid = t.reloid";
 
 /// What the master's catalog says of an attached table.
-struct Attached {
+pub struct Attached {
     key: Vec<String>,
     /// The columns captured (`COLUMNS`, `EXCLUDE_COLUMNS`).
     logged: Vec<String>,
@@ -255,12 +255,12 @@ impl Changes {
     /// Starts reading the slot's replication stream `stream` up to `upto`
     /// (and on to the end of the transaction there), as [`Changes::start`]
     /// reads it through SQL.
+    /// `attached` is the master's [`catalog`], read at the look's start.
     pub async fn streaming(
-        (master, statements): (&Client, &mut Prepared),
         (stream, node, filters): (Stream, Option<String>, Option<Arc<Client>>),
+        attached: Catalog,
         upto: Lsn,
     ) -> Result<Changes, Error> {
-        let attached = attached(master, statements).await?;
         let described: Vec<Relation> = stream.relations.values().cloned().collect();
         let mut streaming = Streaming {
             stream,
@@ -689,16 +689,26 @@ impl Changes {
 }
 
 /// The attached tables as the master's catalog has them, by oid.
-async fn attached(
+pub type Catalog = HashMap<u32, Attached>;
+
+/// The statement of [`catalog`], prepared on `master`'s session.
+pub async fn catalog_statement(
     master: &Client,
     statements: &mut Prepared,
-) -> Result<HashMap<u32, Attached>, Error> {
+) -> Result<Statement, Error> {
     let doing = "reading the attached tables' keys on the master";
-    let keys = statements
-        .get(master, KEYS_SQL, &[])
-        .await
-        .on_master(doing)?;
-    let rows = master.query(&keys, &[]).await.on_master(doing)?;
+    statements.get(master, KEYS_SQL, &[]).await.on_master(doing)
+}
+
+async fn attached(master: &Client, statements: &mut Prepared) -> Result<Catalog, Error> {
+    catalog(master, &catalog_statement(master, statements).await?).await
+}
+
+/// The attached tables as the master's catalog has them, through `keys`
+/// (from [`catalog_statement`]): sent at once, beside other queries.
+pub async fn catalog(master: &Client, keys: &Statement) -> Result<Catalog, Error> {
+    let doing = "reading the attached tables' keys on the master";
+    let rows = master.query(keys, &[]).await.on_master(doing)?;
     Ok(rows
         .iter()
         .map(|r| {
