@@ -78,6 +78,24 @@ SELECT t.reloid, t.layout->>'schema', t.layout->>'name',
 /// the batch before, which the next one likely holds too.
 pub const DESCRIBED_AHEAD: usize = 64;
 
+/// What the batch before says of the next: its master tables (oids), and
+/// how many events its rows' size lets the first read take, from 16 to 256
+/// (a batch read whole at first is not scanned again through a cursor).
+#[derive(Debug, Clone)]
+pub struct Ahead {
+    tables: Vec<u32>,
+    first: i32,
+}
+
+impl Default for Ahead {
+    fn default() -> Ahead {
+        Ahead {
+            tables: Vec::new(),
+            first: FETCH_FIRST,
+        }
+    }
+}
+
 /// The table definitions an execute event kept (see `pgreplica.layouts()`).
 fn read_layouts(id: i64, text: &str) -> Result<HashMap<u32, Arc<MasterTable>>, Error> {
     #[derive(serde::Deserialize)]
@@ -146,6 +164,7 @@ ORDER BY ev_id";
 /// read a few rows at a time).
 const FETCH_MAX: i32 = 2000;
 const FETCH_FIRST: i32 = 16;
+const FIRST_MAX: i32 = 256;
 const FETCH_BYTES: usize = 4 << 20;
 
 /// What selects a batch's events: the log query's parameters but the last two.
@@ -218,9 +237,9 @@ impl<'t> Batch<'t> {
     /// Opens the events of transactions visible in `snapshot` and not in `prev`,
     /// from the one after event `after` on (0: all), only those of the master
     /// table `table` when one is given, and only those `origins` lets through.
-    /// The batch's execute events, its first events and the tables `ahead`
-    /// (master table oids, at most [`DESCRIBED_AHEAD`]) are read in one round
-    /// trip: a small batch of tables described ahead needs no other.
+    /// The batch's execute events, its first events and the tables of
+    /// `ahead` (at most [`DESCRIBED_AHEAD`]) are read in one round trip: a
+    /// small batch of tables described ahead needs no other.
     pub async fn between(
         tx: &'t Transaction<'t>,
         prepared: &mut Prepared,
@@ -228,7 +247,7 @@ impl<'t> Batch<'t> {
         after: i64,
         table: Option<u32>,
         origins: &Origins,
-        ahead: &[u32],
+        ahead: &Ahead,
     ) -> Result<Batch<'t>, Error> {
         let doing = "reading the master's log";
         let tables_stmt = prepared.get(tx, TABLES_SQL, &[]).await.on_master(doing)?;
@@ -249,9 +268,9 @@ impl<'t> Batch<'t> {
         let events = prepared.get(tx, EVENTS_SQL, types).await.on_master(doing)?;
         let executes = prepared.get(tx, EXECUTES_SQL, &types[..5]).await;
         let executes = executes.on_master(doing)?;
-        let first = Some(i64::from(FETCH_FIRST));
+        let first = Some(i64::from(ahead.first));
         let params = range.params(&after, &first);
-        let ahead = &ahead[..ahead.len().min(DESCRIBED_AHEAD)];
+        let ahead = &ahead.tables[..ahead.tables.len().min(DESCRIBED_AHEAD)];
         let described = async {
             match ahead.is_empty() {
                 true => Ok(Vec::new()),
@@ -290,7 +309,7 @@ impl<'t> Batch<'t> {
             skipped: HashSet::new(),
             master_node: origins.master.clone(),
             buffered: Vec::new().into_iter(),
-            fetch: FETCH_FIRST,
+            fetch: first.map_or(FETCH_FIRST, |f| f as i32),
             done: false,
             snapshot,
         };
@@ -430,13 +449,16 @@ impl<'t> Batch<'t> {
     /// the next fetch from their bytes.
     fn take(&mut self, rows: Vec<tokio_postgres::Row>) {
         self.done = rows.len() < self.fetch as usize;
-        let bytes: usize = rows
-            .iter()
-            .flat_map(|r| [r.get::<_, Option<&str>>(3), r.get::<_, Option<&str>>(4)])
-            .map(|v| v.map_or(0, str::len))
-            .sum();
-        let per_row = (bytes / rows.len().max(1)).max(1);
-        self.fetch = (FETCH_BYTES / per_row).clamp(1, FETCH_MAX as usize) as i32;
+        // No rows say nothing of their size.
+        if !rows.is_empty() {
+            let bytes: usize = rows
+                .iter()
+                .flat_map(|r| [r.get::<_, Option<&str>>(3), r.get::<_, Option<&str>>(4)])
+                .map(|v| v.map_or(0, str::len))
+                .sum();
+            let per_row = (bytes / rows.len()).max(1);
+            self.fetch = (FETCH_BYTES / per_row).clamp(1, FETCH_MAX as usize) as i32;
+        }
         self.buffered = rows.into_iter();
     }
 
@@ -499,8 +521,16 @@ impl<'t> Batch<'t> {
         Ok(table)
     }
 
-    /// The master tables whose events the batch held so far (oids).
-    pub fn tables(&self) -> Vec<u32> {
-        self.tables.keys().copied().collect()
+    /// What the batch says of the next one: the master tables whose events
+    /// it held (none: the next keeps `before`'s), and its rows' size.
+    pub fn ahead(&self, before: &Ahead) -> Ahead {
+        let tables: Vec<u32> = self.tables.keys().copied().collect();
+        Ahead {
+            tables: match tables.is_empty() {
+                true => before.tables.clone(),
+                false => tables,
+            },
+            first: self.fetch.clamp(FETCH_FIRST, FIRST_MAX),
+        }
     }
 }

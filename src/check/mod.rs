@@ -13,7 +13,7 @@
 
 mod repair;
 
-use crate::batch::{Batch, current_snapshot};
+use crate::batch::{Ahead, Batch, current_snapshot};
 use crate::config::Config;
 use crate::db::{self, Prepared, SESSION_SQL, redact};
 use crate::error::{Context, Error, Side};
@@ -364,8 +364,16 @@ async fn in_flight(
     let all = Origins::default();
     let mut prepared = Prepared::default();
     let to = snapshot.clone();
-    let mut events =
-        Batch::between(master, &mut prepared, (position, to), 0, None, &all, &[]).await?;
+    let mut events = Batch::between(
+        master,
+        &mut prepared,
+        (position, to),
+        0,
+        None,
+        &all,
+        &Ahead::default(),
+    )
+    .await?;
     while let Some((table, event)) = events.next().await? {
         if event.op == Op::Execute {
             continue;

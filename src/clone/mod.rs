@@ -19,7 +19,7 @@ mod ddl;
 mod wal;
 
 use crate::apply::Applier;
-use crate::batch::Batch;
+use crate::batch::{Ahead, Batch};
 use crate::capture;
 use crate::config::{Capture, Config};
 use crate::db::{self, Prepared, redact};
@@ -406,8 +406,16 @@ async fn handover(
                 .get(0);
             let mut prepared = Prepared::default();
             let (tx, to) = (&master_tx, target.clone());
-            let mut events =
-                Batch::between(tx, &mut prepared, (since, to), 0, oid, origins, &[]).await?;
+            let mut events = Batch::between(
+                tx,
+                &mut prepared,
+                (since, to),
+                0,
+                oid,
+                origins,
+                &Ahead::default(),
+            )
+            .await?;
             adapter.begin();
             while let Some((t, event)) = events.next().await? {
                 replicate::pipe(adapter, &mut applier, &t, event).await?;

@@ -16,7 +16,7 @@
 //! cursor kept open while its slaves come back for the next piece.
 
 use super::{Ask, Piece, Request, alive, bounded, heartbeat};
-use crate::batch::{Batch, current_snapshot};
+use crate::batch::{Ahead, Batch, current_snapshot};
 use crate::config::Config;
 use crate::db::Prepared;
 use crate::error::{Context, Error, Side};
@@ -110,9 +110,8 @@ struct Reader {
     /// Counts the NOTIFYs.
     wake: watch::Receiver<u64>,
     cache: Cache,
-    /// The master tables of the last batch read whole, described ahead of
-    /// the next.
-    ahead: Vec<u32>,
+    /// What the last batch read whole says of the next.
+    ahead: Ahead,
 }
 
 /// Serves the requests of a set's slave tasks until every handle is gone.
@@ -136,7 +135,7 @@ pub(super) async fn serve(
         head: None,
         wake,
         cache: Cache::default(),
-        ahead: Vec::new(),
+        ahead: Ahead::default(),
     };
     loop {
         let first = tokio::select! {
@@ -369,7 +368,7 @@ async fn read<'t>(
     streams: &mut Vec<Stream<'t>>,
     (target, ask): (Snapshot, Ask),
     cache: &mut Cache,
-    (origins, ahead): (&Origins, &mut Vec<u32>),
+    (origins, ahead): (&Origins, &mut Ahead),
 ) -> Result<Arc<Piece>, Error> {
     if target.same_as(&ask.prev) {
         return Ok(Arc::new(Piece {
@@ -443,10 +442,7 @@ async fn read<'t>(
     }
     if piece.done {
         piece.sequences = stream.sequences.take();
-        let tables = stream.batch.tables();
-        if !tables.is_empty() {
-            *ahead = tables;
-        }
+        *ahead = stream.batch.ahead(ahead);
     }
     if !piece.done {
         streams.push(stream);
