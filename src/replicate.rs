@@ -354,13 +354,13 @@ pub async fn wal_step(
         return Ok(step);
     }
     let (node, filters) = (pipeline.origins.master.clone(), pipeline.filters.clone());
+    let on_master = (master, &mut pipeline.master_statements);
     let mut changes = match stream {
         Some(stream) => {
             read::Changes::streaming((stream, node, filters), catalog?, head.flush).await?
         }
         None => {
             let limit = pipeline.limit.0;
-            let on_master = (master, catalog?);
             read::Changes::start(on_master, (&slot, node, filters), head.flush, limit).await?
         }
     };

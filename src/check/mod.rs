@@ -410,8 +410,7 @@ async fn wal_in_flight(
     from: WalProgress,
     upto: Lsn,
 ) -> Result<HashMap<u32, HashSet<String>>, Error> {
-    let keys = read::catalog_statement(&master, &mut crate::db::Prepared::default()).await?;
-    let on_master = (&master, read::catalog(&master, &keys).await?);
+    let on_master = (&master, &mut crate::db::Prepared::default());
     let mut changes = read::Changes::start(on_master, (&copy, None, None), upto, u64::MAX).await?;
     let mut keys: HashMap<u32, HashSet<String>> = HashMap::new();
     let mut unapplied = false;

@@ -227,13 +227,14 @@ impl Changes {
     /// changes (whole transactions: the last one may go past it).
     /// `node` is the master's node name, the origin of its own changes;
     /// `filters` a second master session for the tables' `FILTER`s (without
-    /// it every change is kept); `attached` the master's [`catalog`].
+    /// it every change is kept).
     pub async fn start(
-        (master, attached): (&Client, Catalog),
+        (master, statements): (&Client, &mut Prepared),
         (slot, node, filters): (&str, Option<String>, Option<Arc<Client>>),
         upto: Lsn,
         limit: u64,
     ) -> Result<Changes, Error> {
+        let attached = attached(master, statements).await?;
         // Not sent together with the keys: a query still waiting for its
         // answer behind the stream would never get it.
         let limit = limit.clamp(1, i32::MAX as u64);
@@ -697,6 +698,10 @@ pub async fn catalog_statement(
 ) -> Result<Statement, Error> {
     let doing = "reading the attached tables' keys on the master";
     statements.get(master, KEYS_SQL, &[]).await.on_master(doing)
+}
+
+async fn attached(master: &Client, statements: &mut Prepared) -> Result<Catalog, Error> {
+    catalog(master, &catalog_statement(master, statements).await?).await
 }
 
 /// The attached tables as the master's catalog has them, through `keys`
