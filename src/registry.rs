@@ -1,7 +1,7 @@
 //! What pgreplica keeps on a master about its slaves (`pgreplica.slave`): where
 //! each has applied to, its counts and last error, and the log cleanup it allows.
 
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::db::redact;
 use crate::error::{Context, Error};
 use crate::event::Snapshot;
@@ -350,9 +350,14 @@ pub async fn register(
     let progress = progress.map(|p| p.snapshot);
     let start = progress.clone().unwrap_or_else(Snapshot::start);
     let registered = enter(master, set, slave, &start).await?;
+    // A slave of a set captured from the WAL resumes from its WAL position,
+    // which its slot guards: its snapshot only keeps the registry's place, and
+    // may name as running a transaction that its position covers.
+    let trigger = set.capture == Capture::Trigger;
     let at = match progress {
         Some(progress) => {
-            if let Some(below) = cleaned_below(master).await?
+            if trigger
+                && let Some(below) = cleaned_below(master).await?
                 && progress.xmin < below
             {
                 return Err(Error::Invalid {

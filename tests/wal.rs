@@ -341,6 +341,40 @@ async fn a_slave_older_than_its_slot_stops_and_says_to_clone_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slave_whose_snapshot_is_older_than_the_cleaned_log_resumes_from_its_wal_position() {
+    let s = Setup::wal(1, ITEMS).await;
+    let m = s.master().await;
+    let txid: i64 = m
+        .query_one(
+            "WITH i AS (INSERT INTO items VALUES (1, 'one', 1)) SELECT txid_current()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    s.sync();
+    // A look's snapshot can be taken after a transaction's commit record is
+    // in the WAL but before the transaction is visible: the slave's progress
+    // then names it as running. The master's log (origin marks of a node
+    // that is a slave too, or another set's events) was cleaned past it.
+    let slave = s.slave(0).await;
+    slave
+        .batch_execute(&format!(
+            "UPDATE pgreplica.progress SET snapshot = '{txid}:{txid}:'"
+        ))
+        .await
+        .unwrap();
+    m.batch_execute(&format!(
+        "INSERT INTO pgreplica.cleaned (below) VALUES ({})",
+        txid + 1
+    ))
+    .await
+    .unwrap();
+    s.replicate("INSERT INTO items VALUES (2, 'two', 2)", ALL)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
     let s = Setup::new(1, ITEMS).await;
     if support::wal_capture() {
