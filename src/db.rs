@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::Type;
 use tokio_postgres::{AsyncMessage, Client, Connection, GenericClient, NoTls, Socket, Statement};
@@ -219,7 +219,19 @@ pub async fn connect_listening(
         message,
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let client = match tls.connector().map_err(failed)? {
+    // As libpq: TLS is for TCP, and sslmode says nothing of Unix-domain sockets.
+    let sockets = config
+        .get_hosts()
+        .iter()
+        .all(|h| !matches!(h, Host::Tcp(_)));
+    if sockets {
+        config.ssl_mode(SslMode::Disable);
+    }
+    let connector = match sockets {
+        true => None,
+        false => tls.connector().map_err(failed)?,
+    };
+    let client = match connector {
         Some(connector) => handshake(&config, connector, tx).await,
         None => handshake(&config, NoTls, tx).await,
     }

@@ -163,6 +163,12 @@ impl Server {
         )
     }
 
+    /// The directory of its Unix-domain socket (`host=` of a connection
+    /// string that does not go through TCP).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A connection string to `dbname` as the superuser.
     pub fn dsn(&self, dbname: &str) -> String {
         format!(

@@ -22,6 +22,27 @@ async fn inserts_updates_and_deletes_arrive() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_set_reaches_its_servers_through_unix_sockets_whatever_the_sslmode() {
+    let s = Setup::new(1, ITEMS).await;
+    // As libpq does, a socket path for host connects without TLS: sslmode
+    // is for TCP (prefer by default, require given here for the slave).
+    let mut text = std::fs::read_to_string(&s.conf).unwrap();
+    for (server, extra) in [(&s.master, ""), (&s.slaves[0], " sslmode=require")] {
+        text = text.replace(
+            &format!("host=127.0.0.1 port={}", server.port),
+            &format!(
+                "host={} port={}{extra}",
+                server.socket_dir().display(),
+                server.port
+            ),
+        );
+    }
+    std::fs::write(&s.conf, text).unwrap();
+    s.replicate("INSERT INTO items VALUES (1, 'one', 1)", ALL)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn thousand_row_statements_arrive() {
     let s = Setup::new(1, ITEMS).await;
     let m = s.master().await;
