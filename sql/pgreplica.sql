@@ -510,7 +510,10 @@ BEGIN%11$s%13$s
           FROM (SELECT CASE WHEN old.%1$s IS NOT NULL THEN %5$s END AS ot,
                        CASE WHEN new.%1$s IS NOT NULL THEN %4$s END AS nt
                   FROM pgreplica_old old FULL JOIN pgreplica_new new ON %2$s
-                 WHERE %8$s) AS pair
+                 WHERE %8$s
+                -- Kept apart: pulled up, each row's text would be made
+                -- again wherever ot and nt are named (eight times a row).
+                OFFSET 0) AS pair
          WHERE (ot OPERATOR(pg_catalog.=) nt) IS NOT TRUE
          ORDER BY CASE WHEN nt IS NULL THEN 0 WHEN ot IS NULL THEN 2 ELSE 1 END;
         IF jit_off THEN
