@@ -8,6 +8,10 @@
 //! writes alone, the slot read by no one meanwhile.
 //!
 //!     cargo bench --bench capture
+//!
+//! `COUNT=instructions` counts the instructions of PostgreSQL's backend
+//! instead (valgrind, the workloads at a tenth of their rows): the same
+//! figure on every run, where times swing with the machine's other work.
 
 use pgreplica::throwaway::Server;
 use pgreplica::{Config, capture, db, wal};
@@ -48,18 +52,16 @@ enum Capture {
     Wal(&'static str),
 }
 
-/// Seconds taken by `work` on a fresh `test` table, after `before` (not timed,
-/// in the same session).
-async fn timed(client: &mut Client, capture: Capture, (before, work): Case) -> f64 {
+/// Makes a fresh `test` table with `capture`, and runs `before` on it.
+async fn prepare(client: &mut Client, capture: Capture, before: &[&str]) {
     client.batch_execute(SETUP).await.unwrap();
-    let with_capture = capture != Capture::None;
     if let Capture::Wal(conf) = capture {
         let set = Config::parse(Path::new("bench.conf"), conf).unwrap();
         capture::install(client, &["test".to_string()], Some(&set))
             .await
             .unwrap();
         wal::make_slots(client, &set).await.unwrap();
-    } else if with_capture {
+    } else if capture != Capture::None {
         capture::install(client, &["test".to_string()], None)
             .await
             .unwrap();
@@ -81,15 +83,72 @@ async fn timed(client: &mut Client, capture: Capture, (before, work): Case) -> f
         client.batch_execute(sql).await.unwrap();
     }
     client.batch_execute("CHECKPOINT").await.unwrap();
+}
+
+/// Seconds taken by `work` on a fresh `test` table, after `before` (not timed,
+/// in the same session).
+async fn timed(client: &mut Client, capture: Capture, (before, work): Case) -> f64 {
+    prepare(client, capture, before).await;
     let start = Instant::now();
     for sql in work {
         client.batch_execute(sql).await.unwrap();
     }
     let took = start.elapsed().as_secs_f64();
-    if with_capture {
+    if capture != Capture::None {
         capture::uninstall(client).await.unwrap();
     }
     took
+}
+
+/// Instructions (valgrind's count) that `work` takes in a single-user backend
+/// of the stopped server, after `before`, less those of a backend that runs
+/// nothing: the same on every run, however busy the machine.
+async fn counted(pg: &Server, capture: Capture, (before, work): Case) -> f64 {
+    let mut client = db::connect(&pg.dsn("postgres"), None).await.unwrap();
+    prepare(&mut client, capture, before).await;
+    drop(client);
+    pg.stop("fast").unwrap();
+    let count = |sql: &str| {
+        let wrapper = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+        ];
+        let said = pg.single_user(&wrapper, "postgres", sql).unwrap();
+        let Some((_, tail)) = said.split_once("Collected : ") else {
+            panic!("no count from valgrind (apt-get install valgrind): {said}");
+        };
+        let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<f64>().unwrap()
+    };
+    let took = count(&work.join("\n")) - count("SELECT 1");
+    pg.restart().unwrap();
+    if capture != Capture::None {
+        let client = db::connect(&pg.dsn("postgres"), None).await.unwrap();
+        capture::uninstall(&client).await.unwrap();
+    }
+    took
+}
+
+/// `COUNT=instructions`: the workloads at a tenth of their rows, counted.
+async fn count_instructions(pg: &Server, cases: &[(&str, Case)]) {
+    println!("instructions of each workload at a tenth of its rows, single-user backend\n");
+    println!(
+        "{:<58} {:>14} {:>14} {:>7}",
+        "workload", "none", "capture", "ratio"
+    );
+    for (name, (before, work)) in cases {
+        let tenth = |sql: &&str| -> &'static str {
+            let sql = sql.replace("100000", "10000").replace("5000)", "500)");
+            Box::leak(sql.into_boxed_str())
+        };
+        let before: Vec<&'static str> = before.iter().map(tenth).collect();
+        let work: Vec<&'static str> = work.iter().map(tenth).collect();
+        let case: Case = (before.leak(), work.leak());
+        let none = counted(pg, Capture::None, case).await;
+        let all = counted(pg, Capture::All, case).await;
+        println!("{name:<58} {none:>14.0} {all:>14.0} {:>6.2}x", all / none);
+    }
 }
 
 /// A workload: statements run first, untimed, and the timed ones.
@@ -138,6 +197,10 @@ async fn main() {
             (&BULK, &["SELECT bench_update(5000)"]),
         ),
     ];
+    if std::env::var("COUNT").as_deref() == Ok("instructions") {
+        print!("PostgreSQL {version}, ");
+        return count_instructions(&pg, &cases).await;
+    }
     println!("PostgreSQL {version}, medians of {runs} runs, alternating baseline and capture\n");
     println!(
         "{:<58} {:>9} {:>8} {:>7} {:>13} {:>18} {:>13} {:>9}",

@@ -186,6 +186,42 @@ impl Server {
         )
     }
 
+    /// Runs `sql` (one statement a line) in a single-user backend of the
+    /// stopped server's database `dbname`, started through `wrapper` (such as
+    /// valgrind); returns what it wrote to stderr.
+    pub fn single_user(
+        &self,
+        wrapper: &[&str],
+        dbname: &str,
+        sql: &str,
+    ) -> Result<String, ServerError> {
+        let postgres = self.bin.join("postgres").display().to_string();
+        let data = self.data();
+        let mut argv: Vec<&str> = match running_as_root() {
+            true => vec!["runuser", "-u", "postgres", "--"],
+            false => Vec::new(),
+        };
+        argv.extend(wrapper);
+        argv.extend([postgres.as_str(), "--single", "-D", &data, dbname]);
+        let mut child = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| ServerError(format!("cannot run {}: {e}", argv.join(" "))))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin
+                .write_all(sql.as_bytes())
+                .map_err(|e| ServerError(format!("{postgres} --single: {e}")))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| ServerError(format!("{postgres} --single: {e}")))?;
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+
     /// Starts the server again on the same port; after [`Server::kill9`],
     /// once its last processes are gone.
     pub fn restart(&self) -> Result<(), ServerError> {
