@@ -7,6 +7,7 @@ use crate::error::{Context, Error};
 use crate::event::Snapshot;
 use crate::slave;
 use std::collections::BTreeMap;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Row};
 
 const ENTER_SQL: &str = "
@@ -181,10 +182,18 @@ pub async fn report_all(
     let events: Vec<i64> = reports.values().map(|r| r.events as i64).collect();
     let conflicts: Vec<i64> = reports.values().map(|r| r.conflicts as i64).collect();
     let errors: Vec<Option<&str>> = reports.values().map(|r| r.error.as_deref()).collect();
+    // Typed: one round trip, where a statement prepared first takes two.
     master
-        .execute(
+        .execute_typed(
             REPORTS_SQL,
-            &[&set, &slaves, &at, &events, &conflicts, &errors],
+            &[
+                (&set, Type::TEXT),
+                (&slaves, Type::INT4_ARRAY),
+                (&at, Type::TEXT_ARRAY),
+                (&events, Type::INT8_ARRAY),
+                (&conflicts, Type::INT8_ARRAY),
+                (&errors, Type::TEXT_ARRAY),
+            ],
         )
         .await
         .on_master("reporting progress to the master")
