@@ -13,10 +13,18 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+use std::future::Future;
+use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::config::SslMode;
-use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use x509_cert::der::Decode;
 
 /// How far the server is trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +85,7 @@ impl Tls {
     }
 
     /// The TLS connector, `None` when TLS is off.
-    pub fn connector(&self) -> Result<Option<MakeRustlsConnect>, String> {
+    pub fn connector(&self) -> Result<Option<Connector>, String> {
         if self.mode == Mode::Disable {
             return Ok(None);
         }
@@ -112,7 +120,7 @@ impl Tls {
                 .map_err(|e| format!("the client certificate cannot be used: {e}"))?,
             None => builder.with_no_client_auth(),
         };
-        Ok(Some(MakeRustlsConnect::new(config)))
+        Ok(Some(Connector(Arc::new(config))))
     }
 
     /// The CAs the server's certificate must come from: `sslrootcert`, or
@@ -273,5 +281,113 @@ impl ServerCertVerifier for NameUnchecked {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// Opens TLS to a server (rustls), and gives SCRAM the channel binding of the
+/// server's certificate, which `channel_binding=require` needs.
+#[derive(Clone)]
+pub struct Connector(Arc<ClientConfig>);
+
+impl<S> MakeTlsConnect<S> for Connector
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = Secured<S>;
+    type TlsConnect = Connect;
+    type Error = rustls::pki_types::InvalidDnsNameError;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<Connect, Self::Error> {
+        Ok(Connect {
+            name: ServerName::try_from(host)?.to_owned(),
+            connector: TlsConnector::from(self.0.clone()),
+        })
+    }
+}
+
+/// TLS to one host.
+pub struct Connect {
+    name: ServerName<'static>,
+    connector: TlsConnector,
+}
+
+impl<S> TlsConnect<S> for Connect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = Secured<S>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Secured<S>>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move { Ok(Secured(self.connector.connect(self.name, stream).await?)) })
+    }
+}
+
+/// A stream under TLS.
+pub struct Secured<S>(TlsStream<S>);
+
+impl<S> Secured<S> {
+    /// The `tls-server-end-point` channel binding: the hash of the server's
+    /// certificate, with the hash its signature uses (SHA-256 for MD5 and
+    /// SHA-1), as PostgreSQL computes it; `None` for a signature that names
+    /// no hash (as PostgreSQL, which then offers no binding).
+    pub fn end_point(&self) -> Option<Vec<u8>> {
+        let cert = self.0.get_ref().1.peer_certificates()?.first()?;
+        let parsed = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+        let algorithm = match parsed.signature_algorithm.oid.to_string().as_str() {
+            // RSA with MD5, SHA-1, SHA-256; ECDSA with SHA-1, SHA-256.
+            "1.2.840.113549.1.1.4"
+            | "1.2.840.113549.1.1.5"
+            | "1.2.840.113549.1.1.11"
+            | "1.2.840.10045.4.1"
+            | "1.2.840.10045.4.3.2" => &ring::digest::SHA256,
+            "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => &ring::digest::SHA384,
+            "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => &ring::digest::SHA512,
+            _ => return None,
+        };
+        Some(
+            ring::digest::digest(algorithm, cert.as_ref())
+                .as_ref()
+                .to_vec(),
+        )
+    }
+}
+
+impl<S> tokio_postgres::tls::TlsStream for Secured<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn channel_binding(&self) -> ChannelBinding {
+        self.end_point()
+            .map_or_else(ChannelBinding::none, ChannelBinding::tls_server_end_point)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Secured<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Secured<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }

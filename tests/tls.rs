@@ -253,18 +253,19 @@ async fn a_client_certificate_logs_in() {
     assert!(e.contains("certificate"), "{e}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_wal_set_streams_its_slot_over_tls_with_a_password() {
+/// Puts `s`'s servers behind TLS, where `replicator` logs in with a password
+/// through SCRAM bound to the server's certificate (tls-server-end-point), as
+/// libpq's `channel_binding=require` asks: a server in the middle fails it.
+async fn bound_password(s: Setup) -> Setup {
     let hba = HBA.replace(
         "hostssl all replicator 127.0.0.1/32 trust",
         "hostssl all replicator 127.0.0.1/32 scram-sha-256",
     );
-    let s = Setup::wal(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let (s, _, ca) = secure(s, &["localhost"], &[LOOPBACK], &hba).await;
     for dsn in [s.master.dsn("app"), s.slaves[0].dsn("app")] {
         support::connect(&dsn)
             .await
-            .batch_execute("ALTER ROLE replicator PASSWORD 'stream-secret'")
+            .batch_execute("ALTER ROLE replicator PASSWORD 'bound-secret'")
             .await
             .unwrap();
     }
@@ -272,10 +273,17 @@ async fn a_wal_set_streams_its_slot_over_tls_with_a_password() {
         &s,
         "replicator",
         &format!(
-            "password=stream-secret sslmode=verify-full sslrootcert={}",
+            "password=bound-secret channel_binding=require sslmode=verify-full sslrootcert={}",
             ca.display()
         ),
     );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wal_set_streams_its_slot_over_tls_with_a_bound_password() {
+    let s = Setup::wal(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let s = bound_password(s).await;
     let _daemon = s.spawn();
     s.arrives(
         "INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 100) g",
@@ -295,4 +303,15 @@ async fn a_wal_set_streams_its_slot_over_tls_with_a_password() {
         .unwrap()
         .get(0);
     assert_eq!(streams, 1, "{}", s.daemon_log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_set_logs_in_with_a_bound_password() {
+    let s = Setup::new(1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let s = bound_password(s).await;
+    s.replicate(
+        "INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 10) g",
+        "SELECT * FROM t ORDER BY id",
+    )
+    .await;
 }

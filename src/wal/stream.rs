@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Config, Host};
+use tokio_postgres::config::{ChannelBinding as BindingSetting, Config, Host};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -75,7 +75,7 @@ impl Stream {
         let limit = config.get_connect_timeout().copied();
         let limit = limit.unwrap_or(Duration::from_secs(10));
         let opening = async {
-            let io = dial(&config, &tls).await?;
+            let (io, binding) = dial(&config, &tls).await?;
             let mut stream = Stream {
                 io,
                 buf: BytesMut::with_capacity(64 << 10),
@@ -83,7 +83,7 @@ impl Stream {
                 sent: Lsn(0),
                 relations: HashMap::new(),
             };
-            stream.start_up(&config).await?;
+            stream.start_up(&config, binding).await?;
             let command = format!(
                 "START_REPLICATION SLOT \"{slot}\" LOGICAL {start} (proto_version '1', \
                  publication_names '{publications}')"
@@ -241,8 +241,8 @@ impl Stream {
     }
 
     /// The startup message and the password exchange, up to the server's
-    /// first `ReadyForQuery`.
-    async fn start_up(&mut self, config: &Config) -> Result<(), String> {
+    /// first `ReadyForQuery`; `binding` is the TLS channel binding, if any.
+    async fn start_up(&mut self, config: &Config, binding: Option<Vec<u8>>) -> Result<(), String> {
         let user = config.get_user().unwrap_or_default().to_string();
         let database = config.get_dbname().unwrap_or(&user).to_string();
         let application = config.get_application_name().unwrap_or("pgreplica");
@@ -261,6 +261,13 @@ impl Stream {
         ];
         self.send(|buf| frontend::startup_message(parameters, buf))
             .await?;
+        let bound = config.get_channel_binding();
+        let unbound = || match bound {
+            BindingSetting::Require => Err("channel_binding=require, but the server asks for a \
+                                            password without channel binding (SCRAM over TLS)"
+                .to_string()),
+            _ => Ok(()),
+        };
         let password = || {
             config
                 .get_password()
@@ -274,11 +281,13 @@ impl Stream {
                 b'R' => match body.get_i32() {
                     0 => {}
                     3 => {
+                        unbound()?;
                         let password = password()?;
                         self.send(|buf| frontend::password_message(&password, buf))
                             .await?;
                     }
                     5 => {
+                        unbound()?;
                         let salt: [u8; 4] = body[..4].try_into().map_err(|_| "short salt")?;
                         let hash = md5_hash(user.as_bytes(), &password()?, salt);
                         self.send(|buf| frontend::password_message(hash.as_bytes(), buf))
@@ -286,19 +295,31 @@ impl Stream {
                     }
                     10 => {
                         let offered = String::from_utf8_lossy(&body).to_string();
-                        if !offered.split('\0').any(|m| m == sasl::SCRAM_SHA_256) {
-                            return Err(format!("unsupported SASL mechanisms {offered:?}"));
-                        }
-                        let client = sasl::ScramSha256::new(
-                            &password()?,
-                            sasl::ChannelBinding::unsupported(),
-                        );
+                        let offers = |m: &str| offered.split('\0').any(|o| o == m);
+                        let (mechanism, channel) = match &binding {
+                            Some(end_point)
+                                if bound != BindingSetting::Disable
+                                    && offers(sasl::SCRAM_SHA_256_PLUS) =>
+                            {
+                                let channel =
+                                    sasl::ChannelBinding::tls_server_end_point(end_point.clone());
+                                (sasl::SCRAM_SHA_256_PLUS, channel)
+                            }
+                            _ if offers(sasl::SCRAM_SHA_256) => {
+                                unbound()?;
+                                let channel = match binding.is_some() {
+                                    true => sasl::ChannelBinding::unrequested(),
+                                    false => sasl::ChannelBinding::unsupported(),
+                                };
+                                (sasl::SCRAM_SHA_256, channel)
+                            }
+                            _ => return Err(format!("unsupported SASL mechanisms {offered:?}")),
+                        };
+                        let client = sasl::ScramSha256::new(&password()?, channel);
                         let first = client.message().to_vec();
                         scram = Some(client);
-                        self.send(|buf| {
-                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, &first, buf)
-                        })
-                        .await?;
+                        self.send(|buf| frontend::sasl_initial_response(mechanism, &first, buf))
+                            .await?;
                     }
                     11 => {
                         let client = scram.as_mut().ok_or("SASL out of order")?;
@@ -320,9 +341,12 @@ impl Stream {
     }
 }
 
+/// A connection, and its TLS channel binding (none without TLS).
+type Dialed = (Box<dyn Io>, Option<Vec<u8>>);
+
 /// Connects to the first of the master's hosts that answers, over TLS when
 /// the connection string asks for it.
-async fn dial(config: &Config, tls: &Tls) -> Result<Box<dyn Io>, String> {
+async fn dial(config: &Config, tls: &Tls) -> Result<Dialed, String> {
     let ports = config.get_ports();
     let mut last = "no host".to_string();
     for (i, host) in config.get_hosts().iter().enumerate() {
@@ -338,7 +362,7 @@ async fn dial(config: &Config, tls: &Tls) -> Result<Box<dyn Io>, String> {
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 match UnixStream::connect(&path).await {
-                    Ok(socket) => Ok(Box::new(socket) as Box<dyn Io>),
+                    Ok(socket) => Ok((Box::new(socket) as Box<dyn Io>, None)),
                     Err(e) => Err(format!("{}: {e}", path.display())),
                 }
             }
@@ -357,9 +381,9 @@ async fn secure(
     host: &str,
     config: &Config,
     tls: &Tls,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<Dialed, String> {
     let Some(mut connector) = tls.connector()? else {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), None));
     };
     let mut request = BytesMut::new();
     frontend::ssl_request(&mut request);
@@ -371,10 +395,11 @@ async fn secure(
             let connect = MakeTlsConnect::<TcpStream>::make_tls_connect(&mut connector, host)
                 .map_err(|e| e.to_string())?;
             let secured = connect.connect(tcp).await.map_err(|e| e.to_string())?;
-            Ok(Box::new(secured))
+            let binding = secured.end_point();
+            Ok((Box::new(secured), binding))
         }
         _ if required => Err("the server does not accept TLS connections".into()),
-        _ => Ok(Box::new(tcp)),
+        _ => Ok((Box::new(tcp), None)),
     }
 }
 
