@@ -130,12 +130,17 @@ async fn counted(pg: &Server, capture: Capture, (before, work): Case) -> f64 {
     took
 }
 
-/// `COUNT=instructions`: the workloads at a tenth of their rows, counted.
-async fn count_instructions(pg: &Server, cases: &[(&str, Case)]) {
+/// `COUNT=instructions`: the workloads at a tenth of their rows, counted;
+/// WAL capture on `logical` (with the set of `conf`) against none there.
+async fn count_instructions(
+    pg: &Server,
+    (logical, conf): (&Server, &'static str),
+    cases: &[(&str, Case)],
+) {
     println!("instructions of each workload at a tenth of its rows, single-user backend\n");
     println!(
-        "{:<58} {:>14} {:>14} {:>7}",
-        "workload", "none", "capture", "ratio"
+        "{:<58} {:>14} {:>14} {:>7} {:>9}",
+        "workload", "none", "capture", "ratio", "wal ratio"
     );
     for (name, (before, work)) in cases {
         let tenth = |sql: &&str| -> &'static str {
@@ -147,7 +152,13 @@ async fn count_instructions(pg: &Server, cases: &[(&str, Case)]) {
         let case: Case = (before.leak(), work.leak());
         let none = counted(pg, Capture::None, case).await;
         let all = counted(pg, Capture::All, case).await;
-        println!("{name:<58} {none:>14.0} {all:>14.0} {:>6.2}x", all / none);
+        let unlogged = counted(logical, Capture::None, case).await;
+        let wal = counted(logical, Capture::Wal(conf), case).await;
+        println!(
+            "{name:<58} {none:>14.0} {all:>14.0} {:>6.2}x {:>8.2}x",
+            all / none,
+            wal / unlogged
+        );
     }
 }
 
@@ -199,7 +210,7 @@ async fn main() {
     ];
     if std::env::var("COUNT").as_deref() == Ok("instructions") {
         print!("PostgreSQL {version}, ");
-        return count_instructions(&pg, &cases).await;
+        return count_instructions(&pg, (&logical, conf), &cases).await;
     }
     println!("PostgreSQL {version}, medians of {runs} runs, alternating baseline and capture\n");
     println!(

@@ -322,8 +322,7 @@ BEGIN
     FOR tbl, member IN
         SELECT t.reloid, p.relid FROM pgreplica.tables t, pg_partition_tree(t.reloid) p
          WHERE p.relid <> t.reloid
-           AND NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = p.relid
-                                                      AND g.tgname LIKE 'pgreplica\_%')
+           AND pg_catalog.to_regproc('pgreplica.' || pgreplica.capture_name(p.relid)) IS NULL
     LOOP
         PERFORM pgreplica.capture(member, tbl);
         n := n + 1;
@@ -383,6 +382,7 @@ DECLARE
     -- key: SQL not written here, or not written fully qualified).
     pinned boolean := false;
     qualified text;
+    wal boolean;
 BEGIN
     SELECT coalesce(t.operations, 'IUDT') AS operations, t.filter, t.columns, t.exclude,
            t.deletes_kept_since IS NOT NULL AS keeps_deletes
@@ -552,15 +552,18 @@ $body$, k1, pairing, NULL,
         CASE WHEN pinned THEN E'\n        SET search_path = pg_catalog, pg_temp' END, body);
     EXECUTE format('REVOKE ALL ON FUNCTION pgreplica.%I() FROM PUBLIC', fn);
     PERFORM pgreplica.drop_triggers(tbl);
-    IF strpos(opts.operations, 'I') > 0 THEN
+    -- Under WAL capture a table has only the triggers that fire (a disabled
+    -- trigger with a transition table still has every row it writes copied).
+    wal := pgreplica.wal();
+    IF strpos(opts.operations, 'I') > 0 AND NOT wal THEN
         EXECUTE format('CREATE TRIGGER pgreplica_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS pgreplica_new'
                        ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
     END IF;
-    IF strpos(opts.operations, 'U') > 0 THEN
+    IF strpos(opts.operations, 'U') > 0 AND NOT wal THEN
         EXECUTE format('CREATE TRIGGER pgreplica_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS pgreplica_old'
                        ' NEW TABLE AS pgreplica_new FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
     END IF;
-    IF strpos(opts.operations, 'D') > 0 THEN
+    IF strpos(opts.operations, 'D') > 0 AND (NOT wal OR opts.keeps_deletes) THEN
         EXECUTE format('CREATE TRIGGER pgreplica_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS pgreplica_old'
                        ' FOR EACH STATEMENT EXECUTE FUNCTION pgreplica.%I()', tbl, fn);
     END IF;
@@ -572,20 +575,19 @@ $body$, k1, pairing, NULL,
     END IF;
     -- ALWAYS: capture also fires in sessions that apply changes from another node
     -- (session_replication_role = replica), where a node captures too. Under
-    -- WAL capture the triggers stay, disabled (they cost nothing), and the
-    -- table logs its whole old row in the WAL, which conflicts and the values
-    -- an update leaves alone need; but a partition's TRUNCATE, which the WAL
-    -- does not give as its partitioned table's, is still logged, and so are
-    -- deletes where the table's deletes are kept (the WAL reader passes over
-    -- them: the delete itself comes from the WAL).
+    -- WAL capture the table logs its whole old row in the WAL, which conflicts
+    -- and the values an update leaves alone need; a partition's TRUNCATE,
+    -- which the WAL does not give as its partitioned table's, is still logged,
+    -- and so are deletes where the table's deletes are kept (the WAL reader
+    -- passes over them: the delete itself comes from the WAL). The root's
+    -- TRUNCATE trigger stays, disabled (it copies no rows).
     FOR trig IN SELECT t.tgname FROM pg_trigger t
                  WHERE t.tgrelid = tbl AND t.tgname LIKE 'pgreplica\_%' LOOP
         EXECUTE format('ALTER TABLE %s %s TRIGGER %I', tbl,
-                       CASE WHEN pgreplica.wal() AND (tbl = root OR trig <> 'pgreplica_truncate')
-                                 AND NOT (opts.keeps_deletes AND trig = 'pgreplica_delete')
+                       CASE WHEN wal AND tbl = root AND trig = 'pgreplica_truncate'
                             THEN 'DISABLE' ELSE 'ENABLE ALWAYS' END, trig);
     END LOOP;
-    IF pgreplica.wal() THEN
+    IF wal THEN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', tbl);
     END IF;
 END
@@ -659,7 +661,7 @@ BEGIN
                   AND t.filter IS NOT DISTINCT FROM set_options.filter
                   AND t.columns IS NOT DISTINCT FROM set_options.columns
                   AND t.exclude IS NOT DISTINCT FROM set_options.exclude)
-       AND EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname LIKE 'pgreplica\_%') THEN
+       AND pg_catalog.to_regproc('pgreplica.' || pgreplica.capture_name(tbl)) IS NOT NULL THEN
         RETURN false;
     END IF;
     INSERT INTO pgreplica.tables AS t (reloid, operations, filter, columns, exclude)

@@ -412,16 +412,16 @@ async fn install_names_what_the_master_lacks_and_uninstall_drops_the_slots() {
 
 /// Whether the master's trigger that logs deletes of `items` fires.
 async fn deletes_logged(master: &tokio_postgres::Client) -> bool {
-    let enabled: String = master
-        .query_one(
+    let enabled = master
+        .query_opt(
             "SELECT tgenabled::text FROM pg_trigger
               WHERE tgrelid = 'items'::regclass AND tgname = 'pgreplica_delete'",
             &[],
         )
         .await
         .unwrap()
-        .get(0);
-    enabled == "A"
+        .map(|row| row.get::<_, String>(0));
+    enabled.as_deref() == Some("A")
 }
 
 #[tokio::test(flavor = "multi_thread")]
