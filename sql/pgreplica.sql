@@ -284,7 +284,7 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Switches the master between trigger capture and WAL capture: the
--- publications made or dropped, the triggers disabled or enabled again. The
+-- publications made or dropped, each table's triggers made again for the mode. The
 -- slots, one per slave, are pgreplica install's (they cannot be made in a
 -- transaction that wrote). Tables keep REPLICA IDENTITY FULL when switched back.
 CREATE OR REPLACE FUNCTION pgreplica.use_wal(wal boolean) RETURNS void
