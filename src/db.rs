@@ -224,11 +224,11 @@ pub async fn connect_listening(
         .get_hosts()
         .iter()
         .all(|h| !matches!(h, Host::Tcp(_)));
-    if sockets {
-        config.ssl_mode(SslMode::Disable);
-    }
     let connector = match sockets {
-        true => None,
+        true => {
+            config.ssl_mode(SslMode::Disable);
+            None
+        }
         false => tls.connector().map_err(failed)?,
     };
     let client = match connector {

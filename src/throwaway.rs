@@ -36,6 +36,19 @@ fn running_as_root() -> bool {
     false
 }
 
+/// A command that runs `program` as the `postgres` OS user when the tests
+/// run as root (PostgreSQL refuses to run as root).
+fn as_server_user(program: &std::ffi::OsStr) -> Command {
+    match running_as_root() {
+        true => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        }
+        false => Command::new(program),
+    }
+}
+
 fn free_port() -> Result<u16, ServerError> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(|e| ServerError(format!("no free port: {e}")))?;
@@ -119,12 +132,9 @@ impl Server {
         } else {
             PathBuf::from(program)
         };
-        let mut command = if pg && running_as_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&path);
-            c
-        } else {
-            Command::new(&path)
+        let mut command = match pg {
+            true => as_server_user(path.as_os_str()),
+            false => Command::new(&path),
         };
         let output = command
             .args(args)
@@ -197,13 +207,9 @@ impl Server {
     ) -> Result<String, ServerError> {
         let postgres = self.bin.join("postgres").display().to_string();
         let data = self.data();
-        let mut argv: Vec<&str> = match running_as_root() {
-            true => vec!["runuser", "-u", "postgres", "--"],
-            false => Vec::new(),
-        };
-        argv.extend(wrapper);
+        let mut argv: Vec<&str> = wrapper.to_vec();
         argv.extend([postgres.as_str(), "--single", "-D", &data, dbname]);
-        let mut child = Command::new(argv[0])
+        let mut child = as_server_user(argv[0].as_ref())
             .args(&argv[1..])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
