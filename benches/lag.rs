@@ -1,5 +1,6 @@
 //! Lag: a probe changes one row on the master every 50 ms and times until the
-//! slave shows it, for pgreplica and, on the same servers and in the same run,
+//! slave shows it (a trigger on the slave announces each change with a NOTIFY
+//! at its commit), for pgreplica and, on the same servers and in the same run,
 //! for PostgreSQL's built-in logical replication; then how long
 //! `pgreplica.wait()` takes. Prints p50, p90, p99 and max of each, and
 //! pgreplica's p50 and p99 as ratios to the built-in's.
@@ -14,33 +15,62 @@ use pgreplica::throwaway::Server;
 use pgreplica::{Config, capture, db, wal};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::Client;
 
 const SCHEMA: &str = "CREATE TABLE ours (id int PRIMARY KEY, v int);
                       CREATE TABLE builtin (id int PRIMARY KEY, v int);
                       INSERT INTO ours VALUES (1, 0); INSERT INTO builtin VALUES (1, 0);";
 
+/// On the slave, each change that reaches a probed table is announced by a
+/// NOTIFY at its commit: a trigger that fires whoever writes (`ENABLE
+/// ALWAYS`, as appliers run as replicas). The probe waits for it instead of
+/// polling, which would keep one of the machine's cores busy.
+const ANNOUNCE: &str = "
+CREATE FUNCTION announce() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify(TG_TABLE_NAME, ''); RETURN NULL; END $$;
+CREATE TRIGGER announce AFTER UPDATE ON ours FOR EACH ROW EXECUTE FUNCTION announce();
+CREATE TRIGGER announce AFTER UPDATE ON builtin FOR EACH ROW EXECUTE FUNCTION announce();
+ALTER TABLE ours ENABLE ALWAYS TRIGGER announce;
+ALTER TABLE builtin ENABLE ALWAYS TRIGGER announce;
+LISTEN ours; LISTEN builtin;";
+
+/// Waits for the slave's announcement that `table` changed: the change made
+/// last, as the probe waits for each before it makes the next.
+async fn shown(announced: &mut UnboundedReceiver<String>, table: &str) {
+    let wait = async {
+        while let Some(note) = announced.recv().await {
+            if note == table {
+                return;
+            }
+        }
+        panic!("the slave's session was lost");
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .unwrap_or_else(|_| panic!("{table} stalled"));
+}
+
 /// Milliseconds from the master's commit until the slave shows each change.
-async fn probe(master: &Client, slave: &Client, table: &str, samples: i32) -> Vec<f64> {
-    let read = format!("SELECT v FROM {table} WHERE id = 1");
+async fn probe(
+    (master, slave): (&Client, &Client),
+    announced: &mut UnboundedReceiver<String>,
+    table: &str,
+    samples: i32,
+) -> Vec<f64> {
     let mut times = Vec::new();
     for i in 1..=samples {
+        while announced.try_recv().is_ok() {}
         master
             .execute(&format!("UPDATE {table} SET v = $1 WHERE id = 1"), &[&i])
             .await
             .unwrap();
         let committed = Instant::now();
-        loop {
-            let v: i32 = slave.query_one(&read, &[]).await.unwrap().get(0);
-            if v == i {
-                break;
-            }
-            assert!(
-                committed.elapsed() < Duration::from_secs(30),
-                "{table} stalled"
-            );
-        }
+        shown(announced, table).await;
         times.push(committed.elapsed().as_secs_f64() * 1000.0);
+        let read = format!("SELECT v FROM {table} WHERE id = 1");
+        let v: i32 = slave.query_one(&read, &[]).await.unwrap().get(0);
+        assert_eq!(v, i, "{table} announced a change the slave does not show");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     times.sort_by(f64::total_cmp);
@@ -173,10 +203,14 @@ async fn main() {
             .unwrap()
     });
     // Both paths warmed up (and the load running) before measuring.
-    probe(&m, &s, "ours", 5).await;
-    probe(&m, &s, "builtin", 5).await;
-    let ours = probe(&m, &s, "ours", samples).await;
-    let builtin = probe(&m, &s, "builtin", samples).await;
+    let (listener, mut announced) = db::connect_listening(&slave.dsn("app"), None)
+        .await
+        .unwrap();
+    listener.batch_execute(ANNOUNCE).await.unwrap();
+    probe((&m, &s), &mut announced, "ours", 5).await;
+    probe((&m, &s), &mut announced, "builtin", 5).await;
+    let ours = probe((&m, &s), &mut announced, "ours", samples).await;
+    let builtin = probe((&m, &s), &mut announced, "builtin", samples).await;
     let waited = probe_wait(&m, &s, samples).await;
     if let Some(bench) = bench.as_mut() {
         let _ = bench.kill();

@@ -59,13 +59,17 @@ LIMIT $10";
 // Tables of the log: from the catalog, or, when one was dropped since, from
 // the definition pgreplica kept when it was last attached.
 // The name each had when it was attached comes along.
+// Each table is looked up by its oid through the catalog's indexes, whatever
+// the number of tables: the plan is kept for the reader's session.
 const TABLES_SQL: &str = "
-SELECT c.oid, n.nspname, c.relname, d.logged, d.key, false, t.layout->>'schema', t.layout->>'name'
-  FROM unnest($1::oid[]) AS q(oid)
-  JOIN pg_class c ON c.oid = q.oid
-  JOIN pg_namespace n ON n.oid = c.relnamespace
-  JOIN pgreplica.described d ON d.reloid = q.oid
-  LEFT JOIN pgreplica.tables t ON t.reloid = q.oid
+SELECT x.* FROM unnest($1::oid[]) AS q(oid), LATERAL (
+  SELECT c.oid, n.nspname, c.relname, d.logged, d.key, false, t.layout->>'schema', t.layout->>'name'
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pgreplica.described d ON d.reloid = c.oid
+    LEFT JOIN pgreplica.tables t ON t.reloid = c.oid
+   WHERE c.oid = q.oid
+  OFFSET 0) AS x
 UNION ALL
 SELECT t.reloid, t.layout->>'schema', t.layout->>'name',
        ARRAY(SELECT jsonb_array_elements_text(t.layout->'columns')),

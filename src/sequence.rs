@@ -9,15 +9,20 @@ use crate::error::{Context, Error};
 use tokio_postgres::{GenericClient, Statement};
 
 // The owned sequences of replicated tables, with their table and column.
+// Each table's are looked up through the catalog's indexes: the plan is kept
+// for the reader's session, whatever the number of tables.
 const OWNED_SQL: &str = "
-SELECT s.oid::regclass::text, t.reloid::regclass::text, quote_ident(a.attname),
-       pg_sequence_last_value(s.oid)
-  FROM pgreplica.tables t
-  JOIN pg_depend d ON d.refobjid = t.reloid AND d.refclassid = 'pg_class'::regclass
-                  AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-  JOIN pg_attribute a ON a.attrelid = t.reloid AND a.attnum = d.refobjsubid
- WHERE CASE WHEN s.relkind = 'S' THEN has_sequence_privilege(s.oid, 'SELECT') END
+SELECT o.seq::regclass::text, t.reloid::regclass::text, quote_ident(o.attname),
+       pg_sequence_last_value(o.seq)
+  FROM pgreplica.tables t,
+       LATERAL (SELECT s.oid AS seq, a.attname
+                  FROM pg_depend d
+                  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+                  JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                 WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = t.reloid
+                   AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+                   AND CASE WHEN s.relkind = 'S' THEN has_sequence_privilege(s.oid, 'SELECT') END
+                OFFSET 0) AS o
  ORDER BY 1";
 
 // Raises the slave's sequences to the master's values, never lowers them; a

@@ -135,8 +135,12 @@ pub async fn session(client: &impl GenericClient) -> Result<(), Error> {
         .await
         .on_slave("setting up the slave session")?;
     // A batch's commit is its progress: it must not be lost in a crash.
+    // Its statements are planned once per session, not at every batch (a
+    // custom plan of the catalog read alone cost more than a small batch's
+    // apply): their parameters are arrays, whose length is all a custom
+    // plan would learn.
     client
-        .batch_execute("SET synchronous_commit = on")
+        .batch_execute("SET synchronous_commit = on; SET plan_cache_mode = force_generic_plan")
         .await
         .on_slave("setting up the slave session")?;
     match client

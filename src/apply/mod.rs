@@ -47,13 +47,18 @@ SELECT a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <>
 
 /// [`SLAVE_TABLE_SQL`] for several tables (quoted names), each row led by
 /// its table's name.
+// Each table's columns are looked up by its oid, whatever the number of
+// tables: the plan is made once per session (see `slave::session`).
 const SLAVE_TABLES_SQL: &str = "
-SELECT q.name, a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <> ''
-  FROM unnest($1::text[]) AS q(name)
-  JOIN pg_attribute a ON a.attrelid = to_regclass(q.name)
-  JOIN pg_type t ON t.oid = a.atttypid
-  JOIN pg_namespace n ON n.oid = t.typnamespace
- WHERE a.attnum > 0 AND NOT a.attisdropped";
+SELECT q.name, a.attname::text,
+       (SELECT format('%I.%I', n.nspname, t.typname)
+          FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+         WHERE t.oid = a.atttypid),
+       a.attgenerated <> ''
+  FROM unnest($1::text[]) AS q(name),
+       LATERAL (SELECT attname, atttypid, attgenerated FROM pg_attribute
+                 WHERE attrelid = to_regclass(q.name) AND attnum > 0 AND NOT attisdropped
+                OFFSET 0) AS a";
 
 /// The slave tables a batch's statements likely go to (quoted names), whose
 /// columns are read before the batch, at most.
