@@ -225,7 +225,7 @@ mod tests {
     #[test]
     fn a_table_section_overrides_the_set_policy() {
         let path = std::path::Path::new("shop.conf");
-        let text = "[MAIN]\nNAME=s\nDSN0=a\nDSN1=b\nNODE1=hq\nCONFLICT=newest\n\
+        let text = "[MAIN]\nNAME=s\nDSN0=host=a\nDSN1=host=b\nNODE1=hq\nCONFLICT=newest\n\
                     [TABLE stock]\nCONFLICT=keep-local\n";
         let set = Config::parse(path, text).unwrap();
         let r = Resolver::new(&set, 1).unwrap();
@@ -238,7 +238,7 @@ mod tests {
             r.policy(&TableName::parse("orders").unwrap()),
             Policy::Newest
         );
-        let plain = Config::parse(path, "[MAIN]\nNAME=s\nDSN0=a\nDSN1=b\n").unwrap();
+        let plain = Config::parse(path, "[MAIN]\nNAME=s\nDSN0=host=a\nDSN1=host=b\n").unwrap();
         assert!(Resolver::new(&plain, 1).is_none());
         // newest reads the nodes' own logs: they are kept a week unless told.
         assert_eq!(set.log_keep, crate::config::DEFAULT_LOG_KEEP);

@@ -83,6 +83,18 @@ pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, ConnectError> {
 }
 
 /// Like [`parse_dsn`], with the TLS settings the driver does not read itself.
+/// What is wrong with `dsn`, if it does not read as a connection string.
+pub fn check_dsn(dsn: &str) -> Result<(), String> {
+    match parse_with_tls(dsn) {
+        Err(ConnectError::Dsn { message, .. }) => {
+            let message = message.trim_start_matches("invalid connection string: ");
+            Err(format!("bad connection string: {message}"))
+        }
+        Err(other) => Err(other.to_string()),
+        Ok(_) => Ok(()),
+    }
+}
+
 pub(crate) fn parse_with_tls(dsn: &str) -> Result<(tokio_postgres::Config, Tls), ConnectError> {
     let bad = |message: String| ConnectError::Dsn {
         dsn: redact(dsn),
@@ -90,8 +102,13 @@ pub(crate) fn parse_with_tls(dsn: &str) -> Result<(tokio_postgres::Config, Tls),
     };
     let mut settings = Dsn::parse(dsn).map_err(|e| bad(e.to_string()))?;
     let tls = Tls::take(&mut settings).map_err(bad)?;
-    let mut config =
-        tokio_postgres::Config::from_str(&settings.render()).map_err(|e| bad(e.to_string()))?;
+    // The driver's error names the setting in its cause.
+    let mut config = tokio_postgres::Config::from_str(&settings.render()).map_err(|e| {
+        bad(match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
+    })?;
     config.ssl_mode(tls.ssl_mode());
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if config.get_hosts().is_empty() {

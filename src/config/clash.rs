@@ -124,7 +124,8 @@ mod tests {
     #[test]
     fn two_files_may_not_capture_one_table_differently() {
         let file = |name: &str, filter: &str| {
-            let text = format!("[MAIN]\nNAME={name}\nDSN0=m\nDSN1=s\n[TABLE t]\n{filter}");
+            let text =
+                format!("[MAIN]\nNAME={name}\nDSN0=host=m\nDSN1=host=s\n[TABLE t]\n{filter}");
             Config::parse(Path::new(&format!("{name}.conf")), &text).unwrap()
         };
         let same = [file("a", "FILTER=new.x\n"), file("b", "FILTER=new.x\n")];
@@ -137,7 +138,7 @@ mod tests {
     #[test]
     fn files_of_one_daemon_must_agree_on_its_process_keys() {
         let file = |name: &str, extra: &str| {
-            let text = format!("[MAIN]\nNAME={name}\nDSN0=m\nDSN1=s\n{extra}");
+            let text = format!("[MAIN]\nNAME={name}\nDSN0=host=m\nDSN1=host=s\n{extra}");
             Config::parse(Path::new(&format!("{name}.conf")), &text).unwrap()
         };
         let agree = [
