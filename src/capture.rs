@@ -3,6 +3,8 @@
 use crate::config::{Capture, Config, Policy};
 use crate::error::{Context, Error};
 use crate::ident::TableName;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 /// The capture schema, as shipped in `sql/pgreplica.sql`.
@@ -25,8 +27,28 @@ pub struct TableReport {
 /// Installs (or upgrades) capture and attaches every table with a primary key, or
 /// only `tables` when some are named, then sets the capture options of `set`'s
 /// `[TABLE]` sections and its capture mode (`CAPTURE`: the master's mode, for
-/// every set reading it). Safe to run again.
+/// every set reading it). Safe to run again. One transaction: a deadlock
+/// with a daemon applying to the same tables meanwhile (a switchover's new
+/// master is still a slave) undoes it all, and it is tried again.
 pub async fn install(
+    client: &mut Client,
+    tables: &[String],
+    set: Option<&Config>,
+) -> Result<Vec<TableReport>, Error> {
+    let mut tries = 0;
+    loop {
+        match install_once(client, tables, set).await {
+            Err(e) if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) && tries < 5 => {
+                tries += 1;
+                tracing::info!("installing capture: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn install_once(
     client: &mut Client,
     tables: &[String],
     set: Option<&Config>,
