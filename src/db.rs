@@ -82,7 +82,6 @@ pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, ConnectError> {
     parse_with_tls(dsn).map(|(config, _)| config)
 }
 
-/// Like [`parse_dsn`], with the TLS settings the driver does not read itself.
 /// What is wrong with `dsn`, if it does not read as a connection string.
 pub fn check_dsn(dsn: &str) -> Result<(), String> {
     match parse_with_tls(dsn) {
@@ -95,6 +94,7 @@ pub fn check_dsn(dsn: &str) -> Result<(), String> {
     }
 }
 
+/// Like [`parse_dsn`], with the TLS settings the driver does not read itself.
 pub(crate) fn parse_with_tls(dsn: &str) -> Result<(tokio_postgres::Config, Tls), ConnectError> {
     let bad = |message: String| ConnectError::Dsn {
         dsn: redact(dsn),

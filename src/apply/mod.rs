@@ -45,10 +45,10 @@ SELECT a.attname::text, format('%I.%I', n.nspname, t.typname), a.attgenerated <>
   JOIN pg_namespace n ON n.oid = t.typnamespace
  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
-/// [`SLAVE_TABLE_SQL`] for several tables (quoted names), each row led by
-/// its table's name.
 // Each table's columns are looked up by its oid, whatever the number of
 // tables: the plan is made once per session (see `slave::session`).
+/// [`SLAVE_TABLE_SQL`] for several tables (quoted names), each row led by
+/// its table's name.
 const SLAVE_TABLES_SQL: &str = "
 SELECT q.name, a.attname::text,
        (SELECT format('%I.%I', n.nspname, t.typname)
