@@ -202,11 +202,11 @@ async fn main() {
             .spawn()
             .unwrap()
     });
-    // Both paths warmed up (and the load running) before measuring.
     let (listener, mut announced) = db::connect_listening(&slave.dsn("app"), None)
         .await
         .unwrap();
     listener.batch_execute(ANNOUNCE).await.unwrap();
+    // Both paths warmed up (and the load running) before measuring.
     probe((&m, &s), &mut announced, "ours", 5).await;
     probe((&m, &s), &mut announced, "builtin", 5).await;
     let ours = probe((&m, &s), &mut announced, "ours", samples).await;
