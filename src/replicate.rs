@@ -2,7 +2,7 @@
 //! its events, apply them with the new progress in one slave transaction.
 
 use crate::adapt::Adapter;
-use crate::apply::{self, Applied, Applier};
+use crate::apply::{self, Applied, Applier, Described};
 use crate::config::Config;
 use crate::conflict::Resolver;
 use crate::db::Prepared;
@@ -10,13 +10,14 @@ use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Origins, Snapshot};
 use crate::hub::{Ask, Hub};
 use crate::pgoutput::Lsn;
-use crate::slave::WalProgress;
+use crate::slave::{Progress, WalProgress};
 use crate::wal::stream::Stream;
 use crate::wal::{self, read};
 use crate::{sequence, slave};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// One slave's way from its master's log: the origins it takes, how rows are
 /// adapted, how conflicts are settled, and its prepared statements.
@@ -129,23 +130,16 @@ pub async fn step(
         skip: Default::default(),
         sequences: pipeline.origins.master.is_none(),
     };
-    let (statements, ahead) = (&mut pipeline.statements, &pipeline.ahead);
-    let begin = async {
-        let slave_tx = slave_client
-            .transaction()
-            .await
-            .on_slave("starting the slave's transaction")?;
-        // The tables of the last batch are described beside the lock.
-        let described = apply::describe_ahead(&slave_tx, statements, ahead).await?;
-        let (locked, described) = tokio::join!(slave::lock_set(&slave_tx, set), described);
-        Ok::<_, Error>((locked?, described?, slave_tx))
-    };
+    let on_slave = (&mut pipeline.statements, pipeline.ahead.as_slice());
+    let begin = begin(slave_client, on_slave, (set, &pipeline.master));
     let (begun, guessed) = tokio::join!(begin, hub.read(guess.clone()));
-    let ((progress, cloning), described, slave_tx) = begun?;
+    let Begun {
+        tx: slave_tx,
+        progress,
+        cloning,
+        described,
+    } = begun?;
     let mut guessed = Some((guess, guessed));
-    if let Some(progress) = &progress {
-        progress.check_master(set, &pipeline.master)?;
-    }
     let (prev, partial) = match progress {
         Some(p) => (p.snapshot, p.partial),
         None => (prev.clone(), None),
@@ -232,6 +226,44 @@ pub async fn step(
     Ok(step)
 }
 
+/// A slave transaction begun for a batch.
+struct Begun<'c> {
+    tx: Transaction<'c>,
+    /// The set's progress, read under its lock.
+    progress: Option<Progress>,
+    /// The set's tables being cloned (quoted names).
+    cloning: HashSet<String>,
+    /// The slave tables of the batch before, described.
+    described: Described,
+}
+
+/// Begins the slave's transaction for set `set` of master `master`: the set
+/// locked, its progress and the tables being cloned read, and the slave
+/// tables `ahead` described with statements of `prepared`, all in one round
+/// trip after the BEGIN. A progress of another master is refused.
+async fn begin<'c>(
+    client: &'c mut Client,
+    (prepared, ahead): (&mut Prepared, &[String]),
+    (set, master): (&str, &str),
+) -> Result<Begun<'c>, Error> {
+    let tx = client
+        .transaction()
+        .await
+        .on_slave("starting the slave's transaction")?;
+    let described = apply::describe_ahead(&tx, prepared, ahead).await?;
+    let (locked, described) = tokio::join!(slave::lock_set(&tx, set), described);
+    let ((progress, cloning), described) = (locked?, described?);
+    if let Some(progress) = &progress {
+        progress.check_master(set, master)?;
+    }
+    Ok(Begun {
+        tx,
+        progress,
+        cloning,
+        described,
+    })
+}
+
 /// Sends what `applier` still holds, then `tail` (the new progress) right
 /// behind it, and checks both: one round trip for the batch's end. Keeps the
 /// slave tables the batch went to in `ahead`, for the next to describe.
@@ -297,21 +329,26 @@ pub async fn wal_step(
             None => wal::confirmed(master, set, slave).await,
         }
     };
-    // The first questions, one round trip on each side.
+    // The master's first questions go out while the slave's transaction
+    // begins: its progress and the tables being cloned are read under the
+    // set's lock.
     let keys = read::catalog_statement(master, &mut pipeline.master_statements).await?;
-    let (head, confirmed, progress, cloning, catalog) = tokio::join!(
+    let whose = (set.name.as_str(), pipeline.master.as_str());
+    let on_slave = (&mut pipeline.statements, pipeline.ahead.as_slice());
+    let (begun, head, confirmed, catalog) = tokio::join!(
+        begin(slave_client, on_slave, whose),
         read::head(master),
         confirmed,
-        slave::read_progress(&*slave_client, &set.name),
-        slave::cloning(&*slave_client, &set.name),
         read::catalog(master, &keys)
     );
     // A slave switched over to another master says so before anything else.
-    let progress = progress?;
-    if let Some(progress) = &progress {
-        progress.check_master(&set.name, &pipeline.master)?;
-    }
-    let (head, cloning) = (head?, cloning?);
+    let Begun {
+        tx: mut slave_tx,
+        progress,
+        cloning,
+        mut described,
+    } = begun?;
+    let head = head?;
     // A clone is copying the slave's tables and makes its slot anew: the
     // slave waits, where it was, without reading the slot.
     if !cloning.is_empty() {
@@ -368,21 +405,10 @@ pub async fn wal_step(
     // them applied before.
     let mut txn: Option<(Lsn, i64, i64)> = None;
     let mut ended = false;
-    while !ended {
-        let slave_tx = slave_client
-            .transaction()
-            .await
-            .on_slave("starting the slave's transaction")?;
-        // The tables of the last round are described beside the lock.
-        let ahead = &pipeline.ahead;
-        let described = apply::describe_ahead(&slave_tx, &mut pipeline.statements, ahead).await?;
-        let (locked, described) = tokio::join!(slave::lock_set(&slave_tx, &set.name), described);
-        if let Some(progress) = &locked?.0 {
-            progress.check_master(&set.name, &pipeline.master)?;
-        }
+    loop {
         let resolver = pipeline.resolver.as_ref();
         let mut applier = Applier::new(&slave_tx, &mut pipeline.statements, exact, resolver);
-        applier.described(described?);
+        applier.described(std::mem::take(&mut described));
         pipeline.adapter.begin();
         let before = position;
         let (mut events, mut bytes) = (0, 0);
@@ -470,6 +496,13 @@ pub async fn wal_step(
         committed(&applied, position.at, position.partial.is_some());
         step.applied.events += applied.events;
         step.applied.conflicts += applied.conflicts;
+        if ended {
+            break;
+        }
+        let on_slave = (&mut pipeline.statements, pipeline.ahead.as_slice());
+        let whose = (set.name.as_str(), pipeline.master.as_str());
+        let begun = begin(slave_client, on_slave, whose).await?;
+        (slave_tx, described) = (begun.tx, begun.described);
     }
     step.at = position.at;
     step.more = changes.limited() || position.partial.is_some();

@@ -68,6 +68,9 @@ pub const DESCRIBED_AHEAD: usize = 64;
 /// generated.
 type Columns = Vec<(String, String, bool)>;
 
+/// Slave tables' columns read ahead of a batch, by quoted name.
+pub type Described = HashMap<String, Columns>;
+
 /// Reads the columns of the slave tables `tables` (quoted names, at most
 /// [`DESCRIBED_AHEAD`]), for [`Applier::described`]; the statement is
 /// prepared on `tx`'s session first, so that the read can go out beside
@@ -76,13 +79,13 @@ pub async fn describe_ahead<'a>(
     tx: &'a Transaction<'a>,
     statements: &mut Prepared,
     tables: &'a [String],
-) -> Result<impl Future<Output = Result<HashMap<String, Columns>, Error>> + 'a, Error> {
+) -> Result<impl Future<Output = Result<Described, Error>> + 'a, Error> {
     let doing = "reading the slave's catalog";
     let statement = statements.get(tx, SLAVE_TABLES_SQL, &[]).await;
     let statement = statement.on_slave(doing)?;
     let tables = &tables[..tables.len().min(DESCRIBED_AHEAD)];
     Ok(async move {
-        let mut described: HashMap<String, Columns> = HashMap::new();
+        let mut described = Described::new();
         if tables.is_empty() {
             return Ok(described);
         }
@@ -360,7 +363,7 @@ impl<'t> Applier<'t> {
 
     /// Columns of slave tables read ahead of the batch (see
     /// [`describe_ahead`]): used instead of reading them again.
-    pub fn described(&mut self, tables: HashMap<String, Columns>) {
+    pub fn described(&mut self, tables: Described) {
         self.ahead = tables;
     }
 
