@@ -16,7 +16,7 @@
 //! cursor kept open while its slaves come back for the next piece.
 
 use super::{Ask, Piece, Request, alive, bounded, heartbeat};
-use crate::batch::{Ahead, Batch, current_snapshot};
+use crate::batch::{Ahead, Batch, End};
 use crate::config::Config;
 use crate::db::Prepared;
 use crate::error::{Context, Error, Side};
@@ -250,11 +250,20 @@ impl Reader {
                     let read = async {
                         // A snapshot is a trivial query: a master that does
                         // not answer it within the heartbeat has gone silent.
-                        let target = target(&tx, head, wake, &ask, seen);
-                        let target = bounded(target, Side::Master, every * 2).await?;
-                        let at = (target, ask);
+                        let end = match target(head, &ask, seen).await {
+                            Some(target) => End::At(target),
+                            None => End::Now(every * 2),
+                        };
+                        let (count, taken) = (*wake.borrow(), Instant::now());
+                        let now = matches!(end, End::Now(_));
                         let with = (origins, &mut *ahead);
-                        read(&tx, prepared, &mut streams, at, cache, with).await
+                        let piece =
+                            read(&tx, prepared, &mut streams, (end, ask), cache, with).await?;
+                        let newest = &piece.target;
+                        if now && head.as_ref().is_none_or(|(h, _, _)| newest.includes(h)) {
+                            *head = Some((newest.clone(), count, taken));
+                        }
+                        Ok(piece)
                     };
                     let result = bounded(read, Side::Master, limit).await;
                     failed = result.as_ref().err().map(ToString::to_string);
@@ -327,31 +336,20 @@ fn refuse(request: Request, e: Error) -> Error {
 /// Where the batch `ask` wants ends: where the slave is in the middle of
 /// one, the newest end handed out when it is past the slave's position and
 /// newer than the last NOTIFY the slave has `seen`, or else the master's
-/// snapshot now.
-async fn target(
-    tx: &Transaction<'_>,
-    head: &mut Option<(Snapshot, u64, Instant)>,
-    wake: &watch::Receiver<u64>,
-    ask: &Ask,
-    seen: u64,
-) -> Result<Snapshot, Error> {
+/// snapshot now (`None`), no sooner than [`ROUND_EVERY`] after the last.
+async fn target(head: &Option<(Snapshot, u64, Instant)>, ask: &Ask, seen: u64) -> Option<Snapshot> {
     if let Some(target) = &ask.target {
-        return Ok(target.clone());
+        return Some(target.clone());
     }
-    if let Some((newest, after, _)) = &*head
+    if let Some((newest, after, _)) = head
         && fresh(newest, *after, ask, seen)
     {
-        return Ok(newest.clone());
+        return Some(newest.clone());
     }
-    if let Some((_, _, taken)) = &*head {
+    if let Some((_, _, taken)) = head {
         tokio::time::sleep_until((*taken + ROUND_EVERY).into()).await;
     }
-    let count = *wake.borrow();
-    let now = current_snapshot(tx).await?;
-    if head.as_ref().is_none_or(|(h, _, _)| now.includes(h)) {
-        *head = Some((now.clone(), count, Instant::now()));
-    }
-    Ok(now)
+    None
 }
 
 /// Whether the newest end handed out, taken `after` that many NOTIFYs, can end
@@ -366,39 +364,45 @@ async fn read<'t>(
     tx: &'t Transaction<'t>,
     prepared: &mut Prepared,
     streams: &mut Vec<Stream<'t>>,
-    (target, ask): (Snapshot, Ask),
+    (end, ask): (End, Ask),
     cache: &mut Cache,
     (origins, ahead): (&Origins, &mut Ahead),
 ) -> Result<Arc<Piece>, Error> {
-    if target.same_as(&ask.prev) {
-        return Ok(Arc::new(Piece {
+    let empty = |target| {
+        Arc::new(Piece {
             target,
             events: Vec::new(),
             done: true,
             sequences: None,
             bytes: 0,
-        }));
-    }
-    let key = Ask {
-        target: Some(target.clone()),
-        ..ask
+        })
     };
-    if let Some(piece) = cache.get(&key) {
-        return Ok(piece);
-    }
-    let open = streams.iter().position(|s| {
-        s.delivered == key.after
-            && Ask {
-                after: key.after,
-                ..s.key.clone()
-            } == key
-    });
+    let open = match &end {
+        End::At(target) if target.same_as(&ask.prev) => return Ok(empty(target.clone())),
+        End::At(target) => {
+            let key = Ask {
+                target: Some(target.clone()),
+                ..ask.clone()
+            };
+            if let Some(piece) = cache.get(&key) {
+                return Ok(piece);
+            }
+            streams.iter().position(|s| {
+                s.delivered == key.after
+                    && Ask {
+                        after: key.after,
+                        ..s.key.clone()
+                    } == key
+            })
+        }
+        End::Now(_) => None,
+    };
     let mut stream = match open {
         Some(at) => streams.remove(at),
         None => {
             // The sequences go out with the batch's first queries: read after
             // its snapshot, they are at least where its transactions left them.
-            let owned = match key.sequences {
+            let owned = match ask.sequences {
                 true => Some(sequence::prepare(tx, prepared).await?),
                 false => None,
             };
@@ -408,17 +412,28 @@ async fn read<'t>(
                     None => Ok(None),
                 }
             };
-            let range = (&key.prev, target.clone());
-            let between = Batch::between(tx, prepared, range, key.after, None, origins, ahead);
+            let range = (&ask.prev, end);
+            let between = Batch::between(tx, prepared, range, ask.after, None, origins, ahead);
             let (mut batch, sequences) = tokio::try_join!(between, sequences)?;
-            batch.skip(key.skip.iter().cloned().collect());
+            batch.skip(ask.skip.iter().cloned().collect());
             Stream {
-                key: key.clone(),
-                delivered: key.after,
+                key: Ask {
+                    target: Some(batch.snapshot.clone()),
+                    ..ask.clone()
+                },
+                delivered: ask.after,
                 batch,
                 sequences,
             }
         }
+    };
+    let target = stream.batch.snapshot.clone();
+    if target.same_as(&ask.prev) {
+        return Ok(empty(target));
+    }
+    let key = Ask {
+        target: Some(target.clone()),
+        ..ask
     };
     let mut piece = Piece {
         target,
