@@ -8,7 +8,8 @@
 //!     cargo bench --bench lag                 # SAMPLES=200, an idle master
 //!     CAPTURE=wal cargo bench --bench lag     # pgreplica capturing from the WAL
 //!     LOAD=pgbench cargo bench --bench lag    # under pgbench's TPC-B, 4 clients at
-//!                                             # 300 transactions/s, replicated too
+//!                                             # 300 transactions/s, which both
+//!                                             # pgreplica and the built-in replicate
 //!     SYNC=1 cargo bench --bench lag          # the set with SYNC = 1
 
 use pgreplica::throwaway::Server;
@@ -131,10 +132,16 @@ async fn main() {
         .unwrap_or(200);
     let master = Server::start_with("UTC", "wal_level = logical").unwrap();
     let slave = Server::start("UTC").unwrap();
-    for pg in [&master, &slave] {
+    // The built-in replication applies to a database of its own on the
+    // slave, `mirror`, and under load it replicates pgbench's tables too.
+    let databases = [(&master, "app"), (&slave, "app"), (&slave, "mirror")];
+    for (pg, name) in databases {
         let admin = db::connect(&pg.dsn("postgres"), None).await.unwrap();
-        admin.batch_execute("CREATE DATABASE app").await.unwrap();
-        let c = db::connect(&pg.dsn("app"), None).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let c = db::connect(&pg.dsn(name), None).await.unwrap();
         c.batch_execute(SCHEMA).await.unwrap();
     }
     let mut m = db::connect(&master.dsn("app"), None).await.unwrap();
@@ -152,18 +159,19 @@ async fn main() {
     )
     .unwrap();
     let set = Config::load(&conf).unwrap();
-    // Under load pgbench's tables are replicated too: the daemon is busy.
+    // Under load pgbench's tables are replicated too, by both: the daemon and the
+    // built-in's apply worker are busy.
     let load = std::env::var("LOAD").is_ok_and(|l| l == "pgbench");
     let pgbench = pgreplica::programs::client("pgbench");
     let mut tables = vec!["public.ours".to_string()];
     if load {
-        for pg in [&master, &slave] {
+        for (pg, name) in databases {
             let out = Command::new(&pgbench)
-                .args(["-i", "-q", "-s", "1", &pg.dsn("app")])
+                .args(["-i", "-q", "-s", "1", &pg.dsn(name)])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "pgbench -i failed");
-            let c = db::connect(&pg.dsn("app"), None).await.unwrap();
+            let c = db::connect(&pg.dsn(name), None).await.unwrap();
             c.batch_execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
                 .await
                 .unwrap();
@@ -176,16 +184,21 @@ async fn main() {
     if capture == "wal" {
         wal::make_slots(&m, &set).await.unwrap();
     }
-    m.batch_execute("CREATE PUBLICATION p FOR TABLE builtin")
+    let published = tables[1..]
+        .iter()
+        .fold("builtin".to_string(), |l, t| l + ", " + t);
+    m.batch_execute(&format!("CREATE PUBLICATION p FOR TABLE {published}"))
         .await
         .unwrap();
     let s = db::connect(&slave.dsn("app"), None).await.unwrap();
-    s.batch_execute(&format!(
-        "CREATE SUBSCRIPTION sub CONNECTION '{}' PUBLICATION p WITH (copy_data = false)",
-        master.dsn("app")
-    ))
-    .await
-    .unwrap();
+    let mirror = db::connect(&slave.dsn("mirror"), None).await.unwrap();
+    mirror
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION sub CONNECTION '{}' PUBLICATION p WITH (copy_data = false)",
+            master.dsn("app")
+        ))
+        .await
+        .unwrap();
     let _daemon = Stopped(
         Command::new(env!("CARGO_BIN_EXE_pgreplica"))
             .args(["run", conf.to_str().unwrap()])
@@ -206,18 +219,22 @@ async fn main() {
         .await
         .unwrap();
     listener.batch_execute(ANNOUNCE).await.unwrap();
+    let (listener, mut mirrored) = db::connect_listening(&slave.dsn("mirror"), None)
+        .await
+        .unwrap();
+    listener.batch_execute(ANNOUNCE).await.unwrap();
     // Both paths warmed up (and the load running) before measuring.
     probe((&m, &s), &mut announced, "ours", 5).await;
-    probe((&m, &s), &mut announced, "builtin", 5).await;
+    probe((&m, &mirror), &mut mirrored, "builtin", 5).await;
     let ours = probe((&m, &s), &mut announced, "ours", samples).await;
-    let builtin = probe((&m, &s), &mut announced, "builtin", samples).await;
+    let builtin = probe((&m, &mirror), &mut mirrored, "builtin", samples).await;
     let waited = probe_wait(&m, &s, samples).await;
     if let Some(bench) = bench.as_mut() {
         let _ = bench.kill();
         let _ = bench.wait();
     }
     let under = match load {
-        true => "under pgbench TPC-B at 300 transactions/s from 4 clients",
+        true => "under pgbench TPC-B at 300 transactions/s from 4 clients, replicated by both",
         false => "idle",
     };
     println!(
