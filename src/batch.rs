@@ -8,13 +8,12 @@
 //! order, which row locks make consistent with commit order for any one row.
 
 use crate::db::Prepared;
-use crate::error::{Context, Error, Side, bounded};
+use crate::error::{Context, Error};
 use crate::event::{Event, MasterTable, Op, Origins, Snapshot};
 use crate::ident::TableName;
 use crate::record::{self, Fields};
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::Arc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Portal, Statement, Transaction};
 
@@ -42,7 +41,7 @@ const EVENTS_TYPES: [Type; 10] = [
 // that committed in between. The first is not scanned at all when none were
 // running (the server leaves it out of the plan).
 const EVENTS_SQL: &str = "
-SELECT ev_id, ev_table, ev_op, ev_old, ev_new, ev_origin, extract(epoch FROM ev_time)::float8, ev_txid FROM (
+SELECT ev_id, ev_table, ev_op, ev_old, ev_new, ev_origin, extract(epoch FROM ev_time)::float8 FROM (
     SELECT * FROM pgreplica.log WHERE cardinality($3::bigint[]) > 0 AND ev_txid = ANY ($3::bigint[])
     UNION ALL
     SELECT * FROM pgreplica.log WHERE ev_txid >= $4 AND ev_txid < $5
@@ -56,20 +55,6 @@ WHERE txid_visible_in_snapshot(ev_txid, $2::text::txid_snapshot)
   AND ev_op <> 'O'
 ORDER BY ev_id
 LIMIT $10";
-
-/// A query of the batch's log, `sql`, that ends the batch at the snapshot of
-/// its own statement instead of `$2` (whose end, `$5`, it takes from that
-/// snapshot): sent behind the statement that takes the batch's snapshot, it
-/// returns the batch's events and perhaps some of transactions that
-/// committed between the two statements, which are left out by the
-/// snapshot (see [`Batch::between`]).
-fn now(sql: &str) -> String {
-    sql.replace("$2::text::txid_snapshot", "txid_current_snapshot()")
-        .replace("$5", "txid_snapshot_xmax(txid_current_snapshot())")
-}
-
-static EVENTS_NOW_SQL: LazyLock<String> = LazyLock::new(|| now(EVENTS_SQL));
-static EXECUTES_NOW_SQL: LazyLock<String> = LazyLock::new(|| now(EXECUTES_SQL));
 
 // Tables of the log: from the catalog, or, when one was dropped since, from
 // the definition pgreplica kept when it was last attached.
@@ -92,17 +77,6 @@ SELECT t.reloid, t.layout->>'schema', t.layout->>'name',
   FROM pgreplica.tables t
  WHERE t.reloid = ANY ($1::oid[]) AND t.layout IS NOT NULL
    AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = t.reloid)";
-
-/// Where a batch ends.
-#[derive(Debug, Clone)]
-pub enum End {
-    /// At this snapshot of the master.
-    At(Snapshot),
-    /// At the master's snapshot now, taken by a trivial statement sent with
-    /// the batch's first queries: a master that does not answer it within
-    /// this long has gone silent.
-    Now(Duration),
-}
 
 /// Tables described before a batch's events are read, at most: those of
 /// the batch before, which the next one likely holds too.
@@ -178,7 +152,7 @@ pub async fn current_snapshot(tx: &Transaction<'_>) -> Result<Snapshot, Error> {
 
 // The execute events of the batch, with the definitions from before each.
 const EXECUTES_SQL: &str = "
-SELECT ev_id, ev_old, ev_txid FROM (
+SELECT ev_id, ev_old FROM (
     SELECT * FROM pgreplica.log WHERE cardinality($3::bigint[]) > 0 AND ev_txid = ANY ($3::bigint[])
     UNION ALL
     SELECT * FROM pgreplica.log WHERE ev_txid >= $4 AND ev_txid < $5
@@ -264,17 +238,16 @@ pub struct Batch<'t> {
 }
 
 impl<'t> Batch<'t> {
-    /// Opens the events of transactions visible at the batch's `end` and not
-    /// in `prev`, from the one after event `after` on (0: all), only those
-    /// of the master table `table` when one is given, and only those
-    /// `origins` lets through. The batch's execute events, its first events
-    /// and the tables of `ahead` (at most [`DESCRIBED_AHEAD`]) are read in
-    /// one round trip, with the master's snapshot when the batch ends now:
-    /// a small batch of tables described ahead needs no other.
+    /// Opens the events of transactions visible in `snapshot` and not in `prev`,
+    /// from the one after event `after` on (0: all), only those of the master
+    /// table `table` when one is given, and only those `origins` lets through.
+    /// The batch's execute events, its first events and the tables of
+    /// `ahead` (at most [`DESCRIBED_AHEAD`]) are read in one round trip: a
+    /// small batch of tables described ahead needs no other.
     pub async fn between(
         tx: &'t Transaction<'t>,
         prepared: &mut Prepared,
-        (prev, end): (&Snapshot, End),
+        (prev, snapshot): (&Snapshot, Snapshot),
         after: i64,
         table: Option<u32>,
         origins: &Origins,
@@ -282,30 +255,22 @@ impl<'t> Batch<'t> {
     ) -> Result<Batch<'t>, Error> {
         let doing = "reading the master's log";
         let tables_stmt = prepared.get(tx, TABLES_SQL, &[]).await.on_master(doing)?;
-        let mut range = Range {
+        let range = Range {
             prev: prev.to_string(),
-            snapshot: String::new(),
+            snapshot: snapshot.to_string(),
             xip: prev.xip.clone(),
             from: prev.xmax,
-            to: 0,
+            to: snapshot.xmax,
             table,
             origin: origins.slave.clone(),
             local_only: origins.local_only,
         };
-        // Whatever their range, the log's queries scan its BRIN index over
-        // it: a plan kept for the session does (see the reader's session),
-        // without planning each batch anew.
+        // Both log queries go out at once. Whatever their range, they scan
+        // the log's BRIN index over it: a plan kept for the session does
+        // (see the reader's session), without planning each batch anew.
         let types = &EVENTS_TYPES;
         let events = prepared.get(tx, EVENTS_SQL, types).await.on_master(doing)?;
-        let (first_sql, executes_sql) = match &end {
-            End::At(snapshot) => {
-                (range.snapshot, range.to) = (snapshot.to_string(), snapshot.xmax);
-                (EVENTS_SQL, EXECUTES_SQL)
-            }
-            End::Now(_) => (EVENTS_NOW_SQL.as_str(), EXECUTES_NOW_SQL.as_str()),
-        };
-        let first_read = prepared.get(tx, first_sql, types).await.on_master(doing)?;
-        let executes = prepared.get(tx, executes_sql, &types[..5]).await;
+        let executes = prepared.get(tx, EXECUTES_SQL, &types[..5]).await;
         let executes = executes.on_master(doing)?;
         let first = Some(i64::from(ahead.first));
         let params = range.params(&after, &first);
@@ -313,32 +278,17 @@ impl<'t> Batch<'t> {
         let described = async {
             match ahead.is_empty() {
                 true => Ok(Vec::new()),
-                false => tx.query(&tables_stmt, &[&ahead]).await.on_master(doing),
+                false => tx.query(&tables_stmt, &[&ahead]).await,
             }
         };
-        // The snapshot is taken by the statement sent first, so that the
-        // log's queries behind it see every transaction it shows: each goes
-        // out when first polled, and try_join polls them in this order.
-        let snapshot = async {
-            match &end {
-                End::At(snapshot) => Ok(snapshot.clone()),
-                End::Now(within) => {
-                    let taken = current_snapshot(tx);
-                    bounded(taken, Side::Master, *within).await
-                }
-            }
-        };
-        let (snapshot, executes, rows, described) = tokio::try_join!(
-            snapshot,
-            async { tx.query(&executes, &params[..5]).await.on_master(doing) },
-            async { tx.query(&first_read, &params).await.on_master(doing) },
+        let (executes, rows, described) = tokio::try_join!(
+            tx.query(&executes, &params[..5]),
+            tx.query(&events, &params),
             described
-        )?;
-        if let End::Now(_) = end {
-            (range.snapshot, range.to) = (snapshot.to_string(), snapshot.xmax);
-        }
+        )
+        .on_master(doing)?;
         let mut layouts = Vec::new();
-        for row in executes.iter().filter(|r| snapshot.sees(r.get(2))) {
+        for row in executes {
             let id: i64 = row.get(0);
             let text: Option<String> = row.get(1);
             layouts.push((id, read_layouts(id, text.as_deref().unwrap_or("{}"))?));
@@ -501,8 +451,7 @@ impl<'t> Batch<'t> {
 
     /// Takes `rows`, the answer to a fetch of `self.fetch` events, and sizes
     /// the next fetch from their bytes.
-    /// Those of transactions the batch's snapshot does not show are left out.
-    fn take(&mut self, mut rows: Vec<tokio_postgres::Row>) {
+    fn take(&mut self, rows: Vec<tokio_postgres::Row>) {
         self.done = rows.len() < self.fetch as usize;
         // No rows say nothing of their size.
         if !rows.is_empty() {
@@ -514,7 +463,6 @@ impl<'t> Batch<'t> {
             let per_row = (bytes / rows.len()).max(1);
             self.fetch = (FETCH_BYTES / per_row).clamp(1, FETCH_MAX as usize) as i32;
         }
-        rows.retain(|r| self.snapshot.sees(r.get(7)));
         self.buffered = rows.into_iter();
     }
 

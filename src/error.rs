@@ -229,20 +229,3 @@ fn wrap<T>(
         source,
     })
 }
-
-/// Runs `work` against one server, giving up after `limit`.
-pub async fn bounded<T>(
-    work: impl std::future::Future<Output = Result<T, Error>>,
-    side: Side,
-    limit: std::time::Duration,
-) -> Result<T, Error> {
-    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-        Err(Error::Lost {
-            side,
-            what: format!(
-                "gave no answer within {}s while checking the {side}: reconnecting",
-                limit.as_secs_f64()
-            ),
-        })
-    })
-}

@@ -51,12 +51,6 @@ impl Snapshot {
                 .all(|x| *x >= earlier.xmax || earlier.xip.contains(x))
     }
 
-    /// True when transaction `txid` committed before the snapshot was taken
-    /// (as `txid_visible_in_snapshot`).
-    pub fn sees(&self, txid: i64) -> bool {
-        txid < self.xmax && !self.xip.contains(&txid)
-    }
-
     /// True when no transaction committed between `self` and the later `next`.
     pub fn same_as(&self, next: &Snapshot) -> bool {
         self.xmax == next.xmax && self.xip == next.xip
@@ -191,12 +185,5 @@ mod tests {
         assert!(!earlier.includes(&later));
         assert!(!Snapshot::parse("10:30:18").unwrap().includes(&earlier));
         assert!(!Snapshot::parse("10:19:").unwrap().includes(&earlier));
-    }
-
-    #[test]
-    fn a_snapshot_sees_what_committed_before_it() {
-        let s = Snapshot::parse("10:20:12,15").unwrap();
-        let seen: Vec<i64> = (8..22).filter(|x| s.sees(*x)).collect();
-        assert_eq!(seen, [8, 9, 10, 11, 13, 14, 16, 17, 18, 19]);
     }
 }

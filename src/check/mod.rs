@@ -13,7 +13,7 @@
 
 mod repair;
 
-use crate::batch::{Ahead, Batch, End, current_snapshot};
+use crate::batch::{Ahead, Batch, current_snapshot};
 use crate::config::Config;
 use crate::db::{self, Prepared, SESSION_SQL, redact};
 use crate::error::{Context, Error, Side};
@@ -367,7 +367,7 @@ async fn in_flight(
     let mut events = Batch::between(
         master,
         &mut prepared,
-        (position, End::At(to)),
+        (position, to),
         0,
         None,
         &all,

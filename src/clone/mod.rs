@@ -19,7 +19,7 @@ mod ddl;
 mod wal;
 
 use crate::apply::Applier;
-use crate::batch::{Ahead, Batch, End};
+use crate::batch::{Ahead, Batch};
 use crate::capture;
 use crate::config::{Capture, Config};
 use crate::db::{self, Prepared, redact};
@@ -409,7 +409,7 @@ async fn handover(
             let mut events = Batch::between(
                 tx,
                 &mut prepared,
-                (since, End::At(to)),
+                (since, to),
                 0,
                 oid,
                 origins,

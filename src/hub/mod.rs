@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use crate::error::bounded;
 pub use book::Book;
 
 /// Longest wait between two attempts of the listener to reconnect.
@@ -278,4 +277,21 @@ pub async fn alive(
             .doing(&format!("checking the {side}"))
     };
     bounded(check, side, limit).await
+}
+
+/// Runs `work` against one server, giving up after `limit`.
+pub async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, Error>>,
+    side: Side,
+    limit: Duration,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(Error::Lost {
+            side,
+            what: format!(
+                "gave no answer within {}s while checking the {side}: reconnecting",
+                limit.as_secs_f64()
+            ),
+        })
+    })
 }

@@ -16,7 +16,7 @@
 //! cursor kept open while its slaves come back for the next piece.
 
 use super::{Ask, Piece, Request, alive, bounded, heartbeat};
-use crate::batch::{Ahead, Batch, End};
+use crate::batch::{Ahead, Batch, current_snapshot};
 use crate::config::Config;
 use crate::db::Prepared;
 use crate::error::{Context, Error, Side};
@@ -250,20 +250,11 @@ impl Reader {
                     let read = async {
                         // A snapshot is a trivial query: a master that does
                         // not answer it within the heartbeat has gone silent.
-                        let end = match target(head, &ask, seen).await {
-                            Some(target) => End::At(target),
-                            None => End::Now(every * 2),
-                        };
-                        let (count, taken) = (*wake.borrow(), Instant::now());
-                        let now = matches!(end, End::Now(_));
+                        let target = target(&tx, head, wake, &ask, seen);
+                        let target = bounded(target, Side::Master, every * 2).await?;
+                        let at = (target, ask);
                         let with = (origins, &mut *ahead);
-                        let piece =
-                            read(&tx, prepared, &mut streams, (end, ask), cache, with).await?;
-                        let newest = &piece.target;
-                        if now && head.as_ref().is_none_or(|(h, _, _)| newest.includes(h)) {
-                            *head = Some((newest.clone(), count, taken));
-                        }
-                        Ok(piece)
+                        read(&tx, prepared, &mut streams, at, cache, with).await
                     };
                     let result = bounded(read, Side::Master, limit).await;
                     failed = result.as_ref().err().map(ToString::to_string);
@@ -336,20 +327,31 @@ fn refuse(request: Request, e: Error) -> Error {
 /// Where the batch `ask` wants ends: where the slave is in the middle of
 /// one, the newest end handed out when it is past the slave's position and
 /// newer than the last NOTIFY the slave has `seen`, or else the master's
-/// snapshot now (`None`), no sooner than [`ROUND_EVERY`] after the last.
-async fn target(head: &Option<(Snapshot, u64, Instant)>, ask: &Ask, seen: u64) -> Option<Snapshot> {
+/// snapshot now.
+async fn target(
+    tx: &Transaction<'_>,
+    head: &mut Option<(Snapshot, u64, Instant)>,
+    wake: &watch::Receiver<u64>,
+    ask: &Ask,
+    seen: u64,
+) -> Result<Snapshot, Error> {
     if let Some(target) = &ask.target {
-        return Some(target.clone());
+        return Ok(target.clone());
     }
-    if let Some((newest, after, _)) = head
+    if let Some((newest, after, _)) = &*head
         && fresh(newest, *after, ask, seen)
     {
-        return Some(newest.clone());
+        return Ok(newest.clone());
     }
-    if let Some((_, _, taken)) = head {
+    if let Some((_, _, taken)) = &*head {
         tokio::time::sleep_until((*taken + ROUND_EVERY).into()).await;
     }
-    None
+    let count = *wake.borrow();
+    let now = current_snapshot(tx).await?;
+    if head.as_ref().is_none_or(|(h, _, _)| now.includes(h)) {
+        *head = Some((now.clone(), count, Instant::now()));
+    }
+    Ok(now)
 }
 
 /// Whether the newest end handed out, taken `after` that many NOTIFYs, can end
@@ -364,45 +366,39 @@ async fn read<'t>(
     tx: &'t Transaction<'t>,
     prepared: &mut Prepared,
     streams: &mut Vec<Stream<'t>>,
-    (end, ask): (End, Ask),
+    (target, ask): (Snapshot, Ask),
     cache: &mut Cache,
     (origins, ahead): (&Origins, &mut Ahead),
 ) -> Result<Arc<Piece>, Error> {
-    let empty = |target| {
-        Arc::new(Piece {
+    if target.same_as(&ask.prev) {
+        return Ok(Arc::new(Piece {
             target,
             events: Vec::new(),
             done: true,
             sequences: None,
             bytes: 0,
-        })
+        }));
+    }
+    let key = Ask {
+        target: Some(target.clone()),
+        ..ask
     };
-    let open = match &end {
-        End::At(target) if target.same_as(&ask.prev) => return Ok(empty(target.clone())),
-        End::At(target) => {
-            let key = Ask {
-                target: Some(target.clone()),
-                ..ask.clone()
-            };
-            if let Some(piece) = cache.get(&key) {
-                return Ok(piece);
-            }
-            streams.iter().position(|s| {
-                s.delivered == key.after
-                    && Ask {
-                        after: key.after,
-                        ..s.key.clone()
-                    } == key
-            })
-        }
-        End::Now(_) => None,
-    };
+    if let Some(piece) = cache.get(&key) {
+        return Ok(piece);
+    }
+    let open = streams.iter().position(|s| {
+        s.delivered == key.after
+            && Ask {
+                after: key.after,
+                ..s.key.clone()
+            } == key
+    });
     let mut stream = match open {
         Some(at) => streams.remove(at),
         None => {
             // The sequences go out with the batch's first queries: read after
             // its snapshot, they are at least where its transactions left them.
-            let owned = match ask.sequences {
+            let owned = match key.sequences {
                 true => Some(sequence::prepare(tx, prepared).await?),
                 false => None,
             };
@@ -412,28 +408,17 @@ async fn read<'t>(
                     None => Ok(None),
                 }
             };
-            let range = (&ask.prev, end);
-            let between = Batch::between(tx, prepared, range, ask.after, None, origins, ahead);
+            let range = (&key.prev, target.clone());
+            let between = Batch::between(tx, prepared, range, key.after, None, origins, ahead);
             let (mut batch, sequences) = tokio::try_join!(between, sequences)?;
-            batch.skip(ask.skip.iter().cloned().collect());
+            batch.skip(key.skip.iter().cloned().collect());
             Stream {
-                key: Ask {
-                    target: Some(batch.snapshot.clone()),
-                    ..ask.clone()
-                },
-                delivered: ask.after,
+                key: key.clone(),
+                delivered: key.after,
                 batch,
                 sequences,
             }
         }
-    };
-    let target = stream.batch.snapshot.clone();
-    if target.same_as(&ask.prev) {
-        return Ok(empty(target));
-    }
-    let key = Ask {
-        target: Some(target.clone()),
-        ..ask
     };
     let mut piece = Piece {
         target,
