@@ -1,4 +1,4 @@
-//! Lag: a probe changes one row on the master every 50 ms and times until the
+//! Lag: a probe changes one row on the master every 50 ms (`EVERY`) and times until the
 //! slave shows it (a trigger on the slave announces each change with a NOTIFY
 //! at its commit), for pgreplica and, on the same servers and in the same run,
 //! for PostgreSQL's built-in logical replication; then how long
@@ -11,6 +11,8 @@
 //!                                             # 300 transactions/s, which both
 //!                                             # pgreplica and the built-in replicate
 //!     SYNC=1 cargo bench --bench lag          # the set with SYNC = 1
+//!     EVERY=500 cargo bench --bench lag       # changes 500 ms apart: the daemon's
+//!                                             # read on the master has ended between
 
 use pgreplica::throwaway::Server;
 use pgreplica::{Config, capture, db, wal};
@@ -72,7 +74,7 @@ async fn probe(
         let read = format!("SELECT v FROM {table} WHERE id = 1");
         let v: i32 = slave.query_one(&read, &[]).await.unwrap().get(0);
         assert_eq!(v, i, "{table} announced a change the slave does not show");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(every()).await;
     }
     times.sort_by(f64::total_cmp);
     times
@@ -104,10 +106,16 @@ async fn probe_wait(master: &Client, slave: &Client, samples: i32) -> Vec<f64> {
             "wait returned {applied} before the slave had it: {v} for {}",
             -i
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(every()).await;
     }
     times.sort_by(f64::total_cmp);
     times
+}
+
+/// The time between two changes of the probe: `EVERY` milliseconds, 50 unless set.
+fn every() -> Duration {
+    let ms = std::env::var("EVERY").ok().and_then(|v| v.parse().ok());
+    Duration::from_millis(ms.unwrap_or(50))
 }
 
 /// A process stopped when dropped, also when a measurement panics.
@@ -238,7 +246,8 @@ async fn main() {
         false => "idle",
     };
     println!(
-        "lag {under}, {samples} changes 50 ms apart (ms), pgreplica with CAPTURE={capture} SYNC={sync}\n"
+        "lag {under}, {samples} changes {} ms apart (ms), pgreplica with CAPTURE={capture} SYNC={sync}\n",
+        every().as_millis()
     );
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>8}",
