@@ -468,7 +468,6 @@ pub async fn wal_step(
         };
         // The master's sequences are read while the slave applies; the new
         // position and the sequences go out right behind the last change.
-        let whose = (set.name.as_str(), pipeline.master.as_str());
         let tail = async {
             let written = async {
                 match position != before || events > 0 {
@@ -500,7 +499,6 @@ pub async fn wal_step(
             break;
         }
         let on_slave = (&mut pipeline.statements, pipeline.ahead.as_slice());
-        let whose = (set.name.as_str(), pipeline.master.as_str());
         let begun = begin(slave_client, on_slave, whose).await?;
         (slave_tx, described) = (begun.tx, begun.described);
     }
