@@ -6,6 +6,7 @@
 
 use crate::db::Prepared;
 use crate::error::{Context, Error};
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement};
 
 // The owned sequences of replicated tables, with their table and column.
@@ -80,8 +81,12 @@ pub async fn raise(
     if names.is_empty() {
         return Ok(0);
     }
+    // Typed, it goes out whole, in one round trip: a batch's last statements
+    // wait for it.
+    let params: [(&(dyn ToSql + Sync), Type); 2] =
+        [(names, Type::TEXT_ARRAY), (values, Type::INT8_ARRAY)];
     Ok(slave
-        .query_one(RAISE_SQL, &[names, values])
+        .query_typed_one(RAISE_SQL, &params)
         .await
         .on_slave("raising the slave's sequences to the master's")?
         .get(0))
