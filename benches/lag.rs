@@ -227,10 +227,10 @@ async fn main() {
         .await
         .unwrap();
     listener.batch_execute(ANNOUNCE).await.unwrap();
-    let (listener, mut mirrored) = db::connect_listening(&slave.dsn("mirror"), None)
+    let (mirror_listener, mut mirrored) = db::connect_listening(&slave.dsn("mirror"), None)
         .await
         .unwrap();
-    listener.batch_execute(ANNOUNCE).await.unwrap();
+    mirror_listener.batch_execute(ANNOUNCE).await.unwrap();
     // Both paths warmed up (and the load running) before measuring.
     probe((&m, &s), &mut announced, "ours", 5).await;
     probe((&m, &mirror), &mut mirrored, "builtin", 5).await;
