@@ -6,7 +6,7 @@
 
 use crate::db::Prepared;
 use crate::error::{Context, Error};
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Statement};
 
 // The owned sequences of replicated tables, with their table and column.
@@ -83,10 +83,11 @@ pub async fn raise(
     }
     // Typed, it goes out whole, in one round trip: a batch's last statements
     // wait for it.
-    let params: [(&(dyn ToSql + Sync), Type); 2] =
-        [(names, Type::TEXT_ARRAY), (values, Type::INT8_ARRAY)];
     Ok(slave
-        .query_typed_one(RAISE_SQL, &params)
+        .query_typed_one(
+            RAISE_SQL,
+            &[(names, Type::TEXT_ARRAY), (values, Type::INT8_ARRAY)],
+        )
         .await
         .on_slave("raising the slave's sequences to the master's")?
         .get(0))
